@@ -1,0 +1,79 @@
+"""SimCLR and BYOL view augmentations (torchvision.transforms.v2), run in DataLoader workers.
+
+SimCLR (Chen et al. 2020, appendix A): random resized crop (scale 0.08-1), horizontal flip, colour
+jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur p=0.5 with sigma 0.1-2
+and a kernel of 10% of the image side (only for images of 96 px or more: the paper drops blur on
+CIFAR). BYOL (Grill et al. 2020, table 6) is asymmetric: view 1 blur p=1.0, solarize p=0; view 2
+blur p=0.1, solarize p=0.2.
+
+Views are a pure function of (seed, epoch, dataset index, view): each item re-seeds a private RNG
+scope, so the same run gives the same views whatever the number of workers or ranks, a resumed run
+sees what the uninterrupted one saw, and every epoch still draws fresh views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    blur_p: float
+    solarize_p: float
+
+
+def view_specs(method: str, n_views: int, blur: bool) -> list[ViewSpec]:
+    """Per-view blur/solarize probabilities; BYOL's asymmetric pair alternates over the views."""
+    if method == "byol":
+        pair = [ViewSpec(1.0 if blur else 0.0, 0.0), ViewSpec(0.1 if blur else 0.0, 0.2)]
+        return [pair[v % 2] for v in range(n_views)]
+    return [ViewSpec(0.5 if blur else 0.0, 0.0)] * n_views
+
+
+def view_transform(size: int, spec: ViewSpec, jitter_strength: float, min_scale: float,
+                   mean, std) -> v2.Compose:
+    """One view's pipeline: uint8 tensor or PIL image -> normalised float32 CHW tensor."""
+    s = jitter_strength
+    ops: list = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if spec.blur_p > 0:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the side
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+class MultiViewDataset(Dataset):
+    """Wraps an ``(image, label)`` dataset into ``(list of views, dataset index)`` items."""
+
+    def __init__(self, base: Dataset, transforms: list[v2.Compose], seed: int) -> None:
+        self.base, self.transforms, self.seed = base, transforms, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        image, _ = self.base[i]
+        key = np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1, np.uint64)[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
+            if isinstance(image, torch.Tensor):
+                image = tv_tensors.Image(image)
+            views = [t(image) for t in self.transforms]
+        return views, i

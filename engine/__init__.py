@@ -1,0 +1,1 @@
+"""Training engine: pretraining loop, distributed helpers, checkpoints, optimizers, run logs."""

@@ -1,0 +1,106 @@
+"""Checkpoints: ``checkpoint_{epoch:04d}.pth.tar`` where epoch = epochs completed.
+
+Written atomically (temporary file in the same directory, then ``os.replace``), so a job killed
+mid-write leaves the previous checkpoint intact. They hold plain tensors and Python scalars only,
+which is what lets them load with ``torch.load(weights_only=True)``; nothing falls back to unsafe
+unpickling.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+
+CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint_{epoch:04d}.pth.tar"
+
+
+def list_checkpoints(run_dir: str) -> dict[int, str]:
+    """{epoch: path} of the checkpoints in ``run_dir``."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(run_dir), "checkpoint_*.pth.tar")):
+        m = CKPT_RE.search(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def atomic_save(obj, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load with ``weights_only=True``; a file that needs arbitrary unpickling is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot load checkpoint {path}: {first}; it is corrupt or was not written by this tool "
+            "(only weights_only-safe checkpoints are read)"
+        ) from err
+
+
+def resolve_checkpoint(run_dir: str, name: str) -> str:
+    """``--train_from`` value -> path: 'latest', a file name inside ``run_dir``, or a path."""
+    available = list_checkpoints(run_dir)
+    if name == "latest":
+        if not available:
+            raise UserError(f"no checkpoint_*.pth.tar in {run_dir}; start a new run without --train_from")
+        return available[max(available)]
+    for candidate in (os.path.join(run_dir, name), name):
+        if os.path.isfile(candidate):
+            return candidate
+    have = ", ".join(os.path.basename(p) for p in available.values()) or "none"
+    raise UserError(f"checkpoint {name} not found in {run_dir} (available: {have}); "
+                    "pass one of those to --train_from, or 'latest'")
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and Python scalars (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x):
+    """random.setstate needs tuples; a round trip through torch.save may hand back lists."""
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

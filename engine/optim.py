@@ -1,0 +1,106 @@
+"""Optimizers and learning-rate schedules.
+
+LARS (You et al. 2017, as used by SimCLR and BYOL): SGD with momentum whose per-tensor step is
+scaled by the trust ratio eta * ||w|| / (||g|| + wd * ||w||). Biases and batch-norm parameters are
+excluded from both weight decay and adaptation (SimCLR appendix B.1; FlatCLR passed the exclusion
+list by name to ``model.parameters()``, which has no names, so nothing was ever excluded).
+Everything is tensor arithmetic with foreach ops: no ``.item()``, no host sync per parameter.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
+    """FlatCLR / SimCLR learning-rate scaling with the *global* batch size."""
+    if scaling == "linear":
+        return base_lr * batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if scaling == "none":
+        return base_lr
+    raise ValueError(f"unknown learning-rate scaling {scaling!r}")
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str) -> np.ndarray:
+    """Per-step learning rates: linear warmup from 0, then cosine to 0 (or constant)."""
+    steps = np.arange(total_steps, dtype=np.float64)
+    warm = peak * (steps + 1) / max(warmup_steps, 1)
+    if kind == "cosine":
+        decay_len = max(total_steps - warmup_steps, 1)
+        main = peak * 0.5 * (1 + np.cos(np.pi * (steps - warmup_steps) / decay_len))
+    elif kind == "constant":
+        main = np.full_like(steps, peak)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}")
+    return np.where(steps < warmup_steps, warm, main)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights get decay and LARS adaptation; biases and norm parameters (1-D tensors) get neither."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling on top of SGD with (heavy-ball) momentum."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd = group["weight_decay"]
+            if group["lars_adapt"]:
+                w_norms = torch._foreach_norm(params)
+                g_norms = torch._foreach_norm(grads)
+                trust = [
+                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w), torch.ones_like(w))
+                    for w, g in zip(w_norms, g_norms)
+                ]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if group["lars_adapt"]:
+                grads = torch._foreach_mul(grads, trust)
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float):
+    groups = param_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for g in groups:
+        g.pop("lars_adapt")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")

@@ -1,0 +1,238 @@
+"""Self-supervised pretraining: one loop for every method.
+
+views -> method(views, index) -> loss (negatives gathered from every rank inside the method) ->
+finite check on all ranks -> backward -> optimizer step with the per-step LR -> method.after_step
+(BYOL EMA, InsDis bank) -> metrics; a checkpoint every ``--save_every_n_epochs`` and at the end.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from argparse import Namespace
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from data import MultiViewDataset, load_split, view_specs, view_transform
+from engine import checkpoint as ckpt_io
+from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                                init_distributed)
+from engine.errors import UserError
+from engine.optim import build_optimizer, lr_schedule, scaled_lr
+from engine.runlog import MetricsLog, new_run_dir, plot_curves, write_config
+from models import METHODS, build_method, unwrap
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(cfg: Namespace) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_loader(cfg: Namespace, dist: DistInfo, device: torch.device):
+    split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
+                       image_size=cfg.image_size)
+    size = split.image_size
+    blur = cfg.blur if cfg.blur is not None else size >= 96
+    strength = cfg.color_jitter_strength if cfg.color_jitter_strength is not None else (
+        0.5 if size <= 64 else 1.0)  # SimCLR: 0.5 on CIFAR, 1.0 on ImageNet
+    transforms = [view_transform(size, spec, strength, cfg.min_crop_scale, split.mean, split.std)
+                  for spec in view_specs(cfg.clr, cfg.n_views, blur)]
+    dataset = MultiViewDataset(split.dataset, transforms, seed=cfg.seed)
+    local_bs = cfg.batch_size // dist.world_size
+    if len(dataset) < cfg.batch_size:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)} images); "
+                        "lower --batch_size")
+    # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
+    # batches is exactly the one-process step-k batch of the same global size.
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
+    return loader, sampler, dataset, size
+
+
+def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
+    """Rank 0 picks (and creates) the run directory; every rank gets the same path."""
+    run_dir = None
+    if dist.is_main:
+        if cfg.log_dir:
+            run_dir = cfg.log_dir
+            if not resuming and ckpt_io.list_checkpoints(run_dir):
+                run_dir = UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
+                                    "or choose another --log_dir")
+            else:
+                os.makedirs(run_dir, exist_ok=True)
+        else:
+            run_dir = new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size, METHODS[cfg.clr])
+    run_dir = broadcast_object(run_dir)
+    if isinstance(run_dir, UserError):
+        raise run_dir
+    return run_dir
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, last_ckpt: str | None) -> None:
+    """Stop every rank together, before the optimizer step, when any rank's loss is NaN or inf."""
+    bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+    if bad.item() > 0:
+        where = f"resume from {last_ckpt} " if last_ckpt else ""
+        raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {int(bad.item())} rank(s); "
+                        f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
+                        "rerun")
+
+
+def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
+    """Run (or continue) pretraining; returns the run directory."""
+    device = pick_device(cfg)
+    dist = init_distributed(device.type)
+    if cfg.batch_size % dist.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} (global) does not divide over {dist.world_size} "
+                        "processes; pick a multiple of the world size")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+    loader, sampler, dataset, image_size = build_loader(cfg, dist, device)
+    cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
+    method = build_method(cfg, num_data=len(dataset), cifar_stem=cifar_stem)
+    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
+    if sync_bn and dist.enabled:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    method = method.to(device)
+
+    steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling)
+    schedule = lr_schedule(peak_lr, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.scheduler)
+    optimizer = build_optimizer(cfg.optimizer, method, peak_lr, cfg.weight_decay, cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    start_epoch = 0
+    if resume is not None:
+        try:
+            method.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise UserError(f"{resume_path} does not match this model ({str(err).splitlines()[0]}); "
+                            "resume with the run's own --model/--clr/head flags") from err
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        start_epoch = int(resume["epoch"])
+
+    model: nn.Module = method
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
+    writer = metrics = None
+    if dist.is_main:
+        write_config(run_dir, vars(cfg))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir, purge_step=start_epoch * steps_per_epoch if resume else None)
+        metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
+        print(f"run directory: {run_dir}", flush=True)
+        if cfg.faster_version:
+            print("note: --faster_version=True is accepted, but the GPU-resident augmentation pipeline is "
+                  "not part of this release; the standard DataLoader pipeline runs", file=sys.stderr)
+    if resume is not None:
+        states = resume.get("rng", [])
+        if len(states) == dist.world_size:
+            ckpt_io.set_rng_state(states[dist.rank])
+        elif dist.is_main:
+            print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
+                  f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)
+
+    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.precision]) if cfg.precision in DTYPES
+                else nullcontext())
+    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+    last_ckpt = resume_path
+    global_step = start_epoch * steps_per_epoch
+    if start_epoch >= last_epoch and dist.is_main:
+        print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
+
+    for epoch in range(start_epoch, last_epoch):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        window_steps = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
+                   dynamic_ncols=True, leave=True, file=sys.stdout)
+        t_epoch = t_window = time.perf_counter()
+        for step, (views, index) in enumerate(loader):
+            if step >= steps_per_epoch:
+                break
+            views = [v.to(device, non_blocking=True) for v in views]
+            index = index.to(device, non_blocking=True)
+            lr = float(schedule[global_step])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss, logs = model(views, index)
+            _check_finite(loss, epoch, step, last_ckpt)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            method.after_step(global_step, total_steps)
+
+            logs = {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
+            for k, v in logs.items():
+                sums[k] += v
+                window[k] += v
+            window_steps += 1
+            bar.update(1)
+            if window_steps == cfg.log_every_n_steps or step == steps_per_epoch - 1:
+                now = time.perf_counter()
+                ips = window_steps * cfg.batch_size / max(now - t_window, 1e-9)
+                values = {k: (v / window_steps).item() for k, v in window.items()}
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                if writer is not None:
+                    for k, v in values.items():
+                        writer.add_scalar(f"train/{k}", v, global_step)
+                    writer.add_scalar("train/lr", lr, global_step)
+                    writer.add_scalar("train/images_per_s", ips, global_step)
+                window.clear()
+                window_steps, t_window = 0, now
+        bar.close()
+
+        epoch_time = time.perf_counter() - t_epoch
+        completed = epoch + 1
+        record = {"epoch": completed, "step": global_step,
+                  **{k: (v / steps_per_epoch).item() for k, v in sums.items()},
+                  "lr": float(schedule[global_step - 1]), "epoch_time_s": epoch_time,
+                  "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time}
+        rng = all_gather_object(ckpt_io.rng_state())
+        if dist.is_main:
+            metrics.append(record)
+            if completed % cfg.save_every_n_epochs == 0 or completed == cfg.epochs or completed == last_epoch:
+                state = {
+                    "epoch": completed, "global_step": global_step, "clr": cfg.clr, "arch": cfg.arch,
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": total_steps,
+                                  "warmup_steps": cfg.warmup_epochs * steps_per_epoch, "step": global_step},
+                    "scaler": scaler.state_dict(), "rng": rng, "args": vars(cfg),
+                }
+                last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
+                ckpt_io.atomic_save(state, last_ckpt)
+                plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
+                            f"{METHODS[cfg.clr]} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
+                tqdm.write(f"saved {last_ckpt}")
+        last_ckpt = broadcast_object(last_ckpt)
+    barrier()
+    if writer is not None:
+        writer.close()
+    return run_dir

@@ -1,0 +1,79 @@
+"""Run outputs besides checkpoints: the run directory, metrics.jsonl, TensorBoard, the curves PNG."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import yaml
+
+
+def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) -> str:
+    """``results/<dataset>/<bs>_<Method>/<YYYY-MM-DD-HH-MM-SS>`` (suffixed if that second is taken)."""
+    parent = os.path.join(results_dir, dataset, f"{batch_size}_{method}")
+    os.makedirs(parent, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    for n in range(1000):
+        path = os.path.join(parent, stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory under {parent}")
+
+
+def write_config(run_dir: str, cfg: dict) -> None:
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=True)
+
+
+class MetricsLog:
+    """Append-only JSON lines, one record per epoch; on resume, records past the checkpoint go."""
+
+    def __init__(self, run_dir: str, resume_epoch: int | None) -> None:
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_epoch is not None and os.path.exists(self.path):
+            kept = [r for r in self.read() if r.get("epoch", 0) <= resume_epoch]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: list[dict], path: str, title: str) -> None:
+    """Loss and similarity curves against epoch, as a PNG next to the checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(epochs, [r["loss"] for r in records], marker="o", label="loss")
+    if all("infonce" in r for r in records):
+        ax1.plot(epochs, [r["infonce"] for r in records], marker=".", label="InfoNCE")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    for key in ("pos_sim", "neg_sim"):
+        if all(key in r for r in records):
+            ax2.plot(epochs, [r[key] for r in records], marker="o", label=key.replace("_", " "))
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("cosine similarity")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,89 @@
+"""InfoNCE / NT-Xent (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations", SimCLR) and the logits builder it shares with FlatNCE.
+
+Every anchor has ``n_views - 1`` positives (the other views of its image) and, as negatives, every
+view of every other image in the *global* batch: with two views and a global batch of N images that
+is one positive and 2N - 2 negatives per anchor. Keys may come from other ranks: pass the keys
+gathered with :func:`engine.distributed.gather_with_grad` and this rank's offset into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ContrastiveLogits:
+    """Similarities split into positives and negatives, already divided by the temperature."""
+
+    pos: torch.Tensor  # (V*N, V-1): one column per positive of each anchor
+    neg: torch.Tensor  # (V*N, K): K = V*N_global - V negatives per anchor
+    temperature: float
+
+    def infonce_per_pair(self) -> torch.Tensor:
+        """-log softmax of each positive against itself and all negatives, shape (V*N, V-1)."""
+        neg_lse = torch.logsumexp(self.neg, dim=1, keepdim=True)  # (V*N, 1)
+        # log(exp(pos) + sum exp(neg)) computed stably for every positive column at once.
+        return torch.logaddexp(self.pos, neg_lse) - self.pos
+
+    @torch.no_grad()
+    def similarity_stats(self) -> dict[str, torch.Tensor]:
+        """Mean cosine similarity of positive and negative pairs (detached, for logging)."""
+        return {
+            "pos_sim": self.pos.float().mean() * self.temperature,
+            "neg_sim": self.neg.float().mean() * self.temperature,
+        }
+
+
+def _same_image_mask(n_local: int, n_views: int, n_keys: int, offset: int, device) -> torch.Tensor:
+    """Boolean (V*N, n_keys): True where key j is a view of the same image as query i.
+
+    Queries are this rank's views laid out view-major, ``[view0 of img 0..N-1, view1 of ...]``;
+    keys are every rank's queries concatenated in rank order, this rank's starting at ``offset``.
+    """
+    image_of_query = torch.arange(n_views * n_local, device=device) % n_local
+    key = torch.arange(n_keys, device=device) - offset
+    local = (key >= 0) & (key < n_views * n_local)
+    image_of_key = torch.where(local, key % n_local, torch.full_like(key, -1))
+    return image_of_query[:, None] == image_of_key[None, :]
+
+
+def contrastive_logits(
+    z: torch.Tensor,
+    n_views: int,
+    temperature: float,
+    keys: torch.Tensor | None = None,
+    offset: int = 0,
+) -> ContrastiveLogits:
+    """Cosine-similarity logits of every local view against every (possibly gathered) view.
+
+    Args:
+        z: projections of this rank, shape (V*N, D), view-major (all first views, then all second).
+        n_views: V, the number of views per image.
+        temperature: softmax temperature t; logits are cos/t.
+        keys: projections of all ranks concatenated, (W*V*N, D); defaults to ``z`` (one process).
+        offset: index of this rank's first row inside ``keys``.
+    """
+    if z.shape[0] % n_views:
+        raise ValueError(f"{z.shape[0]} embeddings cannot be split into {n_views} views")
+    n_local = z.shape[0] // n_views
+    # Similarities in fp32 even under autocast: a bf16 logsumexp over thousands of negatives is
+    # visibly off, and this matmul is tiny next to the backbone.
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        q = F.normalize(z.float(), dim=1)
+        k = q if keys is None else F.normalize(keys.float(), dim=1)
+        sim = q @ k.T / temperature  # (V*N, W*V*N)
+    same = _same_image_mask(n_local, n_views, k.shape[0], offset, z.device)
+    rows = torch.arange(q.shape[0], device=z.device)
+    is_self = torch.zeros_like(same)
+    is_self[rows, rows + offset] = True
+    pos = sim[same & ~is_self].view(q.shape[0], n_views - 1)  # (V*N, V-1)
+    neg = sim[~same].view(q.shape[0], -1)  # (V*N, W*V*N - V)
+    return ContrastiveLogits(pos=pos, neg=neg, temperature=temperature)
+
+
+def infonce_loss(logits: ContrastiveLogits) -> torch.Tensor:
+    """NT-Xent: mean over anchors and positives of -log(e^pos / (e^pos + sum_neg e^neg))."""
+    return logits.infonce_per_pair().mean()

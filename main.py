@@ -1,0 +1,240 @@
+"""Command line for contrastive self-supervised learning (SimCLR, FlatCLR, BYOL, InsDis).
+
+Builds the parser, applies ``--config`` yaml as defaults (the command line wins), merges a resumed
+run's saved settings, validates, and dispatches. Launch with ``python main.py`` or
+``torchrun --nproc_per_node=N main.py``; see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from data.datasets import DATASETS
+from engine.errors import UserError
+from models import ARCH_ALIASES, BACKBONES, METHODS
+
+TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+# Settings that define what a run *is*: a resumed run keeps them, and a flag that changes one is an error.
+IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
+                 "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "pred_hidden_dim", "pred_bn",
+                 "n_views", "cifar_stem", "image_size")
+# Never taken from a resumed run's saved settings.
+PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch")
+
+
+def str2bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0), got {value!r}")
+
+
+def add_bool(group, name: str, default: bool | None, help: str) -> None:
+    """``--name``, ``--name=True/False/1/0`` and ``--no-name``; ``None`` default means 'auto'."""
+    group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, help=help)
+    group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="main.py", description="Contrastive self-supervised pretraining (FlatCLR family).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="yaml file of defaults (keys = flag names); flags win")
+
+    g = p.add_argument_group("mode")
+    g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval"],
+                   help="pretrain (FlatCLR's 'ssl' is accepted) or eval")
+    g.add_argument("--clr", default="flatclr", choices=list(METHODS), help="method")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="./datasets", help="dataset root")
+    g.add_argument("--dataset_name", default="cifar10", choices=list(DATASETS))
+    add_bool(g, "download", False, "download the torchvision datasets into --data if missing")
+    g.add_argument("--image_size", type=int, default=None, help="crop size (default: the dataset's)")
+    g.add_argument("--n_views", type=int, default=2, help="augmented views per image")
+    g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    g.add_argument("--color_jitter_strength", type=float, default=None,
+                   help="SimCLR colour strength s (default 0.5 for <=64 px images, else 1.0)")
+    g.add_argument("--min_crop_scale", type=float, default=0.08, help="lower bound of the crop area")
+    add_bool(g, "blur", None, "Gaussian blur in the views (default: on for images of 96 px or more)")
+    add_bool(g, "faster_version", False, "GPU-resident augmentation (accepted; not in this release)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--arch", dest="arch", default="resnet50",
+                   choices=list(BACKBONES) + list(ARCH_ALIASES), help="ResNet backbone")
+    add_bool(g, "cifar_stem", None, "3x3 stride-1 stem without max-pool (default: images <= 64 px)")
+    g.add_argument("--proj_head_mode", default="nonlinear", choices=["nonlinear", "linear", "none"])
+    g.add_argument("--num_proj_layers", type=int, default=2, help="Linear layers in the nonlinear head")
+    g.add_argument("--proj_hidden_dim", type=int, default=None, help="default: the backbone's feature dim")
+    g.add_argument("--proj_out_dim", type=int, default=128)
+    add_bool(g, "proj_bn", True, "BN in the projection's hidden layers (BN1 of the seed-001 ablation)")
+    add_bool(g, "proj_out_bn", False, "BN on the projection output (BN3)")
+    add_bool(g, "proj_out_bn_affine", True, "affine parameters of that output BN")
+    g.add_argument("--pred_hidden_dim", type=int, default=4096, help="BYOL predictor hidden width")
+    add_bool(g, "pred_bn", True, "BN in the BYOL predictor's hidden layer (BN2)")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--temperature", type=float, default=0.1, help="SimCLR/FlatCLR/InsDis temperature")
+    g.add_argument("--byol_base_momentum", type=float, default=0.996, help="EMA momentum, cosine-ramped to 1")
+    g.add_argument("--insdis_num_negatives", type=int, default=4096, help="NCE noise samples from the bank")
+    g.add_argument("--insdis_bank_momentum", type=float, default=0.5, help="memory-bank update momentum")
+    g.add_argument("--insdis_loss", default="nce", choices=["nce", "softmax"])
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=512, help="global batch size (all ranks)")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--lr", type=float, default=None,
+                   help="base lr, scaled by --learning_rate_scaling (default 0.3 for lars/sgd, 1e-3 adamw)")
+    g.add_argument("--learning_rate_scaling", default="linear", choices=["linear", "sqrt", "none"],
+                   help="lr = base*bs/256 (linear), base*sqrt(bs) (sqrt) or base (none)")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
+    g.add_argument("--weight_decay", type=float, default=1e-6)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--warmup_epochs", type=int, default=10)
+    g.add_argument("--scheduler", default="cosine", choices=["cosine", "constant"])
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_bool(g, "fp16_precision", False, "FlatCLR's switch: same as --precision fp16")
+    add_bool(g, "sync_bn", None, "SyncBatchNorm across ranks (default: on for multi-GPU)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--results_dir", default="results", help="root of new run directories")
+    g.add_argument("--log_dir", default=None, help="run directory (to resume, or to name a new run)")
+    g.add_argument("--train_from", default=None,
+                   help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'")
+    g.add_argument("--save_every_n_epochs", type=int, default=2)
+    g.add_argument("--log_every_n_steps", type=int, default=50)
+    g.add_argument("--limit_train_batches", type=int, default=None, help="cap on steps per epoch")
+    g.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="end this job after that epoch (checkpointed), keeping the --epochs schedule; "
+                        "for time-limited jobs that resume with --train_from latest")
+    return p
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Names of the settings given on the command line (not defaults, not yaml)."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    ns, _ = shadow.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid yaml ({str(err).splitlines()[0]})") from err
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known - {"help"})
+    if unknown:
+        raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")
+    parser.set_defaults(**values)
+
+
+def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:  # yaml and saved values bypass argparse's own checks
+        value = getattr(cfg, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"{action.dest}={value!r} is not one of {', '.join(map(str, action.choices))}")
+    if cfg.batch_size < 2:
+        raise UserError(f"--batch_size must be at least 2 (contrastive losses need negatives), got {cfg.batch_size}")
+    min_views = 1 if cfg.clr == "insdis" else 2
+    if cfg.n_views < min_views:
+        raise UserError(f"--n_views must be at least {min_views} for {cfg.clr}, got {cfg.n_views}")
+    for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.workers < 0 or cfg.warmup_epochs < 0:
+        raise UserError("--workers and --warmup_epochs must not be negative")
+    if not 0 < cfg.min_crop_scale <= 1:
+        raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
+    if cfg.clr == "insdis" and cfg.insdis_num_negatives < 1:
+        raise UserError("--insdis_num_negatives must be at least 1")
+
+
+def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | None]:
+    """Parse ``argv`` into the final settings; load the checkpoint when resuming."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        apply_yaml(parser, pre.config)
+    cfg = parser.parse_args(argv)
+    explicit = explicit_dests(parser, argv)
+
+    resume = resume_path = None
+    if cfg.train_from:
+        from engine.checkpoint import load_checkpoint, resolve_checkpoint
+
+        if not cfg.log_dir:
+            raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
+        if not os.path.isdir(cfg.log_dir):
+            raise UserError(f"--log_dir {cfg.log_dir} does not exist; pass the run directory to resume")
+        resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
+        resume = load_checkpoint(resume_path)
+        saved = resume.get("args", {})
+        for key in IDENTITY_KEYS:
+            if key in explicit and key in saved and getattr(cfg, key) != saved[key]:
+                raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
+                                f"drop --{key} to resume, or start a new run")
+        for key, value in saved.items():
+            if hasattr(cfg, key) and key not in explicit and key not in PER_INVOCATION_KEYS:
+                setattr(cfg, key, value)
+
+    if cfg.train_mode == "ssl":
+        cfg.train_mode = "pretrain"
+    cfg.arch = ARCH_ALIASES.get(cfg.arch, cfg.arch)
+    if cfg.fp16_precision:
+        cfg.precision = "fp16"
+    if cfg.lr is None:
+        cfg.lr = 1e-3 if cfg.optimizer == "adamw" else 0.3
+    validate(cfg, parser)
+    return cfg, resume, resume_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, resume, resume_path = resolve(argv)
+        if cfg.train_mode == "eval":
+            raise UserError("--train_mode=eval (linear eval, fine-tuning, kNN) is not in this release yet; "
+                            "pretraining checkpoints written now will load in it")
+        from engine.pretrain import pretrain
+
+        pretrain(cfg, resume, resume_path)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    finally:
+        from engine.distributed import cleanup
+
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
