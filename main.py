@@ -19,7 +19,7 @@ TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 # Settings that define what a run *is*: a resumed run keeps them, and a flag that changes one is an error.
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "pred_hidden_dim", "pred_bn",
-                 "n_views", "cifar_stem", "image_size")
+                 "n_views", "cifar_stem", "image_size", "optimizer")
 # Never taken from a resumed run's saved settings.
 PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch")
 

@@ -37,6 +37,11 @@ class ContrastiveLogits:
         }
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 to float32; leave float32 and float64 alone."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _same_image_mask(n_local: int, n_views: int, n_keys: int, offset: int, device) -> torch.Tensor:
     """Boolean (V*N, n_keys): True where key j is a view of the same image as query i.
 
@@ -72,8 +77,8 @@ def contrastive_logits(
     # Similarities in fp32 even under autocast: a bf16 logsumexp over thousands of negatives is
     # visibly off, and this matmul is tiny next to the backbone.
     with torch.autocast(device_type=z.device.type, enabled=False):
-        q = F.normalize(z.float(), dim=1)
-        k = q if keys is None else F.normalize(keys.float(), dim=1)
+        q = F.normalize(at_least_fp32(z), dim=1)
+        k = q if keys is None else F.normalize(at_least_fp32(keys), dim=1)
         sim = q @ k.T / temperature  # (V*N, W*V*N)
     same = _same_image_mask(n_local, n_views, k.shape[0], offset, z.device)
     rows = torch.arange(q.shape[0], device=z.device)

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Tiny but real settings: ResNet-18 on 16x16 digits, two steps an epoch.
+TINY = ["--dataset_name=digits", "--arch=resnet18", "--image_size=16", "--batch_size=16",
+        "--limit_train_batches=2", "--workers=0", "--proj_hidden_dim=64", "--proj_out_dim=32",
+        "--pred_hidden_dim=64", "--insdis_num_negatives=64", "--warmup_epochs=1", "--log_every_n_steps=1",
+        "--save_every_n_epochs=1", "--device=cpu"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer end-to-end checks (make test-slow)")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Argument list for a tiny run writing under tmp_path."""
+    return TINY + [f"--results_dir={tmp_path / 'results'}"]

@@ -1,0 +1,82 @@
+"""Command-line behaviour: FlatCLR's commands, booleans, yaml configs, one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from main import build_parser, resolve
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ([], False), (["--faster_version"], True), (["--faster_version=True"], True),
+    (["--faster_version=False"], False), (["--faster_version=0"], False), (["--faster_version=1"], True),
+    (["--faster_version", "False"], False), (["--no-faster_version"], False),
+])
+def test_booleans_mean_what_they_say(flag, expected):
+    # FlatCLR parsed this with type=bool, so "--faster_version=False" became True.
+    assert build_parser().parse_args(flag).faster_version is expected
+
+
+@pytest.mark.parametrize("argv, expect", [
+    ("--dataset_name=cifar10 --clr=simclr --faster_version=True",
+     dict(dataset_name="cifar10", clr="simclr", faster_version=True)),
+    ("--dataset_name=cifar10 --clr=flatclr --faster_version=False",
+     dict(dataset_name="cifar10", clr="flatclr", faster_version=False)),
+    ("--dataset_name=imagenet --clr=simclr", dict(dataset_name="imagenet", clr="simclr", arch="resnet50")),
+    ("--dataset_name=imagenet --clr=flatclr", dict(dataset_name="imagenet", clr="flatclr", batch_size=512)),
+    ("--model=res18 --train_mode=ssl --fp16_precision", dict(arch="resnet18", train_mode="pretrain",
+                                                              precision="fp16")),
+])
+def test_flatclr_readme_pretraining_commands_parse(argv, expect):
+    cfg, resume, _ = resolve(argv.split())
+    assert resume is None
+    for key, value in expect.items():
+        assert getattr(cfg, key) == value
+    assert cfg.lr == 0.3 and cfg.learning_rate_scaling == "linear"  # 0.6 at batch 512, FlatCLR's default
+
+
+def test_yaml_sets_defaults_and_command_line_wins(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("clr: byol\nbatch_size: 64\ntemperature: 0.2\n")
+    cfg, _, _ = resolve([f"--config={cfg_file}", "--batch_size=32"])
+    assert (cfg.clr, cfg.batch_size, cfg.temperature) == ("byol", 32, 0.2)
+
+
+def test_every_shipped_config_resolves():
+    configs = sorted(os.listdir(os.path.join(ROOT, "configs")))
+    assert "quickstart.yaml" in configs and len(configs) >= 17
+    for name in configs:
+        resolve([f"--config={os.path.join(ROOT, 'configs', name)}"])
+
+
+def _run(args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clr=moco"], "invalid choice: 'moco'"),
+    (["--dataset_name=cifar10", "--data=/nonexistent/ds"],
+     "cifar10 not found in /nonexistent/ds/cifar-10-batches-py; pass --download"),
+    (["--dataset_name=folder", "--data=/nonexistent/ds"], "no image folder at /nonexistent/ds/train"),
+    (["--batch_size=1"], "--batch_size must be at least 2"),
+    (["--faster_version=maybe"], "expected a boolean"),
+    (["--train_from=checkpoint_0001.pth.tar"], "--train_from needs --log_dir"),
+    (["--dataset_name=digits", "--batch_size=4096", "--device=cpu"], "larger than the dataset (1437 images)"),
+])
+def test_user_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
+    proc = _run(args + [f"--results_dir={tmp_path}"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clr: simclr\nlearning_rate: 0.1\n")
+    proc = _run([f"--config={bad}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: unknown key(s) in {bad}: learning_rate; keys are flag names as in --help"

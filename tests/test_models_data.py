@@ -1,0 +1,65 @@
+"""Backbones, heads (the BN ablation switches), datasets and the multi-view wrapper."""
+import torch
+import torch.nn as nn
+
+from data import MultiViewDataset, load_split, view_specs, view_transform
+from main import resolve
+from models import BYOL, build_method
+from models.backbones import build_backbone
+
+
+def test_cifar_stem_keeps_resolution_and_drops_maxpool():
+    net, dim = build_backbone("res18", cifar_stem=True)
+    assert dim == 512 and isinstance(net.maxpool, nn.Identity) and net.conv1.kernel_size == (3, 3)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 512)
+    imagenet, _ = build_backbone("resnet18", cifar_stem=False)
+    assert imagenet.conv1.kernel_size == (7, 7)
+
+
+def _bns(module):
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm1d)]
+
+
+def test_bn_ablation_flags_place_the_three_batch_norms():
+    base = "--clr=byol --arch=resnet18 --proj_hidden_dim=32 --pred_hidden_dim=16 --proj_out_dim=8".split()
+    full, _, _ = resolve(base + ["--proj_out_bn", "--no-proj_out_bn_affine"])  # "111", BN3 without affine
+    m = build_method(full, num_data=10, cifar_stem=True)
+    assert isinstance(m, BYOL)
+    proj_bns, pred_bns = _bns(m.projector), _bns(m.predictor)
+    assert [b.num_features for b in proj_bns] == [32, 8] and not proj_bns[1].affine
+    assert [b.num_features for b in pred_bns] == [16]
+    none, _, _ = resolve(base + ["--proj_bn=False", "--pred_bn=0", "--proj_out_bn=False"])  # "000"
+    m = build_method(none, num_data=10, cifar_stem=True)
+    assert _bns(m.projector) == [] and _bns(m.predictor) == []
+
+
+def test_projection_head_modes():
+    for mode, n_linear in (("nonlinear", 3), ("linear", 1), ("none", 0)):
+        cfg, _, _ = resolve(["--clr=simclr", "--arch=resnet18", f"--proj_head_mode={mode}", "--num_proj_layers=3"])
+        m = build_method(cfg, num_data=10, cifar_stem=True)
+        assert sum(isinstance(x, nn.Linear) for x in m.projector.modules()) == n_linear
+    assert m.embed([torch.zeros(2, 3, 16, 16)]).shape == (2, 512)
+
+
+def test_digits_split_is_fixed_stratified_and_uint8():
+    train, test = load_split("digits", "unused", train=True), load_split("digits", "unused", train=False)
+    assert len(train.dataset) == 1437 and len(test.dataset) == 360
+    img, label = train.dataset[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and 0 <= label < 10
+    assert torch.bincount(test.dataset.labels).min() >= 35  # every class present in the test split
+
+
+def test_views_are_fresh_per_epoch_and_reproducible_per_seed():
+    split = load_split("digits", "unused", train=True)
+    transforms = [view_transform(32, s, 0.5, 0.08, split.mean, split.std) for s in view_specs("byol", 2, False)]
+    ds = MultiViewDataset(split.dataset, transforms, seed=0)
+    (a1, a2), idx = ds[5]
+    assert idx == 5 and a1.shape == (3, 32, 32) and a1.dtype == torch.float32
+    assert not torch.equal(a1, a2)  # two views of one image differ
+    again, _ = ds[5]
+    assert torch.equal(again[0], a1)  # same (seed, epoch, index): same views, whatever the worker
+    ds.set_epoch(1)
+    fresh, _ = ds[5]
+    assert not torch.equal(fresh[0], a1)  # next epoch: new views
+    specs = view_specs("byol", 2, blur=True)
+    assert (specs[0].blur_p, specs[0].solarize_p, specs[1].blur_p, specs[1].solarize_p) == (1.0, 0.0, 0.1, 0.2)

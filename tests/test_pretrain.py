@@ -1,0 +1,114 @@
+"""End-to-end pretraining through main.py on digits: checkpoints, resume, run directories."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from engine.checkpoint import list_checkpoints
+from main import main
+from tests.conftest import SHARED_DATA, TINY
+
+
+def run_dirs(results):
+    return sorted(os.path.join(dp) for dp, _, files in os.walk(results) if "config.yaml" in files)
+
+
+def final_state(run_dir, epoch):
+    return torch.load(os.path.join(run_dir, f"checkpoint_{epoch:04d}.pth.tar"), weights_only=True)
+
+
+@pytest.mark.parametrize("clr, method", [("simclr", "SimCLR"), ("flatclr", "FlatCLR"), ("byol", "BYOL"),
+                                         ("insdis", "InsDis")])
+def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, method, tiny, tmp_path):
+    assert main(tiny + [f"--clr={clr}", "--epochs=2"]) == 0
+    (run,) = run_dirs(tmp_path / "results")
+    assert os.path.dirname(run) == str(tmp_path / "results" / "digits" / f"16_{method}")
+    assert sorted(os.listdir(run)) == sorted(
+        ["checkpoint_0001.pth.tar", "checkpoint_0002.pth.tar", "config.yaml", "curves.png", "metrics.jsonl"]
+        + [f for f in os.listdir(run) if f.startswith("events.out.tfevents")])
+    ckpt = final_state(run, 2)  # loads with weights_only=True
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 4 and ckpt["clr"] == clr
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "args"}
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert any(k.startswith("backbone.") for k in ckpt["model"])
+    if clr == "byol":
+        assert ckpt["model"]["momentum"].item() == pytest.approx(1.0)  # cosine ramp reached 1 at the end
+        assert any(k.startswith("target_backbone.") for k in ckpt["model"])
+    if clr == "insdis":
+        assert ckpt["model"]["bank"].shape == (1437, 32) and torch.isfinite(ckpt["model"]["log_z"])
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["loss"] == r["loss"] and r["images_per_s"] > 0 for r in records)
+    if clr in ("simclr", "flatclr"):
+        assert all(r["infonce"] == pytest.approx(r["loss"]) for r in records)  # FlatCLR logs InfoNCE
+
+
+@pytest.mark.parametrize("clr", ["flatclr", "byol", "insdis"])
+def test_resumed_run_ends_with_the_same_weights_bitwise(clr, tmp_path):
+    common = TINY + [f"--clr={clr}", "--epochs=3"]
+    assert main(common + [f"--log_dir={tmp_path / 'straight'}"]) == 0
+    assert main(common + [f"--log_dir={tmp_path / 'cut'}", "--stop_after_epoch=1"]) == 0
+    assert sorted(list_checkpoints(str(tmp_path / "cut"))) == [1]
+    # resume the way FlatCLR's README does: run directory + checkpoint file name, nothing else
+    assert main([f"--log_dir={tmp_path / 'cut'}", "--train_from=checkpoint_0001.pth.tar"]) == 0
+    a, b = final_state(tmp_path / "straight", 3), final_state(tmp_path / "cut", 3)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+
+
+def test_flatclr_readme_resume_command_verbatim(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = "results/imagenet/512_FlatCLR/01-06-2021-21-52-10"  # the path in FlatCLR's README
+    args = TINY + ["--limit_train_batches=1", "--epochs=27", "--save_every_n_epochs=13", "--stop_after_epoch=26"]
+    assert main(args + [f"--log_dir={run}"]) == 0
+    assert sorted(list_checkpoints(run)) == [13, 26]
+    assert main("--clr=flatclr --log_dir=results/imagenet/512_FlatCLR/01-06-2021-21-52-10 "
+                "--train_from=checkpoint_0026.pth.tar".split()) == 0
+    assert sorted(list_checkpoints(run)) == [13, 26, 27]
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # already complete: nothing to do
+
+
+def test_bad_resume_leaves_the_run_untouched(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 0
+
+    def snapshot():
+        return {f: hashlib.sha256(open(run / f, "rb").read()).hexdigest() for f in sorted(os.listdir(run))}
+
+    before = snapshot()
+    capsys.readouterr()
+    assert main([f"--log_dir={run}", "--train_from=checkpoint_0007.pth.tar"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: checkpoint checkpoint_0007.pth.tar not found in {run} (available: "
+                           "checkpoint_0001.pth.tar); pass one of those to --train_from, or 'latest'")
+    assert main([f"--log_dir={run}", "--train_from=latest", "--arch=resnet34"]) == 2
+    assert "was trained with --arch=resnet18, not resnet34" in capsys.readouterr().err
+    assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 2  # would overwrite: refused
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert snapshot() == before
+
+
+def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 0
+    before = open(run / "checkpoint_0001.pth.tar", "rb").read()
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=2", "--lr=1e30",
+                 "--learning_rate_scaling=none"]) == 2
+    assert "loss is not finite" in capsys.readouterr().err
+    assert open(run / "checkpoint_0001.pth.tar", "rb").read() == before
+    assert sorted(list_checkpoints(str(run))) == [1]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside this checkout")
+def test_folder_dataset_on_real_cifar10_images(tmp_path):
+    args = [a for a in TINY if not a.startswith(("--dataset_name", "--image_size"))]
+    assert main(args + ["--dataset_name=folder", f"--data={SHARED_DATA}", "--epochs=1", "--clr=simclr",
+                        f"--log_dir={tmp_path / 'run'}"]) == 0
+    ckpt = final_state(tmp_path / "run", 1)
+    assert ckpt["args"]["dataset_name"] == "folder" and ckpt["model"]["backbone.conv1.weight"].shape[-1] == 3
