@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
 
         pretrain(cfg, resume, resume_path)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every rank reports; rank 0 without a prefix
+        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)

@@ -106,6 +106,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
     method = build_method(cfg, num_data=len(dataset), cifar_stem=cifar_stem)
     sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
+    if sync_bn and dist.enabled and device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                        "drop it or pass --no-sync_bn")
     if sync_bn and dist.enabled:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method = method.to(device)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Multi-node pretraining under SLURM: one torchrun per node (srun), which starts one process per GPU.
+#
+#   sbatch scripts/slurm_multinode.sh                       # FlatCLR on ImageNet, 4 nodes x 8 GPUs
+#   sbatch --nodes=2 scripts/slurm_multinode.sh --config configs/imagenet_simclr.yaml
+#
+# --batch_size is the global batch over all nodes; it must divide by nodes x GPUs per node.
+# Preemption: the job requeues itself and resumes from the newest checkpoint of the same run
+# directory (RUN_DIR below is fixed per job so a requeued job finds it).
+#SBATCH --job-name=flatclr
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1          # one torchrun launcher per node
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=slurm-%j.out
+set -euo pipefail
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-29500}
+RUN_DIR=${RUN_DIR:-results/imagenet/${SLURM_JOB_ID}_FlatCLR}
+
+RESUME=()
+if ls "$RUN_DIR"/checkpoint_*.pth.tar >/dev/null 2>&1; then
+  RESUME=(--train_from latest)        # requeued after preemption: continue the same run
+fi
+
+trap 'scontrol requeue "$SLURM_JOB_ID"' USR1   # SLURM warns 5 minutes before the time limit
+
+srun --kill-on-bad-exit=1 torchrun \
+  --nnodes="$SLURM_JOB_NUM_NODES" \
+  --nproc_per_node="$GPUS_PER_NODE" \
+  --rdzv_id="$SLURM_JOB_ID" \
+  --rdzv_backend=c10d \
+  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  main.py --config configs/imagenet_flatclr.yaml --log_dir "$RUN_DIR" "${RESUME[@]}" \
+  --workers $(( SLURM_CPUS_PER_TASK / GPUS_PER_NODE )) "$@" &
+wait

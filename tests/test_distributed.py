@@ -1,0 +1,186 @@
+"""Distributed training on CPU with gloo: 2 processes via torch.multiprocessing and via torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from engine.checkpoint import list_checkpoints
+from engine.distributed import gather_no_grad, gather_with_grad
+from engine.errors import UserError
+from losses import contrastive_logits, flatnce_loss, infonce_loss
+from tests.conftest import ROOT, TINY
+
+WORLD = 2
+
+
+def _spawn(fn, tmp_path, *args):
+    mp.spawn(fn, args=(str(tmp_path / "store"), str(tmp_path), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank, store):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+
+
+def _batch(seed=0, n=4, d=6):
+    """Two views of a global batch of WORLD*n images; rank r holds images r*n .. r*n+n-1."""
+    g = torch.Generator().manual_seed(seed)
+    v1 = torch.randn(WORLD * n, d, generator=g)
+    v2 = v1 + 0.5 * torch.randn(WORLD * n, d, generator=g)
+    return v1, v2
+
+
+def _local(v1, v2, rank, n=4):
+    return torch.cat([v1[rank * n:(rank + 1) * n], v2[rank * n:(rank + 1) * n]])
+
+
+def _gather_worker(rank, store, out_dir, loss_name):
+    _init(rank, store)
+    loss_fn = {"infonce": infonce_loss, "flatnce": flatnce_loss}[loss_name]
+    v1, v2 = _batch()
+    z = _local(v1, v2, rank).requires_grad_(True)
+    loss = loss_fn(contrastive_logits(z, 2, 0.3, gather_with_grad(z), offset=rank * z.shape[0]))
+    (grad,) = torch.autograd.grad(loss, z)
+    # the common wrong variant: gather without gradient, put the local tensor back in its slot
+    z2 = _local(v1, v2, rank).requires_grad_(True)
+    keys = gather_no_grad(z2.detach()).clone()
+    keys = torch.cat([keys[:rank * 8], z2, keys[(rank + 1) * 8:]])
+    (wrong,) = torch.autograd.grad(loss_fn(contrastive_logits(z2, 2, 0.3, keys, offset=rank * 8)), z2)
+    torch.save({"loss": loss.detach(), "grad": grad, "wrong": wrong}, os.path.join(out_dir, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "flatnce"])
+def test_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch(loss_name, tmp_path):
+    _spawn(_gather_worker, tmp_path, loss_name)
+    v1, v2 = _batch()
+    z = torch.cat([v1, v2]).requires_grad_(True)  # one process, global batch, view-major
+    loss_fn = {"infonce": infonce_loss, "flatnce": flatnce_loss}[loss_name]
+    ref_loss = loss_fn(contrastive_logits(z, 2, 0.3))
+    (ref_grad,) = torch.autograd.grad(ref_loss, z)
+    parts = [torch.load(tmp_path / f"r{r}.pt") for r in range(WORLD)]
+    # The global loss is the mean of the rank losses (equal numbers of anchors per rank) ...
+    assert torch.allclose(sum(p["loss"] for p in parts) / WORLD, ref_loss, atol=1e-6)
+    # ... and DDP averages gradients over ranks, so each rank's gradient / W is the reference's rows.
+    for r, p in enumerate(parts):
+        rows = torch.cat([torch.arange(r * 4, r * 4 + 4), torch.arange(8 + r * 4, 8 + r * 4 + 4)])
+        assert torch.allclose(p["grad"] / WORLD, ref_grad[rows], atol=1e-6)
+        assert not torch.allclose(p["wrong"] / WORLD, ref_grad[rows], atol=1e-3)  # the test can fail
+
+
+def _finite_worker(rank, store, out_dir):
+    _init(rank, store)
+    from engine.pretrain import _check_finite
+
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    try:
+        _check_finite(loss, epoch=0, step=3, last_ckpt="run/checkpoint_0002.pth.tar")
+        outcome = "continued"
+    except UserError as err:
+        outcome = str(err)
+    with open(os.path.join(out_dir, f"f{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    _spawn(_finite_worker, tmp_path)
+    for r in range(WORLD):
+        text = (tmp_path / f"f{r}.txt").read_text()
+        assert text.startswith("loss is not finite at epoch 1, step 4 on 1 rank(s)"), text
+        assert "resume from run/checkpoint_0002.pth.tar" in text
+
+
+def _tiny_simclr():
+    """A BN-free network (CPU has no SyncBatchNorm, and per-rank BN statistics differ by design)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return backbone, nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+def _train(method_name, views_by_step, model, rank=0, world=1):
+    from engine.optim import build_optimizer
+    from models.methods import ContrastiveMethod
+
+    backbone, head = model
+    method = ContrastiveMethod(backbone, head, 2, 0.2, "infonce" if method_name == "simclr" else "flatnce")
+    method = method.double()  # float64, so that summation order cannot hide a real difference
+    net = nn.parallel.DistributedDataParallel(method) if world > 1 else method
+    opt = build_optimizer("lars", method, lr=2.0, weight_decay=1e-4, momentum=0.9)
+    for v1, v2, index in views_by_step:
+        n = v1.shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        loss, _ = net([v1[sl].double(), v2[sl].double()], index[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def _steps():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g), torch.arange(8))
+            for _ in range(4)]
+
+
+def _ddp_worker(rank, store, out_dir, method_name):
+    _init(rank, store)
+    state = _train(method_name, _steps(), _tiny_simclr(), rank, WORLD)
+    if rank == 0:
+        torch.save(state, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "flatclr"])
+def test_two_ranks_reach_the_weights_of_one_process(method_name, tmp_path):
+    # In float32 the two differ by up to 6e-6 (biases take the raw lr 2.0; the all-reduce sums in another
+    # order than one process). In float64 that noise is ~1e-15, so a 1e-10 tolerance is a real check.
+    _spawn(_ddp_worker, tmp_path, method_name)
+    ref = _train(method_name, _steps(), _tiny_simclr())
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for key, value in ref.items():
+        assert torch.allclose(ddp[key], value, rtol=0, atol=1e-10), key
+    backbone, _ = _tiny_simclr()
+    assert not torch.allclose(backbone[0].weight.double(), ref["backbone.0.weight"])  # training moved it
+
+
+def _torchrun(args, cwd, nproc=WORLD):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "main.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("clr, method", [("simclr", "SimCLR"), ("flatclr", "FlatCLR"), ("byol", "BYOL"),
+                                         ("insdis", "InsDis")])
+def test_torchrun_two_processes_write_one_run_directory(clr, method, tmp_path):
+    proc = _torchrun(TINY + [f"--clr={clr}", "--epochs=2", "--results_dir=results"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = tmp_path / "results" / "digits" / f"16_{method}"
+    (run,) = os.listdir(parent)  # exactly one run directory, made by rank 0
+    assert sorted(list_checkpoints(str(parent / run))) == [1, 2]
+    assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints
+    ckpt = torch.load(parent / run / "checkpoint_0002.pth.tar", weights_only=True)
+    assert len(ckpt["rng"]) == WORLD and ckpt["args"]["batch_size"] == 16
+    if clr == "insdis":  # every rank updated its bank with the gathered features: ranks agree
+        assert ckpt["model"]["bank"].norm(dim=1).allclose(torch.ones(1437))
+    if clr == "flatclr":  # resume under torchrun continues the same directory
+        proc = _torchrun([f"--log_dir={parent / run}", "--train_from=latest", "--epochs=3"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert sorted(list_checkpoints(str(parent / run))) == [1, 2, 3] and os.listdir(parent) == [run]
+        epochs = [json.loads(line)["epoch"] for line in open(parent / run / "metrics.jsonl")]
+        assert epochs == [1, 2, 3]
+
+
+def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):
+    proc = _torchrun(TINY + ["--batch_size=15"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "error: --batch_size 15 (global) does not divide over 2 processes" in proc.stderr
+    assert not os.path.exists(tmp_path / "results")
