@@ -238,4 +238,6 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     barrier()
     if writer is not None:
         writer.close()
+        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+              f"TensorBoard events are in {run_dir}", flush=True)
     return run_dir

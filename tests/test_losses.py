@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from losses import (ContrastiveLogits, byol_loss, contrastive_logits, flatnce_loss, infonce_loss, insdis_nce_loss,
                     insdis_softmax_loss)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """References in float64 so that tolerances are about the formulas, not rounding."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def naive_infonce(z: torch.Tensor, n_views: int, t: float) -> torch.Tensor:
