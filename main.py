@@ -21,7 +21,9 @@ IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_laye
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "pred_hidden_dim", "pred_bn",
                  "n_views", "cifar_stem", "image_size", "optimizer")
 # Never taken from a resumed run's saved settings.
-PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch")
+PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
+# What an evaluation takes from the run it evaluates, unless given on the command line.
+EVAL_INHERITED_KEYS = ("dataset_name", "data", "image_size", "arch")
 
 
 def str2bool(value: str) -> bool:
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("mode")
     g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval"],
-                   help="pretrain (FlatCLR's 'ssl' is accepted) or eval")
+                   help="pretrain (FlatCLR's 'ssl' is accepted) or eval (see --transfer_mode)")
     g.add_argument("--clr", default="flatclr", choices=list(METHODS), help="method")
 
     g = p.add_argument_group("data")
@@ -103,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     add_bool(g, "fp16_precision", False, "FlatCLR's switch: same as --precision fp16")
     add_bool(g, "sync_bn", None, "SyncBatchNorm across ranks (default: on for multi-GPU)")
+
+    g = p.add_argument_group("evaluation (--train_mode=eval)")
+    g.add_argument("--transfer_mode", default="linear_eval", choices=["linear_eval", "finetune", "knn"])
+    g.add_argument("--checkpoint_dir", default=None,
+                   help="pretraining run directory to evaluate; 'none' for a random-init baseline")
+    g.add_argument("--transfer_from_epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
+    add_bool(g, "eval_all", False, "evaluate every checkpoint and plot accuracy against epoch")
+    g.add_argument("--fc_epochs", type=int, default=100, help="epochs of linear eval / fine-tuning")
+    g.add_argument("--fc_batch_size", type=int, default=4096, help="global batch of linear eval / fine-tuning")
+    g.add_argument("--fc_lr", type=float, default=None,
+                   help="lr (default 0.1*fc_batch_size/256 for linear_eval, 0.05*fc_batch_size/256 for finetune)")
+    g.add_argument("--fc_optimizer", default="sgd", choices=["sgd", "lars", "adamw"])
+    g.add_argument("--fc_weight_decay", type=float, default=0.0)
+    g.add_argument("--fc_momentum", type=float, default=0.9)
+    g.add_argument("--fc_scheduler", default="cosine", choices=["cosine", "constant"])
+    add_bool(g, "fc_augment", False, "linear eval through the frozen backbone on augmented images "
+                                     "(default: train on cached features, much faster)")
+    g.add_argument("--semi_ratio", type=float, default=None,
+                   help="train on this class-balanced fraction of the labels (e.g. 0.01, 0.1)")
+    g.add_argument("--knn_k", type=int, default=200)
+    g.add_argument("--knn_temperature", type=float, default=0.1)
+    add_bool(g, "tsne", True, "write a t-SNE PNG of the test features and a TensorBoard projector embedding")
+    g.add_argument("--eval_every_n_epochs", type=int, default=0,
+                   help="during pretraining: kNN accuracy on the test split every K epochs (0: off)")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -172,6 +198,44 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
     if cfg.clr == "insdis" and cfg.insdis_num_negatives < 1:
         raise UserError("--insdis_num_negatives must be at least 1")
+    if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:
+        raise UserError(f"--semi_ratio must be a fraction in (0, 1), e.g. 0.01 or 0.1, got {cfg.semi_ratio}")
+    for name in ("fc_epochs", "fc_batch_size", "knn_k"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.eval_every_n_epochs < 0:
+        raise UserError("--eval_every_n_epochs must not be negative")
+
+
+def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """Evaluate on the run's own dataset and architecture unless the command line says otherwise."""
+    import yaml
+
+    from engine.checkpoint import list_checkpoints, load_checkpoint
+
+    if not cfg.checkpoint_dir:
+        raise UserError("--train_mode=eval needs --checkpoint_dir RUN_DIR (a pretraining run), "
+                        "or --checkpoint_dir none for a random-init baseline")
+    if cfg.checkpoint_dir.lower() == "none":
+        return
+    if not os.path.isdir(cfg.checkpoint_dir):
+        raise UserError(f"--checkpoint_dir {cfg.checkpoint_dir} does not exist; pass a pretraining run directory")
+    available = list_checkpoints(cfg.checkpoint_dir)
+    if not available:
+        raise UserError(f"no checkpoint_*.pth.tar in {cfg.checkpoint_dir}; pass the directory of a pretraining "
+                        "run (results/<dataset>/<bs>_<Method>/<date>) or --checkpoint_dir none")
+    config = os.path.join(cfg.checkpoint_dir, "config.yaml")
+    if os.path.isfile(config):
+        with open(config) as f:
+            saved = yaml.safe_load(f) or {}
+    else:
+        saved = load_checkpoint(available[max(available)]).get("args", {})
+    if "arch" in explicit and saved.get("arch") not in (None, ARCH_ALIASES.get(cfg.arch, cfg.arch)):
+        raise UserError(f"{cfg.checkpoint_dir} was pretrained with --model {saved['arch']}, not {cfg.arch}; "
+                        f"drop --model or pass --model {saved['arch']}")
+    for key in EVAL_INHERITED_KEYS:
+        if key not in explicit and key in saved:
+            setattr(cfg, key, saved[key])
 
 
 def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | None]:
@@ -204,11 +268,15 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
 
     if cfg.train_mode == "ssl":
         cfg.train_mode = "pretrain"
+    if cfg.train_mode == "eval":
+        inherit_from_run(cfg, explicit)
     cfg.arch = ARCH_ALIASES.get(cfg.arch, cfg.arch)
     if cfg.fp16_precision:
         cfg.precision = "fp16"
     if cfg.lr is None:
         cfg.lr = 1e-3 if cfg.optimizer == "adamw" else 0.3
+    if cfg.fc_lr is None:
+        cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
     validate(cfg, parser)
     return cfg, resume, resume_path
 
@@ -218,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume, resume_path = resolve(argv)
         if cfg.train_mode == "eval":
-            raise UserError("--train_mode=eval (linear eval, fine-tuning, kNN) is not in this release yet; "
-                            "pretraining checkpoints written now will load in it")
-        from engine.pretrain import pretrain
+            from engine.evaluate import evaluate
 
-        pretrain(cfg, resume, resume_path)
+            evaluate(cfg)
+        else:
+            from engine.pretrain import pretrain
+
+            pretrain(cfg, resume, resume_path)
     except UserError as err:
         rank = os.environ.get("RANK", "0")  # under torchrun every rank reports; rank 0 without a prefix
         print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {err}", file=sys.stderr)

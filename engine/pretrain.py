@@ -156,6 +156,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
             print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
                   f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)
 
+    monitor = None
+    if cfg.eval_every_n_epochs:
+        from engine.evaluate import KnnMonitor
+
+        monitor = KnnMonitor(cfg, image_size, device)
     autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.precision]) if cfg.precision in DTYPES
                 else nullcontext())
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
@@ -218,6 +223,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                   **{k: (v / steps_per_epoch).item() for k, v in sums.items()},
                   "lr": float(schedule[global_step - 1]), "epoch_time_s": epoch_time,
                   "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time}
+        if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
+            record["knn_top1"] = monitor(method.backbone)
+            if writer is not None:
+                writer.add_scalar("monitor/knn_top1", record["knn_top1"], global_step)
+                tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
         rng = all_gather_object(ckpt_io.rng_state())
         if dist.is_main:
             metrics.append(record)

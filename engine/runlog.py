@@ -59,7 +59,13 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    monitored = [r for r in records if "knn_top1" in r]
+    fig, axes = plt.subplots(1, 3 if monitored else 2, figsize=(15 if monitored else 10, 3.6))
+    ax1, ax2 = axes[0], axes[1]
+    if monitored:
+        axes[2].plot([r["epoch"] for r in monitored], [r["knn_top1"] for r in monitored], marker="o")
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("kNN top-1 on test (%)")
     ax1.plot(epochs, [r["loss"] for r in records], marker="o", label="loss")
     if all("infonce" in r for r in records):
         ax1.plot(epochs, [r["infonce"] for r in records], marker=".", label="InfoNCE")
@@ -71,6 +77,10 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("cosine similarity")
     ax2.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"

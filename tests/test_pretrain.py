@@ -22,7 +22,8 @@ def final_state(run_dir, epoch):
 @pytest.mark.parametrize("clr, method", [("simclr", "SimCLR"), ("flatclr", "FlatCLR"), ("byol", "BYOL"),
                                          ("insdis", "InsDis")])
 def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, method, tiny, tmp_path):
-    assert main(tiny + [f"--clr={clr}", "--epochs=2"]) == 0
+    monitor = ["--eval_every_n_epochs=1"] if clr == "simclr" else []
+    assert main(tiny + [f"--clr={clr}", "--epochs=2"] + monitor) == 0
     (run,) = run_dirs(tmp_path / "results")
     assert os.path.dirname(run) == str(tmp_path / "results" / "digits" / f"16_{method}")
     assert sorted(os.listdir(run)) == sorted(
@@ -41,6 +42,7 @@ def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, method, tiny, t
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(r["loss"] == r["loss"] and r["images_per_s"] > 0 for r in records)
+    assert all(0 <= r["knn_top1"] <= 100 for r in records) if monitor else "knn_top1" not in records[0]
     if clr in ("simclr", "flatclr"):
         assert all(r["infonce"] == pytest.approx(r["loss"]) for r in records)  # FlatCLR logs InfoNCE
 

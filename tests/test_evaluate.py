@@ -1,0 +1,113 @@
+"""Evaluation: kNN and linear probe against naive references; every mode end to end through main.py."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.evaluate import fit_linear_on_features, knn_scores, semi_subset, topk_correct
+from main import main
+from tests.conftest import SHARED_DATA, TINY
+
+
+def naive_knn(train_x, train_y, test_x, num_classes, k, t):
+    """Loop version of weighted kNN: the k most cosine-similar training points vote exp(sim / t)."""
+    preds = []
+    for q in test_x:
+        sims = [(float(F.cosine_similarity(q, x, dim=0)), int(y)) for x, y in zip(train_x, train_y)]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for sim, y in sims[:k]:
+            votes[y] += torch.tensor(sim / t).exp().item()
+        preds.append(votes)
+    return torch.tensor(preds)
+
+
+def test_knn_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    train_x, train_y = torch.randn(60, 5, generator=g), torch.randint(0, 4, (60,), generator=g)
+    test_x = torch.randn(15, 5, generator=g)
+    got = knn_scores(train_x, train_y, test_x, 4, k=7, temperature=0.1, chunk=4)
+    ref = naive_knn(train_x, train_y, test_x, 4, 7, 0.1)
+    assert torch.allclose(got, ref, rtol=1e-4)
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_topk_counts():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    assert topk_correct(logits, torch.tensor([1, 1, 1]), ks=(1, 2)) == [1, 3]  # rows 2, 3: label ranks 2nd
+
+
+def test_linear_probe_matches_closed_form_reference():
+    # Two separable Gaussian blobs: the probe must classify held-out points as well as the Bayes rule
+    # (sign of the projection on the mean difference), which is the naive reference here.
+    g = torch.Generator().manual_seed(1)
+    mu = torch.tensor([2.0, -1.0, 0.5])
+    x = torch.cat([torch.randn(200, 3, generator=g) + mu, torch.randn(200, 3, generator=g) - mu])
+    y = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long)])
+    test = torch.cat([torch.randn(100, 3, generator=g) + mu, torch.randn(100, 3, generator=g) - mu])
+    test_y = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    bayes = ((test @ mu) < 0).long()
+    head = fit_linear_on_features(x, y, 2, epochs=50, batch_size=64, lr=0.5, weight_decay=0.0, momentum=0.9,
+                                  optimizer="sgd", scheduler="cosine", seed=0, show=False)
+    with torch.no_grad():
+        pred = head(test).argmax(1)
+    assert (pred == bayes).float().mean() >= 0.98
+    assert abs((pred == test_y).float().mean() - (bayes == test_y).float().mean()) <= 0.02
+
+
+def test_semi_subset_is_class_balanced_seeded_and_saved(tmp_path):
+    from data import load_split
+
+    split = load_split("digits", "unused", train=True)
+    a = semi_subset(split, 0.1, seed=3, data_root="unused", dataset_name="digits", save_dir=str(tmp_path))
+    counts = torch.bincount(split.dataset.labels[a], minlength=10)
+    assert counts.min() >= 13 and counts.max() <= 16 and len(set(a)) == len(a)
+    saved = json.load(open(tmp_path / "semi_0.1_seed3.json"))
+    assert saved["indices"] == a
+    assert semi_subset(split, 0.1, seed=3, data_root="unused", dataset_name="digits", save_dir=str(tmp_path)) == a
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=2", f"--log_dir={run}"]) == 0
+    return run
+
+
+EVAL = ["--train_mode=eval", "--workers=0", "--device=cpu", "--fc_epochs=2", "--fc_batch_size=256"]
+
+
+@pytest.mark.parametrize("mode, extra", [("knn", []), ("linear_eval", []), ("linear_eval", ["--fc_augment"]),
+                                         ("finetune", ["--semi_ratio=0.1"])])
+def test_every_mode_runs_end_to_end_and_writes_json_and_png(mode, extra, pretrained):
+    assert main(EVAL + [f"--transfer_mode={mode}", f"--checkpoint_dir={pretrained}"] + extra) == 0
+    tag = mode + ("_semi0.1" if extra and "semi" in extra[0] else "")
+    record = json.load(open(pretrained / "eval" / f"{tag}_epoch0002.json"))
+    assert record["mode"] == mode and record["dataset"] == "digits" and record["checkpoint_epoch"] == 2
+    assert 0 <= record["top1"] <= record["top5"] <= 100 and record["test_images"] == 360
+    assert (pretrained / "eval" / f"tsne_{mode}_epoch0002.png").stat().st_size > 10_000
+    assert any(f.startswith("events.out") for f in os.listdir(pretrained / "eval" / "tensorboard"))
+
+
+def test_eval_all_plots_accuracy_against_epoch(pretrained):
+    assert main(EVAL + ["--transfer_mode=knn", f"--checkpoint_dir={pretrained}", "--eval_all", "--no-tsne"]) == 0
+    results = json.load(open(pretrained / "eval" / "knn_all_epochs.json"))
+    assert [r["checkpoint_epoch"] for r in results] == [1, 2]
+    assert (pretrained / "eval" / "knn_all_epochs.png").stat().st_size > 5_000
+
+
+def test_eval_errors_are_one_line(pretrained, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(EVAL + [f"--checkpoint_dir={empty}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no checkpoint_*.pth.tar in {empty}; pass the directory")
+    assert main(EVAL + [f"--checkpoint_dir={pretrained}", "--transfer_from_epoch=7"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: no checkpoint for epoch 7 in {pretrained} (epochs available: 1, 2); "
+        "pass one of those to --transfer_from_epoch")
+    assert main(EVAL + [f"--checkpoint_dir={pretrained}", "--model=resnet50"]) == 2
+    assert "was pretrained with --model resnet18, not resnet50" in capsys.readouterr().err
+    assert main(EVAL) == 2
+    assert "--train_mode=eval needs --checkpoint_dir" in capsys.readouterr().err
