@@ -385,9 +385,9 @@ def evaluate(cfg: Namespace) -> list[dict]:
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else train.image_size <= 64
     results = []
     for epoch, path in chosen:
+        torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
         backbone, dim = load_backbone(path, cfg.arch, cifar_stem)
         backbone = backbone.to(device)
-        torch.manual_seed(cfg.seed)
         record = {"mode": cfg.transfer_mode, "dataset": cfg.dataset_name, "checkpoint_epoch": epoch,
                   "checkpoint": path or "random-init", "arch": cfg.arch, "semi_ratio": cfg.semi_ratio,
                   "train_images": len(train_indices) if train_indices is not None else len(train.dataset),

@@ -12,7 +12,9 @@ import time
 from argparse import Namespace
 from collections import defaultdict
 from contextlib import nullcontext
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -169,33 +171,83 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     if start_epoch >= last_epoch and dist.is_main:
         print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
 
+    loop = _Loop(cfg, dist, device, model, method, optimizer, scaler, schedule, autocast, loader, steps_per_epoch,
+                 total_steps, writer, global_step, last_ckpt)
     for epoch in range(start_epoch, last_epoch):
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        model.train()
+        record = loop.train_epoch(epoch)
+        completed = epoch + 1
+        if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
+            record["knn_top1"] = monitor(method.backbone)
+            if writer is not None:
+                writer.add_scalar("monitor/knn_top1", record["knn_top1"], loop.global_step)
+                tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
+        rng = all_gather_object(ckpt_io.rng_state())
+        if dist.is_main:
+            metrics.append(record)
+            if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch):
+                loop.last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
+                ckpt_io.atomic_save(loop.checkpoint(completed, peak_lr, rng), loop.last_ckpt)
+                plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
+                            f"{METHODS[cfg.clr]} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
+                tqdm.write(f"saved {loop.last_ckpt}")
+        loop.last_ckpt = broadcast_object(loop.last_ckpt)
+    barrier()
+    if writer is not None:
+        writer.close()
+        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+              f"TensorBoard events are in {run_dir}", flush=True)
+    return run_dir
+
+
+@dataclass
+class _Loop:
+    """What one training epoch needs, and the two numbers it advances (step, last checkpoint)."""
+
+    cfg: Namespace
+    dist: DistInfo
+    device: torch.device
+    model: nn.Module  # the method, DDP-wrapped when distributed
+    method: nn.Module  # the method itself, for after_step and state_dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: np.ndarray
+    autocast: object
+    loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    writer: object
+    global_step: int
+    last_ckpt: str | None
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the loader; returns the epoch's record for metrics.jsonl."""
+        cfg, device = self.cfg, self.device
+        self.model.train()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
         window_steps = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main,
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main,
                    dynamic_ncols=True, leave=True, file=sys.stdout)
         t_epoch = t_window = time.perf_counter()
-        for step, (views, index) in enumerate(loader):
-            if step >= steps_per_epoch:
+        for step, (views, index) in enumerate(self.loader):
+            if step >= self.steps_per_epoch:
                 break
             views = [v.to(device, non_blocking=True) for v in views]
             index = index.to(device, non_blocking=True)
-            lr = float(schedule[global_step])
-            for group in optimizer.param_groups:
+            lr = float(self.schedule[self.global_step])
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
-                loss, logs = model(views, index)
-            _check_finite(loss, epoch, step, last_ckpt)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            global_step += 1
-            method.after_step(global_step, total_steps)
+            with self.autocast:
+                loss, logs = self.model(views, index)
+            _check_finite(loss, epoch, step, self.last_ckpt)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            self.method.after_step(self.global_step, self.total_steps)
 
             logs = {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
             for k, v in logs.items():
@@ -203,51 +255,32 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                 window[k] += v
             window_steps += 1
             bar.update(1)
-            if window_steps == cfg.log_every_n_steps or step == steps_per_epoch - 1:
+            if window_steps == cfg.log_every_n_steps or step == self.steps_per_epoch - 1:
                 now = time.perf_counter()
                 ips = window_steps * cfg.batch_size / max(now - t_window, 1e-9)
                 values = {k: (v / window_steps).item() for k, v in window.items()}
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                if writer is not None:
+                if self.writer is not None:
                     for k, v in values.items():
-                        writer.add_scalar(f"train/{k}", v, global_step)
-                    writer.add_scalar("train/lr", lr, global_step)
-                    writer.add_scalar("train/images_per_s", ips, global_step)
+                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+                    self.writer.add_scalar("train/lr", lr, self.global_step)
+                    self.writer.add_scalar("train/images_per_s", ips, self.global_step)
                 window.clear()
                 window_steps, t_window = 0, now
         bar.close()
-
         epoch_time = time.perf_counter() - t_epoch
-        completed = epoch + 1
-        record = {"epoch": completed, "step": global_step,
-                  **{k: (v / steps_per_epoch).item() for k, v in sums.items()},
-                  "lr": float(schedule[global_step - 1]), "epoch_time_s": epoch_time,
-                  "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time}
-        if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
-            record["knn_top1"] = monitor(method.backbone)
-            if writer is not None:
-                writer.add_scalar("monitor/knn_top1", record["knn_top1"], global_step)
-                tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
-        rng = all_gather_object(ckpt_io.rng_state())
-        if dist.is_main:
-            metrics.append(record)
-            if completed % cfg.save_every_n_epochs == 0 or completed == cfg.epochs or completed == last_epoch:
-                state = {
-                    "epoch": completed, "global_step": global_step, "clr": cfg.clr, "arch": cfg.arch,
-                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": total_steps,
-                                  "warmup_steps": cfg.warmup_epochs * steps_per_epoch, "step": global_step},
-                    "scaler": scaler.state_dict(), "rng": rng, "args": vars(cfg),
-                }
-                last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
-                ckpt_io.atomic_save(state, last_ckpt)
-                plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
-                            f"{METHODS[cfg.clr]} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
-                tqdm.write(f"saved {last_ckpt}")
-        last_ckpt = broadcast_object(last_ckpt)
-    barrier()
-    if writer is not None:
-        writer.close()
-        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
-              f"TensorBoard events are in {run_dir}", flush=True)
-    return run_dir
+        return {"epoch": epoch + 1, "step": self.global_step,
+                **{k: (v / self.steps_per_epoch).item() for k, v in sums.items()},
+                "lr": float(self.schedule[self.global_step - 1]), "epoch_time_s": epoch_time,
+                "images_per_s": self.steps_per_epoch * cfg.batch_size / epoch_time}
+
+    def checkpoint(self, epoch: int, peak_lr: float, rng: list) -> dict:
+        """Everything a resume needs, as weights_only-loadable tensors and Python values."""
+        cfg = self.cfg
+        return {
+            "epoch": epoch, "global_step": self.global_step, "clr": cfg.clr, "arch": cfg.arch,
+            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": self.total_steps,
+                          "warmup_steps": cfg.warmup_epochs * self.steps_per_epoch, "step": self.global_step},
+            "scaler": self.scaler.state_dict(), "rng": rng, "args": vars(cfg),
+        }

@@ -15,6 +15,7 @@ from engine.checkpoint import list_checkpoints
 from engine.distributed import gather_no_grad, gather_with_grad
 from engine.errors import UserError
 from losses import contrastive_logits, flatnce_loss, infonce_loss
+from main import main
 from tests.conftest import ROOT, TINY
 
 WORLD = 2
@@ -177,6 +178,18 @@ def test_torchrun_two_processes_write_one_run_directory(clr, method, tmp_path):
         assert sorted(list_checkpoints(str(parent / run))) == [1, 2, 3] and os.listdir(parent) == [run]
         epochs = [json.loads(line)["epoch"] for line in open(parent / run / "metrics.jsonl")]
         assert epochs == [1, 2, 3]
+        # evaluation under torchrun: sharded features, gathered in dataset order, give the same kNN
+        # accuracy as one process; fine-tuning runs under DDP
+        knn = ["--train_mode=eval", f"--checkpoint_dir={parent / run}", "--workers=0", "--device=cpu", "--no-tsne"]
+        proc = _torchrun(knn + ["--transfer_mode=knn"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = json.load(open(parent / run / "eval" / "knn_epoch0003.json"))
+        assert main(knn + ["--transfer_mode=knn"]) == 0
+        one = json.load(open(parent / run / "eval" / "knn_epoch0003.json"))
+        assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+        proc = _torchrun(knn + ["--transfer_mode=finetune", "--fc_epochs=1", "--fc_batch_size=64"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("finetune epoch 3: top-1") == 1
 
 
 def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):

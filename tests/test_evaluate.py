@@ -111,3 +111,45 @@ def test_eval_errors_are_one_line(pretrained, tmp_path, capsys):
     assert "was pretrained with --model resnet18, not resnet50" in capsys.readouterr().err
     assert main(EVAL) == 2
     assert "--train_mode=eval needs --checkpoint_dir" in capsys.readouterr().err
+
+
+# A short SimCLR pretraining (40 steps of 256 images at 16 px, about 2 CPU minutes) against the same
+# ResNet-18 with random weights (same seed). Random ResNet features already separate digits well when
+# all labels are used (95% linear probe), so the comparison uses 2% of the labels, where the features
+# matter. Measured on the 2-core CPU machine (torch 2.14.1): 71.11% against 64.17% (+6.9 points).
+SHORT = ["--clr=simclr", "--arch=resnet18", "--image_size=16", "--batch_size=256", "--epochs=8",
+         "--limit_train_batches=5", "--warmup_epochs=1", "--proj_hidden_dim=512", "--proj_out_dim=128",
+         "--temperature=0.5", "--lr=1.0", "--workers=1", "--save_every_n_epochs=8", "--device=cpu"]
+
+
+def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=()):
+    run = tmp_path / "run"
+    assert main(data + SHORT + list(extra) + [f"--log_dir={run}"]) == 0
+    probe = ["--train_mode=eval", f"--transfer_mode={mode}", "--workers=1", "--no-tsne", "--device=cpu"]
+    if semi_ratio:
+        probe.append(f"--semi_ratio={semi_ratio}")
+    assert main(probe + [f"--checkpoint_dir={run}"]) == 0
+    assert main(probe + data + ["--checkpoint_dir=none", "--model=resnet18", "--image_size=16",
+                                f"--results_dir={tmp_path / 'baseline'}"]) == 0
+    (pre,) = [json.load(open(run / "eval" / f)) for f in os.listdir(run / "eval") if f.endswith(".json")
+              and f.startswith(mode)]
+    (base_json,) = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "baseline") for f in fs
+                    if f.endswith(".json") and f.startswith(mode)]
+    base = json.load(open(base_json))
+    print(f"\n{mode} top-1: pretrained {pre['top1']:.2f}%, random init {base['top1']:.2f}%")
+    return pre["top1"], base["top1"]
+
+
+def test_short_pretraining_beats_random_init_on_digits(tmp_path):
+    pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=digits"], "linear_eval", 0.02,
+                                      ["--min_crop_scale=0.3"])
+    assert pre >= base + 5.0
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside this checkout")
+def test_short_pretraining_beats_random_init_on_real_cifar10(tmp_path):
+    # On real images 40 steps move the kNN accuracy (measured: 31.37% against 27.73%, +3.6 points) but not
+    # yet a linear probe on all 5170 labels (28.1% against 29.7% before the baseline was seeded), which
+    # needs a longer run than CI can afford.
+    pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=folder", f"--data={SHARED_DATA}"], "knn", None)
+    assert pre >= base + 2.0

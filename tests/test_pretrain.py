@@ -64,7 +64,7 @@ def test_resumed_run_ends_with_the_same_weights_bitwise(clr, tmp_path):
     assert epochs == [1, 2, 3]
 
 
-def test_flatclr_readme_resume_command_verbatim(tmp_path, monkeypatch):
+def test_flatclr_readme_commands_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run = "results/imagenet/512_FlatCLR/01-06-2021-21-52-10"  # the path in FlatCLR's README
     args = TINY + ["--limit_train_batches=1", "--epochs=27", "--save_every_n_epochs=13", "--stop_after_epoch=26"]
@@ -74,6 +74,16 @@ def test_flatclr_readme_resume_command_verbatim(tmp_path, monkeypatch):
                 "--train_from=checkpoint_0026.pth.tar".split()) == 0
     assert sorted(list_checkpoints(run)) == [13, 26, 27]
     assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # already complete: nothing to do
+    # The README's evaluation commands: accepted as written, stopped only by the absent ImageNet ...
+    for mode in ("linear_eval", "finetune"):
+        cmd = f"--dataset_name=imagenet --train_mode=eval --transfer_mode={mode} --checkpoint_dir={run}".split()
+        assert main(cmd) == 2
+        assert capsys.readouterr().err.startswith("error: no image folder at ./datasets/imagenet/train;")
+        # ... and run with the run's own data in its place
+        fast = ["--fc_epochs=1", "--fc_batch_size=512", "--workers=0", "--no-tsne", "--device=cpu"]
+        assert main([c.replace("imagenet", "digits") if c.startswith("--dataset") else c for c in cmd] + fast) == 0
+    assert sorted(os.listdir(os.path.join(run, "eval"))) == [
+        "finetune_epoch0027.json", "linear_eval_epoch0027.json", "tensorboard"]
 
 
 def test_bad_resume_leaves_the_run_untouched(tiny, tmp_path, capsys):
