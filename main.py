@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SimCLR colour strength s (default 0.5 for <=64 px images, else 1.0)")
     g.add_argument("--min_crop_scale", type=float, default=0.08, help="lower bound of the crop area")
     add_bool(g, "blur", None, "Gaussian blur in the views (default: on for images of 96 px or more)")
-    add_bool(g, "faster_version", False, "GPU-resident augmentation (accepted; not in this release)")
+    add_bool(g, "faster_version", False, "dataset held as uint8 on the training device, views made there in "
+                                         "batches with per-sample parameters (in-memory datasets)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", "--arch", dest="arch", default="resnet50",
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     add_bool(g, "fp16_precision", False, "FlatCLR's switch: same as --precision fp16")
     add_bool(g, "sync_bn", None, "SyncBatchNorm across ranks (default: on for multi-GPU)")
+    add_bool(g, "channels_last", None, "NHWC memory format (default: on CUDA)")
+    add_bool(g, "compile", False, "torch.compile the model")
 
     g = p.add_argument_group("evaluation (--train_mode=eval)")
     g.add_argument("--transfer_mode", default="linear_eval", choices=["linear_eval", "finetune", "knn"])

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import MultiViewDataset, load_split, view_specs, view_transform
+from data.batched_augment import BatchedViews, DeviceLoader
 from engine import checkpoint as ckpt_io
 from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                                 init_distributed)
@@ -40,28 +41,62 @@ def pick_device(cfg: Namespace) -> torch.device:
     return torch.device("cpu")
 
 
+MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
+
+
+def resident_images(split, cfg: Namespace) -> torch.Tensor:
+    """All training images as one uint8 (N, 3, H, W) tensor, for the device-resident fast path."""
+    if split.in_memory:
+        return split.dataset.images
+    if cfg.dataset_name != "folder":
+        raise UserError(f"--faster_version keeps the dataset in memory, which {cfg.dataset_name} does not fit; "
+                        "drop --faster_version for this dataset")
+    from PIL import Image
+
+    n = len(split.dataset)
+    with Image.open(split.dataset.samples[0][0]) as first:
+        w, h = first.size
+    if n * 3 * w * h > MAX_RESIDENT_BYTES:
+        raise UserError(f"--faster_version: {n} images of {w}x{h} need {n * 3 * w * h / 2**30:.1f} GiB, more than "
+                        f"the {MAX_RESIDENT_BYTES / 2**30:.0f} GiB limit; drop --faster_version")
+    images = torch.empty(n, 3, h, w, dtype=torch.uint8)
+    for i, (path, _) in enumerate(tqdm(split.dataset.samples, desc="loading images", leave=False, file=sys.stdout)):
+        with Image.open(path) as img:
+            if img.size != (w, h):
+                raise UserError(f"--faster_version needs images of one size; {path} is {img.size[0]}x{img.size[1]}, "
+                                f"not {w}x{h}; drop --faster_version")
+            images[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    return images
+
+
 def build_loader(cfg: Namespace, dist: DistInfo, device: torch.device):
+    """Returns (loader, things to set_epoch on, number of images, crop size)."""
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size)
     size = split.image_size
     blur = cfg.blur if cfg.blur is not None else size >= 96
     strength = cfg.color_jitter_strength if cfg.color_jitter_strength is not None else (
         0.5 if size <= 64 else 1.0)  # SimCLR: 0.5 on CIFAR, 1.0 on ImageNet
-    transforms = [view_transform(size, spec, strength, cfg.min_crop_scale, split.mean, split.std)
-                  for spec in view_specs(cfg.clr, cfg.n_views, blur)]
-    dataset = MultiViewDataset(split.dataset, transforms, seed=cfg.seed)
-    local_bs = cfg.batch_size // dist.world_size
-    if len(dataset) < cfg.batch_size:
-        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)} images); "
+    specs = view_specs(cfg.clr, cfg.n_views, blur)
+    n = len(split.dataset)
+    if n < cfg.batch_size:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({n} images); "
                         "lower --batch_size")
+    if cfg.faster_version:
+        views = [BatchedViews(size, spec, strength, cfg.min_crop_scale, split.mean, split.std) for spec in specs]
+        loader = DeviceLoader(resident_images(split, cfg).to(device), views, cfg.batch_size, cfg.seed,
+                              dist.rank, dist.world_size)
+        return loader, [loader], n, size
+    transforms = [view_transform(size, spec, strength, cfg.min_crop_scale, split.mean, split.std) for spec in specs]
+    dataset = MultiViewDataset(split.dataset, transforms, seed=cfg.seed)
     # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
     # batches is exactly the one-process step-k batch of the same global size.
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
-    return loader, sampler, dataset, size
+    return loader, [dataset, sampler], n, size
 
 
 def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
@@ -104,16 +139,17 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
-    loader, sampler, dataset, image_size = build_loader(cfg, dist, device)
+    loader, epoch_setters, num_data, image_size = build_loader(cfg, dist, device)
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
-    method = build_method(cfg, num_data=len(dataset), cifar_stem=cifar_stem)
+    method = build_method(cfg, num_data=num_data, cifar_stem=cifar_stem)
     sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
     if sync_bn and dist.enabled and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                         "drop it or pass --no-sync_bn")
     if sync_bn and dist.enabled:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    method = method.to(device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    method = method.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
     total_steps = cfg.epochs * steps_per_epoch
@@ -138,6 +174,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
+    if cfg.compile:
+        model = torch.compile(model)
+
     run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
     writer = metrics = None
     if dist.is_main:
@@ -147,9 +186,6 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         writer = SummaryWriter(run_dir, purge_step=start_epoch * steps_per_epoch if resume else None)
         metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
         print(f"run directory: {run_dir}", flush=True)
-        if cfg.faster_version:
-            print("note: --faster_version=True is accepted, but the GPU-resident augmentation pipeline is "
-                  "not part of this release; the standard DataLoader pipeline runs", file=sys.stderr)
     if resume is not None:
         states = resume.get("rng", [])
         if len(states) == dist.world_size:
@@ -172,10 +208,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
 
     loop = _Loop(cfg, dist, device, model, method, optimizer, scaler, schedule, autocast, loader, steps_per_epoch,
-                 total_steps, writer, global_step, last_ckpt)
+                 total_steps, writer, global_step, last_ckpt,
+                 torch.channels_last if channels_last else torch.contiguous_format)
     for epoch in range(start_epoch, last_epoch):
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
+        for target in epoch_setters:
+            target.set_epoch(epoch)
         record = loop.train_epoch(epoch)
         completed = epoch + 1
         if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
@@ -220,6 +257,7 @@ class _Loop:
     writer: object
     global_step: int
     last_ckpt: str | None
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the loader; returns the epoch's record for metrics.jsonl."""
@@ -234,7 +272,7 @@ class _Loop:
         for step, (views, index) in enumerate(self.loader):
             if step >= self.steps_per_epoch:
                 break
-            views = [v.to(device, non_blocking=True) for v in views]
+            views = [v.to(device, non_blocking=True, memory_format=self.memory_format) for v in views]
             index = index.to(device, non_blocking=True)
             lr = float(self.schedule[self.global_step])
             for group in self.optimizer.param_groups:

@@ -47,9 +47,10 @@ def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, method, tiny, t
         assert all(r["infonce"] == pytest.approx(r["loss"]) for r in records)  # FlatCLR logs InfoNCE
 
 
-@pytest.mark.parametrize("clr", ["flatclr", "byol", "insdis"])
-def test_resumed_run_ends_with_the_same_weights_bitwise(clr, tmp_path):
-    common = TINY + [f"--clr={clr}", "--epochs=3"]
+@pytest.mark.parametrize("clr, extra", [("flatclr", []), ("byol", []), ("insdis", []),
+                                        ("simclr", ["--faster_version", "--channels_last"])])
+def test_resumed_run_ends_with_the_same_weights_bitwise(clr, extra, tmp_path):
+    common = TINY + [f"--clr={clr}", "--epochs=3"] + extra
     assert main(common + [f"--log_dir={tmp_path / 'straight'}"]) == 0
     assert main(common + [f"--log_dir={tmp_path / 'cut'}", "--stop_after_epoch=1"]) == 0
     assert sorted(list_checkpoints(str(tmp_path / "cut"))) == [1]
@@ -115,6 +116,20 @@ def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys):
     assert "loss is not finite" in capsys.readouterr().err
     assert open(run / "checkpoint_0001.pth.tar", "rb").read() == before
     assert sorted(list_checkpoints(str(run))) == [1]
+
+
+def test_faster_version_refuses_datasets_that_do_not_fit(tmp_path, capsys):
+    from PIL import Image
+
+    for i, size in enumerate([(8, 8), (8, 8), (9, 8)]):
+        os.makedirs(tmp_path / "imagenet" / "train" / "a", exist_ok=True)
+        Image.new("RGB", size).save(tmp_path / "imagenet" / "train" / "a" / f"{i}.png")
+    base = TINY[1:] + ["--batch_size=2", f"--results_dir={tmp_path / 'r'}", "--faster_version=True"]
+    assert main(base + ["--dataset_name=imagenet", f"--data={tmp_path}"]) == 2
+    assert "--faster_version keeps the dataset in memory, which imagenet does not fit" in capsys.readouterr().err
+    os.rename(tmp_path / "imagenet", tmp_path / "folder")
+    assert main(base + ["--dataset_name=folder", f"--data={tmp_path / 'folder'}"]) == 2
+    assert "--faster_version needs images of one size" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data is not beside this checkout")
