@@ -73,7 +73,9 @@ def augment_rows(images: torch.Tensor, size: int, mean, std, n_images: int, quic
             K.Normalize(torch.tensor(mean), torch.tensor(std)))
         floats = batch.float() / 255
         sec = timed(lambda: [kaug(floats) for _ in specs], 1 if quick else 3)
-        rows.append({"pipeline": f"kornia {__import__('kornia').__version__}, per-sample params", "img_s": n_images / sec})
+        import kornia
+
+        rows.append({"pipeline": f"kornia {kornia.__version__}, per-sample params", "img_s": n_images / sec})
     except ImportError:
         rows.append({"pipeline": "kornia (not installed: pip install -r benchmarks/requirements.txt)", "img_s": None})
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,7 +110,8 @@ def measure_step(cfg, device, steps: int, flop_counter, build_method, build_opti
     if cl:
         method = method.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg.optimizer, method, 0.1, cfg.weight_decay, cfg.momentum)
-    autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.precision, torch.bfloat16), enabled=cfg.precision in DTYPES)
+    autocast = torch.autocast(device.type, dtype=DTYPES.get(cfg.precision, torch.bfloat16),
+                              enabled=cfg.precision in DTYPES)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -30,9 +30,11 @@ from tqdm import tqdm
 from data import load_split
 from data.datasets import Split
 from engine import checkpoint as ckpt_io
-from engine.distributed import DistInfo, broadcast_object, gather_no_grad, init_distributed
+from engine.distributed import (DistInfo, barrier, broadcast_object, gather_no_grad, get_rank, get_world_size,
+                                init_distributed)
 from engine.errors import UserError
 from engine.optim import build_optimizer, lr_schedule
+from engine.runlog import new_run_dir
 from models.backbones import build_backbone
 
 
@@ -99,8 +101,6 @@ def extract_features(backbone: nn.Module, split: Split, device: torch.device, ba
                      desc: str = "features", show: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features and labels of a whole split, in dataset order. Each rank embeds every
     W-th image and the shards are gathered, so all ranks return the full tensors."""
-    from engine.distributed import get_rank, get_world_size
-
     rank, world = get_rank(), get_world_size()
     n = len(split.dataset)
     mine = list(range(rank, n, world))
@@ -361,8 +361,6 @@ def evaluate(cfg: Namespace) -> list[dict]:
     if chosen[0][1] is None:
         out_dir = None
         if dist.is_main:
-            from engine.runlog import new_run_dir
-
             out_dir = os.path.join(new_run_dir(cfg.results_dir, cfg.dataset_name, 0, f"random-init-{cfg.arch}"),
                                    "eval")
         out_dir = broadcast_object(out_dir)
@@ -370,8 +368,6 @@ def evaluate(cfg: Namespace) -> list[dict]:
         out_dir = os.path.join(cfg.checkpoint_dir, "eval")
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
-    from engine.distributed import barrier
-
     barrier()
     writer = None
     if dist.is_main:

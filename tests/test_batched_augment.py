@@ -70,8 +70,8 @@ def test_crop_and_flip_equal_torchvision_resized_crop():
     flip = torch.tensor([False, False, True, True, False, True])
     ours = crop_flip(imgs, box, flip, 16)
     for i in range(len(imgs)):
-        t, l, h, w = (int(v) for v in box[i])
-        ref = TF.resized_crop(imgs[i].float() / 255, t, l, h, w, [16, 16], antialias=False)
+        top, left, h, w = (int(v) for v in box[i])
+        ref = TF.resized_crop(imgs[i].float() / 255, top, left, h, w, [16, 16], antialias=False)
         if flip[i]:
             ref = TF.horizontal_flip(ref)
         assert torch.allclose(ours[i], ref, atol=1e-5), i

@@ -1,7 +1,6 @@
 """Distributed training on CPU with gloo: 2 processes via torch.multiprocessing and via torchrun."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
