@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+def explicit_dests(argv: list[str]) -> set[str]:
     """Names of the settings given on the command line (not defaults, not yaml)."""
     shadow = build_parser()
     for action in shadow._actions:
@@ -248,7 +248,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     if pre.config:
         apply_yaml(parser, pre.config)
     cfg = parser.parse_args(argv)
-    explicit = explicit_dests(parser, argv)
+    explicit = explicit_dests(argv)
 
     resume = resume_path = None
     if cfg.train_from:
