@@ -26,6 +26,16 @@ import torch.nn.functional as F
 from data.augment import ViewSpec
 
 GRAY = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
+_CONSTANTS: dict = {}
+
+
+def _const(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """A (1, C, 1, 1) constant on ``like``'s device, made once: a torch.tensor(list, device=cuda) per step
+    would be a pageable host-to-device copy, which synchronises the stream."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype).view(1, -1, 1, 1).to(like.device)
+    return _CONSTANTS[key]
 
 
 @dataclass
@@ -85,8 +95,7 @@ class BatchedViews:
 
     def __init__(self, size: int, spec: ViewSpec, jitter_strength: float, min_scale: float, mean, std) -> None:
         self.size, self.spec, self.s, self.min_scale = size, spec, jitter_strength, min_scale
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
         self.kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
 
     def sample(self, n: int, height: int, width: int, g: torch.Generator, device) -> ViewParams:
@@ -122,7 +131,7 @@ class BatchedViews:
             # threshold 0.5: between 127 and 128 on uint8, so equal to torchvision's 128, and robust to
             # the last-bit rounding of the resampling
             x = torch.where(p.solarize[:, None, None, None] & (x >= 0.5), 1.0 - x, x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return (x - _const(self.mean, x)) / _const(self.std, x)
 
 
 def crop_flip(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
@@ -146,8 +155,7 @@ def crop_flip(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    return (x * _const(GRAY, x)).sum(dim=1, keepdim=True)
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -163,8 +171,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     num = (x.roll(-1, dims=1) - x.roll(-2, dims=1)).gather(1, argmax)
     h6 = 2 * argmax + num / torch.where(d > 0, d, torch.ones_like(d))  # hue in sixths of a turn
     h6 = (h6 + 6 * shift.view(-1, 1, 1, 1)) % 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + h6) % 6
+    k = (_const((5.0, 3.0, 1.0), x) + h6) % 6
     return maxc - d * torch.minimum(k, 4 - k).clamp(0, 1)
 
 

@@ -11,6 +11,8 @@ Two objectives:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,12 +29,12 @@ def insdis_nce_loss(
         log_z: log of the normalisation constant Z.
     """
     m = neg_logits.shape[1]
-    log_noise = torch.log(torch.tensor(m / num_data, device=pos_logit.device))  # log(m * Pn)
+    log_noise = math.log(m / num_data)  # log(m * Pn), a Python float: no host-device copy per step
     log_p_pos = pos_logit - log_z
     log_p_neg = neg_logits - log_z
     # log h = log P - log(P + m Pn); log(1 - h) = log(m Pn) - log(P + m Pn)
-    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, log_noise)
-    log_1m_h_neg = log_noise - torch.logaddexp(log_p_neg, log_noise)
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_noise))
+    log_1m_h_neg = log_noise - torch.logaddexp(log_p_neg, torch.full_like(log_p_neg, log_noise))
     return -(log_h_pos + log_1m_h_neg.sum(dim=1)).mean()
 
 

@@ -86,14 +86,19 @@ class BYOL(SSLMethod):
     def target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
 
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """Cosine ramp from the base momentum at step 0 to 1 at the last step (BYOL, eq. in sec. 3.2)."""
+        progress = min(step / max(total_steps, 1), 1.0)
+        return 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """EMA update with momentum m used for this step, then ramp m to 1 by cosine."""
-        m = float(self.momentum)
+        """EMA update with this step's momentum, computed on the host (reading the buffer back from
+        the GPU would synchronise every step); the buffer keeps the next value for logs and checkpoints."""
+        m = self.momentum_at(step - 1, total_steps)
         for online, target in self.target_pairs():
             torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
-        progress = min(step / max(total_steps, 1), 1.0)
-        self.momentum.fill_(1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0)
+        self.momentum.fill_(self.momentum_at(step, total_steps))
 
 
 class InsDis(SSLMethod):
