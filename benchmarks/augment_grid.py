@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from torchvision import tv_tensors  # noqa: E402
 
 from data import load_split, view_specs, view_transform  # noqa: E402
+from data.augment import default_blur, default_jitter_strength  # noqa: E402
 from data.batched_augment import BatchedViews  # noqa: E402
 from engine.pretrain import resident_images  # noqa: E402
 
@@ -37,9 +38,8 @@ def main() -> None:
     images = resident_images(split, ns)[torch.randperm(len(split.dataset),
                                                        generator=torch.Generator().manual_seed(args.seed))[:args.images]]
     size = split.image_size
-    blur = size >= 96
-    strength = 0.5 if size <= 64 else 1.0
-    specs = view_specs(args.clr, 2, blur)
+    strength = default_jitter_strength(size)
+    specs = view_specs(args.clr, 2, default_blur(size))
     mean = torch.tensor(split.mean).view(3, 1, 1)
     std = torch.tensor(split.std).view(3, 1, 1)
 

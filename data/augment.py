@@ -27,6 +27,16 @@ class ViewSpec:
     solarize_p: float
 
 
+def default_blur(size: int) -> bool:
+    """SimCLR blurs ImageNet-sized views and drops blur on CIFAR (appendix B.9)."""
+    return size >= 96
+
+
+def default_jitter_strength(size: int) -> float:
+    """SimCLR's colour strength: 0.5 on CIFAR-sized images, 1.0 on ImageNet."""
+    return 0.5 if size <= 64 else 1.0
+
+
 def view_specs(method: str, n_views: int, blur: bool) -> list[ViewSpec]:
     """Per-view blur/solarize probabilities; BYOL's asymmetric pair alternates over the views."""
     if method == "byol":

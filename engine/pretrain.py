@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import MultiViewDataset, load_split, view_specs, view_transform
+from data.augment import default_blur, default_jitter_strength
 from data.batched_augment import BatchedViews, DeviceLoader
 from engine import checkpoint as ckpt_io
 from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -28,7 +29,7 @@ from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, bar
 from engine.errors import UserError
 from engine.optim import build_optimizer, lr_schedule, scaled_lr
 from engine.runlog import MetricsLog, new_run_dir, plot_curves, write_config
-from models import METHODS, build_method, unwrap
+from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,9 +75,8 @@ def build_loader(cfg: Namespace, dist: DistInfo, device: torch.device):
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size)
     size = split.image_size
-    blur = cfg.blur if cfg.blur is not None else size >= 96
-    strength = cfg.color_jitter_strength if cfg.color_jitter_strength is not None else (
-        0.5 if size <= 64 else 1.0)  # SimCLR: 0.5 on CIFAR, 1.0 on ImageNet
+    blur = cfg.blur if cfg.blur is not None else default_blur(size)
+    strength = cfg.color_jitter_strength if cfg.color_jitter_strength is not None else default_jitter_strength(size)
     specs = view_specs(cfg.clr, cfg.n_views, blur)
     n = len(split.dataset)
     if n < cfg.batch_size:
@@ -246,7 +246,7 @@ class _Loop:
     dist: DistInfo
     device: torch.device
     model: nn.Module  # the method, DDP-wrapped when distributed
-    method: nn.Module  # the method itself, for after_step and state_dict
+    method: nn.Module  # the unwrapped method, for after_step and state_dict
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: np.ndarray
@@ -317,7 +317,7 @@ class _Loop:
         cfg = self.cfg
         return {
             "epoch": epoch, "global_step": self.global_step, "clr": cfg.clr, "arch": cfg.arch,
-            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": self.total_steps,
                           "warmup_steps": cfg.warmup_epochs * self.steps_per_epoch, "step": self.global_step},
             "scaler": self.scaler.state_dict(), "rng": rng, "args": vars(cfg),

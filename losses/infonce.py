@@ -8,6 +8,7 @@ gathered with :func:`engine.distributed.gather_with_grad` and this rank's offset
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +43,22 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _same_image_mask(n_local: int, n_views: int, n_keys: int, offset: int, device) -> torch.Tensor:
-    """Boolean (V*N, n_keys): True where key j is a view of the same image as query i.
+@functools.lru_cache(maxsize=32)
+def _pair_columns(n_local: int, n_views: int, n_keys: int, offset: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key columns of each query's positives (V*N, V-1) and negatives (V*N, n_keys - V).
 
-    Queries are this rank's views laid out view-major, ``[view0 of img 0..N-1, view1 of ...]``;
-    keys are every rank's queries concatenated in rank order, this rank's starting at ``offset``.
+    Queries are this rank's views laid out view-major, ``[view0 of img 0..N-1, view1 of ...]``; keys are
+    every rank's queries concatenated in rank order, this rank's starting at ``offset``. The columns
+    depend only on these shapes, so they are built once (on the CPU) and reused: selecting with a
+    boolean mask every step would make the GPU report the result's size to the host each time.
     """
-    image_of_query = torch.arange(n_views * n_local, device=device) % n_local
-    key = torch.arange(n_keys, device=device) - offset
-    local = (key >= 0) & (key < n_views * n_local)
-    image_of_key = torch.where(local, key % n_local, torch.full_like(key, -1))
-    return image_of_query[:, None] == image_of_key[None, :]
+    rows = torch.arange(n_views * n_local)
+    same = offset + (rows % n_local)[:, None] + n_local * torch.arange(n_views)[None, :]  # (V*N, V), incl. self
+    pos = same[same != (offset + rows)[:, None]].view(len(rows), n_views - 1)
+    is_same = torch.zeros(len(rows), n_keys, dtype=torch.bool).scatter_(1, same, True)
+    neg = torch.arange(n_keys).expand(len(rows), n_keys)[~is_same].view(len(rows), n_keys - n_views)
+    return pos.to(device), neg.to(device)
 
 
 def contrastive_logits(
@@ -80,12 +86,9 @@ def contrastive_logits(
         q = F.normalize(at_least_fp32(z), dim=1)
         k = q if keys is None else F.normalize(at_least_fp32(keys), dim=1)
         sim = q @ k.T / temperature  # (V*N, W*V*N)
-    same = _same_image_mask(n_local, n_views, k.shape[0], offset, z.device)
-    rows = torch.arange(q.shape[0], device=z.device)
-    is_self = torch.zeros_like(same)
-    is_self[rows, rows + offset] = True
-    pos = sim[same & ~is_self].view(q.shape[0], n_views - 1)  # (V*N, V-1)
-    neg = sim[~same].view(q.shape[0], -1)  # (V*N, W*V*N - V)
+    pos_cols, neg_cols = _pair_columns(n_local, n_views, k.shape[0], offset, z.device)
+    pos = sim.gather(1, pos_cols)  # (V*N, V-1)
+    neg = sim.gather(1, neg_cols)  # (V*N, W*V*N - V)
     return ContrastiveLogits(pos=pos, neg=neg, temperature=temperature)
 
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-import torch.nn as nn
-
 from models.backbones import ARCH_ALIASES, BACKBONES, build_backbone
 from models.heads import mlp, projection_head
 from models.methods import BYOL, ContrastiveMethod, InsDis, SSLMethod
@@ -32,12 +30,5 @@ def build_method(cfg: Namespace, num_data: int, cifar_stem: bool) -> SSLMethod:
     raise KeyError(cfg.clr)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 __all__ = ["ARCH_ALIASES", "BACKBONES", "METHODS", "BYOL", "ContrastiveMethod", "InsDis", "SSLMethod",
-           "build_method", "unwrap"]
+           "build_method"]

@@ -141,7 +141,8 @@ class InsDis(SSLMethod):
             loss = insdis_nce_loss(pos_logit, neg_logits, self.bank.shape[0], self.log_z)
             neg_sim = neg_logits.detach().mean() * self.temperature
         else:
-            logits = v @ self.bank.clone().T / self.temperature  # (V*N, n); clone: the bank changes after
+            # (V*N, n); no copy of the bank needed: after_step writes it only after backward
+            logits = v @ self.bank.T / self.temperature
             loss = insdis_softmax_loss(logits, idx)
             neg_sim = logits.detach().mean() * self.temperature
         new = v.detach().view(self.n_views, -1, v.shape[1]).mean(dim=0)  # (N, D) mean over views
