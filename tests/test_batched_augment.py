@@ -152,3 +152,24 @@ def test_device_loader_shards_a_seeded_permutation():
     one.set_epoch(1)
     assert not torch.equal(torch.cat([idx for _, idx in one]), torch.cat(batches))  # a new order
     assert math.isclose(float(next(iter(one))[0][0].mean()), float(next(iter(one))[0][0].mean()))  # seeded
+
+
+def test_hue_on_ties_grays_and_saturated_pixels_equals_torchvision():
+    # every ordering of the channels, ties in the maximum (r = b is where the sextant formulas disagree by
+    # one turn), grays, black, white and pure colours
+    levels = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    grid = torch.cartesian_prod(levels, levels, levels).T.reshape(3, 8, 8)  # 64 colours
+    x = torch.stack([grid, grid.flip(1)])
+    for shift in (-0.5, -0.2, 0.0, 0.13, 0.5):
+        ours = color_jitter(x, torch.tensor([[1.0, 1.0, 1.0, shift]] * 2), torch.arange(4).repeat(2, 1),
+                            torch.ones(2, dtype=torch.bool))
+        for i in range(2):
+            assert torch.allclose(ours[i], TF.adjust_hue(x[i], shift), atol=1e-5), (shift, i)
+
+
+def test_chunked_cpu_views_equal_one_piece():
+    views = BatchedViews(32, ViewSpec(0.5, 0.2), 0.5, 0.08, (0.5,) * 3, (0.25,) * 3)
+    imgs = _images(n=300, h=32, w=32)  # above the CPU chunk of 128 images at 32x32: three chunks
+    chunked = views(imgs, torch.Generator().manual_seed(4))
+    p = views.sample(300, 32, 32, torch.Generator().manual_seed(4), "cpu")
+    assert torch.allclose(chunked, views.apply(imgs, p), atol=1e-6)
