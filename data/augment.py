@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -78,12 +78,34 @@ class MultiViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``dataset[i]`` uses the epoch last set; ``dataset[(epoch, i)]`` (from EpochSampler) carries its own,
+        which is what lets DataLoader workers persist across epochs: their copy of the dataset never sees
+        ``set_epoch`` calls made in the main process."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         image, _ = self.base[i]
-        key = np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1, np.uint64)[0]
+        seed = np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1, np.uint64)[0]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
             if isinstance(image, torch.Tensor):
                 image = tv_tensors.Image(image)
             views = [t(image) for t in self.transforms]
         return views, i
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` from a sampler with ``set_epoch``, for MultiViewDataset: the indices travel
+    from the main process to the workers, so persistent workers see each new epoch."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import MultiViewDataset, load_split, view_specs, view_transform
-from data.augment import default_blur, default_jitter_strength
+from data.augment import EpochSampler, default_blur, default_jitter_strength
 from data.batched_augment import BatchedViews, DeviceLoader
 from engine import checkpoint as ckpt_io
 from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -91,12 +91,13 @@ def build_loader(cfg: Namespace, dist: DistInfo, device: torch.device):
     dataset = MultiViewDataset(split.dataset, transforms, seed=cfg.seed)
     # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
     # batches is exactly the one-process step-k batch of the same global size.
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    # Workers persist across epochs (no start-up wait at each epoch); the sampler hands them the epoch.
+    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                              seed=cfg.seed, drop_last=True))
     loader = DataLoader(dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
-    return loader, [dataset, sampler], n, size
+                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None)
+    return loader, [sampler], n, size
 
 
 def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:

@@ -63,3 +63,26 @@ def test_views_are_fresh_per_epoch_and_reproducible_per_seed():
     assert not torch.equal(fresh[0], a1)  # next epoch: new views
     specs = view_specs("byol", 2, blur=True)
     assert (specs[0].blur_p, specs[0].solarize_p, specs[1].blur_p, specs[1].solarize_p) == (1.0, 0.0, 0.1, 0.2)
+
+
+def test_persistent_workers_see_each_new_epoch():
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from data.augment import EpochSampler
+
+    split = load_split("digits", "unused", train=True)
+    transforms = [view_transform(16, s, 0.5, 0.08, split.mean, split.std) for s in view_specs("simclr", 2, False)]
+    ds = MultiViewDataset(Subset(split.dataset, range(24)), transforms, seed=0)
+    sampler = EpochSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0))
+    loader = DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([(views[0], idx) for views, idx in loader])
+    for epoch, batches in enumerate(epochs):
+        for first_view, idx in batches:
+            # the workers were started once, in epoch 0; their views are still those of this epoch
+            expected = torch.stack([ds[(epoch, int(i))][0][0] for i in idx])
+            assert torch.equal(first_view, expected)
+    assert ds.epoch == 0  # nothing but the sampler carried the epoch
