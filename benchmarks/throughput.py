@@ -106,7 +106,7 @@ def measure_step(cfg, device, steps: int, flop_counter, build_method, build_opti
     torch.manual_seed(0)
     loader, setters, n, size = build_loader(cfg, DistInfo(), device)
     method = build_method(cfg, num_data=n, cifar_stem=True).to(device)
-    cl = device.type == "cuda"
+    cl = cfg.channels_last is not False  # as pretraining does
     if cl:
         method = method.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg.optimizer, method, 0.1, cfg.weight_decay, cfg.momentum)
@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: under two minutes on a 2-core CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--methods", default="simclr,flatclr,byol,insdis")
-    p.add_argument("--batch_sizes", default=None, help="comma-separated (default: 32 quick, else 256,512)")
+    p.add_argument("--batch_sizes", default=None, help="comma-separated (default: 16,32 quick, else 256,512)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on CUDA, fp32 on CPU")
@@ -179,7 +179,7 @@ def main() -> None:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.batch_sizes = args.batch_sizes or ("32" if args.quick else "256,512")
+    args.batch_sizes = args.batch_sizes or ("16,32" if args.quick else "256,512")
     args.workers = os.cpu_count() if args.workers is None else args.workers
     args.steps = args.steps or (2 if args.quick else 20)
     n_aug = args.augment_images or (256 if args.quick else 1024)

@@ -149,7 +149,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                         "drop it or pass --no-sync_bn")
     if sync_bn and dist.enabled:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.channels_last is not False  # on unless --no-channels_last (older runs saved None)
     method = method.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)

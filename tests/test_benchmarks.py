@@ -22,5 +22,6 @@ def test_throughput_quick_prints_a_table_and_the_speedup_line():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("augment_speedup_vs_pil: ") and float(last.split()[-1]) > 1.0
-    assert "| simclr | faster | 32 |" in proc.stdout
+    assert last.startswith("augment_speedup_vs_pil: ")
+    assert float(last.split()[-1]) >= 10, last  # the target: 10x PIL per core (a timing: run it on an idle machine)
+    assert "| simclr | faster | 16 |" in proc.stdout and "| byol | standard (" in proc.stdout

@@ -114,35 +114,45 @@ def test_eval_errors_are_one_line(pretrained, tmp_path, capsys):
 
 
 # A short SimCLR pretraining (40 steps of 256 images at 16 px, about 2 CPU minutes) against the same
-# ResNet-18 with random weights (same seed). Random ResNet features already separate digits well when
-# all labels are used (95% linear probe), so the comparison uses 2% of the labels, where the features
-# matter. Measured on the 2-core CPU machine (torch 2.14.1): 71.11% against 64.17% (+6.9 points).
+# ResNet-18 with random weights. Random ResNet features already separate digits well when all labels are
+# used (95% linear probe), so the digits comparison uses 2% of the labels (28 images), where the features
+# matter. One such subset is a noisy judge: on the 2-core CPU machine (torch 2.14.1), seed 42's subset
+# gave 71.1% against 64.2% with NCHW weights and 61.9% against 64.2% with channels_last, while seeds
+# 0, 1 and 2 (each pretrained with that seed) gave +11.7, +11.4 and +15.3 points. So the probe is
+# averaged over five subsets (each with its own random-init baseline).
 SHORT = ["--clr=simclr", "--arch=resnet18", "--image_size=16", "--batch_size=256", "--epochs=8",
          "--limit_train_batches=5", "--warmup_epochs=1", "--proj_hidden_dim=512", "--proj_out_dim=128",
          "--temperature=0.5", "--lr=1.0", "--workers=1", "--save_every_n_epochs=8", "--device=cpu"]
 
 
-def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=()):
+def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seeds=(42,)):
+    """Mean top-1 over ``probe_seeds`` (label subset, probe and baseline initialisation) of the pretrained
+    network and of the random-init one."""
     run = tmp_path / "run"
     assert main(data + SHORT + list(extra) + [f"--log_dir={run}"]) == 0
     probe = ["--train_mode=eval", f"--transfer_mode={mode}", "--workers=1", "--no-tsne", "--device=cpu"]
     if semi_ratio:
         probe.append(f"--semi_ratio={semi_ratio}")
-    assert main(probe + [f"--checkpoint_dir={run}"]) == 0
-    assert main(probe + data + ["--checkpoint_dir=none", "--model=resnet18", "--image_size=16",
-                                f"--results_dir={tmp_path / 'baseline'}"]) == 0
-    (pre,) = [json.load(open(run / "eval" / f)) for f in os.listdir(run / "eval") if f.endswith(".json")
-              and f.startswith(mode)]
-    (base_json,) = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "baseline") for f in fs
-                    if f.endswith(".json") and f.startswith(mode)]
-    base = json.load(open(base_json))
-    print(f"\n{mode} top-1: pretrained {pre['top1']:.2f}%, random init {base['top1']:.2f}%")
-    return pre["top1"], base["top1"]
+    pre, base = [], []
+    for seed in probe_seeds:
+        assert main(probe + [f"--seed={seed}", f"--checkpoint_dir={run}"]) == 0
+        (name,) = [f for f in os.listdir(run / "eval") if f.endswith(".json") and f.startswith(mode)]
+        pre.append(json.load(open(run / "eval" / name))["top1"])
+        baseline = tmp_path / f"baseline{seed}"
+        assert main(probe + data + [f"--seed={seed}", "--checkpoint_dir=none", "--model=resnet18", "--image_size=16",
+                                    f"--results_dir={baseline}"]) == 0
+        (base_json,) = [os.path.join(dp, f) for dp, _, fs in os.walk(baseline) for f in fs
+                        if f.endswith(".json") and f.startswith(mode)]
+        base.append(json.load(open(base_json))["top1"])
+    pre_mean, base_mean = sum(pre) / len(pre), sum(base) / len(base)
+    print(f"\n{mode} top-1: pretrained {pre_mean:.2f}%, random init {base_mean:.2f}% (seeds {list(probe_seeds)}: "
+          + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(pre, base)) + ")")
+    return pre_mean, base_mean
 
 
 def test_short_pretraining_beats_random_init_on_digits(tmp_path):
     pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=digits"], "linear_eval", 0.02,
-                                      ["--min_crop_scale=0.3"])
+                                      ["--min_crop_scale=0.3"], probe_seeds=(0, 1, 2, 3, 4))
     assert pre >= base + 5.0
 
 
