@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.throughput import timed  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from main import resolve  # noqa: E402
 from models import build_method  # noqa: E402
@@ -35,13 +35,7 @@ def step_ms(cfg, channels_last: bool, batch: int, size: int, steps: int, device:
         loss.backward()
         opt.step()
 
-    step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - t) / steps * 1e3
+    return timed(step, steps, sync) * 1e3
 
 
 def main() -> None:

@@ -173,10 +173,6 @@ def crop_flip(images: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, size:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    return (x * _const(GRAY, x)).sum(dim=1, keepdim=True)
-
-
 def _slot_tables(device) -> tuple[torch.Tensor, ...]:
     """Constants of color_jitter, made once per device: the permutation position each of the six blend
     slots reads, whether the slot runs before the hue, the identity and the luma row."""

@@ -8,8 +8,7 @@ from torchvision.transforms import RandomResizedCrop
 import torchvision.transforms.v2.functional as TF
 
 from data import ViewSpec
-from data.batched_augment import (BatchedViews, DeviceLoader, color_jitter, crop_flip, gaussian_blur, grayscale,
-                                  sample_crop_boxes)
+from data.batched_augment import BatchedViews, DeviceLoader, color_jitter, crop_flip, gaussian_blur, sample_crop_boxes
 
 
 def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,7 +114,14 @@ def test_jitter_in_each_samples_random_order_equals_torchvision_sequence():
 
 def test_grayscale_blur_and_solarize_equal_torchvision():
     x = _images(n=3).float() / 255
-    assert torch.allclose(grayscale(x), TF.rgb_to_grayscale(x), atol=1e-6)
+    plain = BatchedViews(20, ViewSpec(0.0, 0.0), 0.0, 1.0, (0.0,) * 3, (1.0,) * 3)
+    p = plain.sample(3, 20, 20, torch.Generator().manual_seed(0), "cpu")
+    p.box[:] = torch.tensor([0.0, 0.0, 20.0, 20.0])
+    p.flip[:], p.jitter[:], p.gray[:] = False, False, torch.tensor([True, False, True])
+    gray = plain.apply(_images(n=3), p)  # grayscale, fused with the normalisation
+    for i in range(3):
+        ref = TF.rgb_to_grayscale(x[i], num_output_channels=3) if p.gray[i] else x[i]
+        assert torch.allclose(gray[i], ref, atol=1e-6), i
     sigma = torch.tensor([0.3, 1.0, 2.0])
     blurred = gaussian_blur(x, sigma, torch.tensor([True, True, False]), kernel=5)
     for i in range(2):
