@@ -141,7 +141,7 @@ class BatchedViews:
         mats = eye + p.gray.to(x.dtype).view(n, 1, 1) * (luma.expand(3, 3) - eye)  # grayscale or identity
         mean, std = _const(self.mean, x).view(1, 3, 1), _const(self.std, x).view(1, 3, 1)
         if self.spec.blur_p == 0 and self.spec.solarize_p == 0:  # grayscale and normalisation in one matmul
-            return torch.baddbmm(-mean / std, mats / std.view(1, 3, 1), x.view(n, c, -1)).view(n, c, height, width)
+            return torch.baddbmm(-mean / std, mats / std, x.view(n, c, -1)).view(n, c, height, width)
         x = torch.bmm(mats, x.view(n, c, -1)).view(n, c, height, width)
         if self.spec.blur_p > 0:
             x = gaussian_blur(x, p.sigma, p.blur, self.kernel)

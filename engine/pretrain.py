@@ -119,14 +119,31 @@ def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
     return run_dir
 
 
-def _check_finite(loss: torch.Tensor, epoch: int, step: int, last_ckpt: str | None) -> None:
-    """Stop every rank together, before the optimizer step, when any rank's loss is NaN or inf."""
-    bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    if bad.item() > 0:
-        where = f"resume from {last_ckpt} " if last_ckpt else ""
-        raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {int(bad.item())} rank(s); "
-                        f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
-                        "rerun")
+class _LossCheck:
+    """Stops every rank together, before the optimizer step, when any rank's loss is NaN or inf.
+
+    Made right after the forward: it queues the all-reduce of the count and its copy to the host without
+    waiting. ``raise_if_any`` is called once the backward has been queued, so on CUDA the host waits
+    for the forward while the device runs the backward, instead of draining the stream every step.
+    """
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+        self.count = bad.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
+        self.ready = None
+        if bad.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def raise_if_any(self, epoch: int, step: int, last_ckpt: str | None) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        bad = int(self.count.item())
+        if bad:
+            where = f"resume from {last_ckpt} " if last_ckpt else ""
+            raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {bad} rank(s); "
+                            f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
+                            "rerun")
 
 
 def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
@@ -149,8 +166,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                         "drop it or pass --no-sync_bn")
     if sync_bn and dist.enabled:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    channels_last = cfg.channels_last is not False  # on unless --no-channels_last (older runs saved None)
-    method = method.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # on unless --no-channels_last (older runs saved None)
+    memory_format = torch.channels_last if cfg.channels_last is not False else torch.contiguous_format
+    method = method.to(device, memory_format=memory_format)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
     total_steps = cfg.epochs * steps_per_epoch
@@ -209,8 +227,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
 
     loop = _Loop(cfg, dist, device, model, method, optimizer, scaler, schedule, autocast, loader, steps_per_epoch,
-                 total_steps, writer, global_step, last_ckpt,
-                 torch.channels_last if channels_last else torch.contiguous_format)
+                 total_steps, writer, global_step, last_ckpt, memory_format)
     for epoch in range(start_epoch, last_epoch):
         for target in epoch_setters:
             target.set_epoch(epoch)
@@ -280,9 +297,10 @@ class _Loop:
                 group["lr"] = lr
             with self.autocast:
                 loss, logs = self.model(views, index)
-            _check_finite(loss, epoch, step, self.last_ckpt)
+            check = _LossCheck(loss)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            check.raise_if_any(epoch, step, self.last_ckpt)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.global_step += 1

@@ -77,11 +77,11 @@ def test_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch
 
 def _finite_worker(rank, store, out_dir):
     _init(rank, store)
-    from engine.pretrain import _check_finite
+    from engine.pretrain import _LossCheck
 
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
     try:
-        _check_finite(loss, epoch=0, step=3, last_ckpt="run/checkpoint_0002.pth.tar")
+        _LossCheck(loss).raise_if_any(epoch=0, step=3, last_ckpt="run/checkpoint_0002.pth.tar")
         outcome = "continued"
     except UserError as err:
         outcome = str(err)
