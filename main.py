@@ -10,16 +10,24 @@ import argparse
 import os
 import sys
 
+import yaml
+
+from common.distributed import cleanup
+from common.errors import UserError
 from data.datasets import DATASETS
-from engine.errors import UserError
+from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from engine.evaluate import PROTOCOLS, evaluate
+from engine.pretrain import pretrain
 from models import ARCH_ALIASES, BACKBONES, METHODS
+from models.methods import Flag
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
 # Settings that define what a run *is*: a resumed run keeps them, and a flag that changes one is an error.
+# Each method adds its own (MethodSpec.identity).
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
-                 "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "pred_hidden_dim", "pred_bn",
-                 "n_views", "cifar_stem", "image_size", "optimizer")
+                 "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
+                 "image_size", "optimizer")
 # Never taken from a resumed run's saved settings.
 PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
 # What an evaluation takes from the run it evaluates, unless given on the command line.
@@ -54,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("mode")
     g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval"],
                    help="pretrain (FlatCLR's 'ssl' is accepted) or eval (see --transfer_mode)")
-    g.add_argument("--clr", default="flatclr", choices=list(METHODS), help="method")
+    g.add_argument("--clr", default="flatclr", choices=list(METHODS),
+                   help="method: " + "; ".join(f"{k} ({s.display}: {s.summary})" for k, s in METHODS.items()))
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="./datasets", help="dataset root")
@@ -81,15 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "proj_bn", True, "BN in the projection's hidden layers (BN1 of the seed-001 ablation)")
     add_bool(g, "proj_out_bn", False, "BN on the projection output (BN3)")
     add_bool(g, "proj_out_bn_affine", True, "affine parameters of that output BN")
-    g.add_argument("--pred_hidden_dim", type=int, default=4096, help="BYOL predictor hidden width")
-    add_bool(g, "pred_bn", True, "BN in the BYOL predictor's hidden layer (BN2)")
 
     g = p.add_argument_group("objective")
     g.add_argument("--temperature", type=float, default=0.1, help="SimCLR/FlatCLR/InsDis temperature")
-    g.add_argument("--byol_base_momentum", type=float, default=0.996, help="EMA momentum, cosine-ramped to 1")
-    g.add_argument("--insdis_num_negatives", type=int, default=4096, help="NCE noise samples from the bank")
-    g.add_argument("--insdis_bank_momentum", type=float, default=0.5, help="memory-bank update momentum")
-    g.add_argument("--insdis_loss", default="nce", choices=["nce", "softmax"])
+    add_method_flags(p)
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=512, help="global batch size (all ranks)")
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "compile", False, "torch.compile the model")
 
     g = p.add_argument_group("evaluation (--train_mode=eval)")
-    g.add_argument("--transfer_mode", default="linear_eval", choices=["linear_eval", "finetune", "knn"])
+    g.add_argument("--transfer_mode", default="linear_eval", choices=list(PROTOCOLS))
     g.add_argument("--checkpoint_dir", default=None,
                    help="pretraining run directory to evaluate; 'none' for a random-init baseline")
     g.add_argument("--transfer_from_epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
@@ -149,6 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method, from its declared flags (a flag two methods declare is added once)."""
+    seen: dict[str, Flag] = {}
+    for name, spec in METHODS.items():
+        fresh = [f for f in spec.flags if f.name not in seen]
+        for flag in spec.flags:
+            if seen.setdefault(flag.name, flag) != flag:
+                raise ValueError(f"methods declare --{flag.name} twice with different defaults or help")
+        if not fresh:
+            continue
+        g = parser.add_argument_group(f"{spec.display} (--clr {name})")
+        for flag in fresh:
+            if isinstance(flag.default, bool):
+                add_bool(g, flag.name, flag.default, flag.help)
+            else:
+                g.add_argument(f"--{flag.name}", type=flag.type or type(flag.default), default=flag.default,
+                               choices=flag.choices, help=flag.help)
+
+
+def identity_keys(clr: str) -> tuple[str, ...]:
+    """The settings a resume of a ``clr`` run must not change."""
+    return IDENTITY_KEYS + (METHODS[clr].identity if clr in METHODS else ())
+
+
 def explicit_dests(argv: list[str]) -> set[str]:
     """Names of the settings given on the command line (not defaults, not yaml)."""
     shadow = build_parser()
@@ -159,8 +187,6 @@ def explicit_dests(argv: list[str]) -> set[str]:
 
 
 def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
-    import yaml
-
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
     try:
@@ -184,9 +210,10 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             raise UserError(f"{action.dest}={value!r} is not one of {', '.join(map(str, action.choices))}")
     if cfg.batch_size < 2:
         raise UserError(f"--batch_size must be at least 2 (contrastive losses need negatives), got {cfg.batch_size}")
-    min_views = 1 if cfg.clr == "insdis" else 2
-    if cfg.n_views < min_views:
-        raise UserError(f"--n_views must be at least {min_views} for {cfg.clr}, got {cfg.n_views}")
+    spec = METHODS[cfg.clr]
+    if cfg.n_views < spec.min_views:
+        raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
+    spec.validate(cfg)
     for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -199,8 +226,6 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError("--workers and --warmup_epochs must not be negative")
     if not 0 < cfg.min_crop_scale <= 1:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
-    if cfg.clr == "insdis" and cfg.insdis_num_negatives < 1:
-        raise UserError("--insdis_num_negatives must be at least 1")
     if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:
         raise UserError(f"--semi_ratio must be a fraction in (0, 1), e.g. 0.01 or 0.1, got {cfg.semi_ratio}")
     for name in ("fc_epochs", "fc_batch_size", "knn_k"):
@@ -212,10 +237,6 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
     """Evaluate on the run's own dataset and architecture unless the command line says otherwise."""
-    import yaml
-
-    from engine.checkpoint import list_checkpoints, load_checkpoint
-
     if not cfg.checkpoint_dir:
         raise UserError("--train_mode=eval needs --checkpoint_dir RUN_DIR (a pretraining run), "
                         "or --checkpoint_dir none for a random-init baseline")
@@ -252,8 +273,6 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
 
     resume = resume_path = None
     if cfg.train_from:
-        from engine.checkpoint import load_checkpoint, resolve_checkpoint
-
         if not cfg.log_dir:
             raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
         if not os.path.isdir(cfg.log_dir):
@@ -261,7 +280,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
         resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
         resume = load_checkpoint(resume_path)
         saved = resume.get("args", {})
-        for key in IDENTITY_KEYS:
+        for key in identity_keys(saved.get("clr", cfg.clr)):
             if key in explicit and key in saved and getattr(cfg, key) != saved[key]:
                 raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
                                 f"drop --{key} to resume, or start a new run")
@@ -289,12 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume, resume_path = resolve(argv)
         if cfg.train_mode == "eval":
-            from engine.evaluate import evaluate
-
-            evaluate(cfg)
+                evaluate(cfg)
         else:
-            from engine.pretrain import pretrain
-
             pretrain(cfg, resume, resume_path)
     except UserError as err:
         rank = os.environ.get("RANK", "0")  # under torchrun every rank reports; rank 0 without a prefix
@@ -304,8 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return 130
     finally:
-        from engine.distributed import cleanup
-
         cleanup()
     return 0
 

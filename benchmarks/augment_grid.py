@@ -17,29 +17,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torchvision import tv_tensors  # noqa: E402
 
-from data import load_split, view_specs, view_transform  # noqa: E402
+from data import load_split, view_transform  # noqa: E402
 from data.augment import default_blur, default_jitter_strength  # noqa: E402
 from data.batched_augment import BatchedViews  # noqa: E402
-from engine.pretrain import resident_images  # noqa: E402
+from data.loaders import resident_images  # noqa: E402
+from models.methods import METHODS  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset_name", default="digits")
     p.add_argument("--data", default="./datasets")
-    p.add_argument("--clr", default="simclr", choices=["simclr", "flatclr", "byol", "insdis"])
+    p.add_argument("--clr", default="simclr", choices=list(METHODS))
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/augment_grid.png")
     args = p.parse_args()
 
     split = load_split(args.dataset_name, args.data, train=True)
-    ns = argparse.Namespace(dataset_name=args.dataset_name)
-    images = resident_images(split, ns)[torch.randperm(len(split.dataset),
+    images = resident_images(split, args.dataset_name)[torch.randperm(len(split.dataset),
                                                        generator=torch.Generator().manual_seed(args.seed))[:args.images]]
     size = split.image_size
     strength = default_jitter_strength(size)
-    specs = view_specs(args.clr, 2, default_blur(size))
+    specs = METHODS[args.clr].views(2, default_blur(size))
     mean = torch.tensor(split.mean).view(3, 1, 1)
     std = torch.tensor(split.std).view(3, 1, 1)
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from data import load_split, view_specs, view_transform  # noqa: E402
+from data import load_split, symmetric_views, view_transform  # noqa: E402
 from data.batched_augment import BatchedViews  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "A6000": 154.8}  # dense, vendor sheets
@@ -48,7 +48,7 @@ def timed(fn, repeats: int, sync=lambda: None) -> float:
 
 def augment_rows(images: torch.Tensor, size: int, mean, std, n_images: int, quick: bool) -> list[dict]:
     torch.set_num_threads(1)
-    specs = view_specs("simclr", 2, blur=False)
+    specs = symmetric_views(2, blur=False)
     rows = []
     batch = images[:n_images]
     g = torch.Generator().manual_seed(0)
@@ -100,12 +100,13 @@ def step_rows(args, device: torch.device) -> list[dict]:
 
 
 def measure_step(cfg, device, steps: int, flop_counter, build_method, build_optimizer) -> dict:
-    from engine.distributed import DistInfo
+    from common.distributed import DistInfo
     from engine.pretrain import DTYPES, build_loader
 
     torch.manual_seed(0)
-    loader, setters, n, size = build_loader(cfg, DistInfo(), device)
-    method = build_method(cfg, num_data=n, cifar_stem=True).to(device)
+    split = load_split(cfg.dataset_name, cfg.data, train=True, pretrain=True, image_size=cfg.image_size)
+    loader, setters = build_loader(cfg, split, DistInfo(), device)
+    method = build_method(cfg, num_data=len(split.dataset), cifar_stem=True).to(device)
     cl = cfg.channels_last is not False  # as pretraining does
     if cl:
         method = method.to(memory_format=torch.channels_last)

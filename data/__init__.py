@@ -1,6 +1,6 @@
-"""Datasets and augmentations."""
-from data.augment import MultiViewDataset, ViewSpec, view_specs, view_transform
+"""Datasets, augmentations and the pretraining loaders."""
+from data.augment import MultiViewDataset, ViewSpec, symmetric_views, view_transform
 from data.datasets import DATASETS, Split, TensorImages, load_split
 
-__all__ = ["DATASETS", "MultiViewDataset", "Split", "TensorImages", "ViewSpec", "load_split", "view_specs",
+__all__ = ["DATASETS", "MultiViewDataset", "Split", "TensorImages", "ViewSpec", "load_split", "symmetric_views",
            "view_transform"]

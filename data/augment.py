@@ -3,8 +3,7 @@
 SimCLR (Chen et al. 2020, appendix A): random resized crop (scale 0.08-1), horizontal flip, colour
 jitter (0.8s, 0.8s, 0.8s, 0.2s) with p=0.8, grayscale p=0.2, Gaussian blur p=0.5 with sigma 0.1-2
 and a kernel of 10% of the image side (only for images of 96 px or more: the paper drops blur on
-CIFAR). BYOL (Grill et al. 2020, table 6) is asymmetric: view 1 blur p=1.0, solarize p=0; view 2
-blur p=0.1, solarize p=0.2.
+CIFAR). A method's own recipe (BYOL's asymmetric pair) lives with the method, as a list of ViewSpec.
 
 Views are a pure function of (seed, epoch, dataset index, view): each item re-seeds a private RNG
 scope, so the same run gives the same views whatever the number of workers or ranks, a resumed run
@@ -37,11 +36,8 @@ def default_jitter_strength(size: int) -> float:
     return 0.5 if size <= 64 else 1.0
 
 
-def view_specs(method: str, n_views: int, blur: bool) -> list[ViewSpec]:
-    """Per-view blur/solarize probabilities; BYOL's asymmetric pair alternates over the views."""
-    if method == "byol":
-        pair = [ViewSpec(1.0 if blur else 0.0, 0.0), ViewSpec(0.1 if blur else 0.0, 0.2)]
-        return [pair[v % 2] for v in range(n_views)]
+def symmetric_views(n_views: int, blur: bool) -> list[ViewSpec]:
+    """SimCLR's recipe, the default of every method: each view blurred with p=0.5 (when blur is on)."""
     return [ViewSpec(0.5 if blur else 0.0, 0.0)] * n_views
 
 

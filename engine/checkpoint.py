@@ -1,4 +1,8 @@
-"""Checkpoints: ``checkpoint_{epoch:04d}.pth.tar`` where epoch = epochs completed.
+"""Checkpoints, both directions: what one holds (:func:`training_state`), how it is written
+(:func:`atomic_save`), found (:func:`list_checkpoints`, :func:`resolve_checkpoint`), read
+(:func:`load_checkpoint`) and restored into a run (:func:`restore`, :func:`restore_rng`).
+
+Named ``checkpoint_{epoch:04d}.pth.tar`` where epoch = epochs completed.
 
 Written atomically (temporary file in the same directory, then ``os.replace``), so a job killed
 mid-write leaves the previous checkpoint intact. They hold plain tensors and Python scalars only,
@@ -14,10 +18,14 @@ import random
 import re
 import tempfile
 
+import sys
+
 import numpy as np
 import torch
+import torch.nn as nn
 
-from engine.errors import UserError
+from common.distributed import DistInfo
+from common.errors import UserError
 
 CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 
@@ -76,6 +84,43 @@ def resolve_checkpoint(run_dir: str, name: str) -> str:
     have = ", ".join(os.path.basename(p) for p in available.values()) or "none"
     raise UserError(f"checkpoint {name} not found in {run_dir} (available: {have}); "
                     "pass one of those to --train_from, or 'latest'")
+
+
+def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, schedule: dict, rng: list, args: dict) -> dict:
+    """Everything a resume needs, as weights_only-loadable tensors and Python values.
+
+    ``model`` is the unwrapped method's state (no ``module.`` prefixes; EMA target and memory bank are
+    buffers in it), ``rng`` one state per rank, ``scheduler`` the learning-rate schedule the run follows,
+    ``args`` the resolved settings (what a resume and an evaluation read back).
+    """
+    return {"epoch": epoch, "global_step": step, "clr": args["clr"], "arch": args["arch"],
+            "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
+            "scaler": scaler.state_dict(), "rng": rng, "args": args}
+
+
+def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, steps_per_epoch: int) -> tuple[int, int]:
+    """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs, steps) completed."""
+    try:
+        method.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not match this model ({str(err).splitlines()[0]}); "
+                        "resume with the run's own --model/--clr/head flags") from err
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    epoch = int(state["epoch"])
+    return epoch, int(state.get("global_step", epoch * steps_per_epoch))
+
+
+def restore_rng(state: dict, dist: DistInfo) -> None:
+    """This rank's random streams as they were when the checkpoint was written (needs the same world size)."""
+    states = state.get("rng", [])
+    if len(states) == dist.world_size:
+        set_rng_state(states[dist.rank])
+    elif dist.is_main:
+        print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
+              f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)
 
 
 def rng_state() -> dict:

@@ -1,7 +1,6 @@
-"""Evaluation of pretrained backbones: ``--train_mode=eval``.
+"""Evaluation of pretrained backbones: ``--train_mode=eval``, one protocol per ``--transfer_mode``.
 
-* ``knn``: weighted k-nearest neighbours on L2-normalised backbone features (Wu et al. 2018, as InsDis
-  and lightly report it): the k most similar training images vote with weight exp(sim / T).
+* ``knn``: weighted k-nearest neighbours on L2-normalised backbone features (engine/knn.py).
 * ``linear_eval``: a linear classifier on the frozen backbone. The fast path extracts features once
   (deterministic test-time transform), standardises them and trains on the cached tensors; with
   ``--fc_augment`` it trains through the frozen backbone on freshly augmented images each epoch
@@ -9,6 +8,8 @@
 * ``finetune``: the whole network, with augmentation (SimCLR appendix B.5).
 * ``--semi_ratio``: fine-tune/probe on a class-balanced, seeded subset of the labels, saved in the
   run so every checkpoint sees the same images (ImageNet: the standard 1%/10% lists when present).
+
+``PROTOCOLS`` maps each ``--transfer_mode`` to its function; a new protocol is one function and one entry.
 """
 from __future__ import annotations
 
@@ -17,78 +18,30 @@ import math
 import os
 import sys
 from argparse import Namespace
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from common.device import pick_device
+from common.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from common.errors import UserError
 from data import load_split
 from data.datasets import Split
 from engine import checkpoint as ckpt_io
-from engine.distributed import (DistInfo, barrier, broadcast_object, gather_no_grad, get_rank, get_world_size,
-                                init_distributed)
-from engine.errors import UserError
+from engine.knn import Transformed, extract_features, knn_scores, topk_correct
 from engine.optim import build_optimizer, lr_schedule
 from engine.runlog import new_run_dir
 from models.backbones import build_backbone
 
 
-# ----------------------------------------------------------------------------- metrics and references
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
-    """Number of samples whose label is among the k highest scores, for each k."""
-    k_max = min(max(ks), logits.shape[1])
-    top = logits.topk(k_max, dim=1).indices  # (N, k_max)
-    hit = top == labels[:, None]
-    return [int(hit[:, : min(k, k_max)].any(dim=1).sum()) for k in ks]
-
-
-@torch.no_grad()
-def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-               num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Class scores (N_test, C) of weighted kNN on cosine similarity."""
-    train = F.normalize(train_feats.float(), dim=1)
-    k = min(k, train.shape[0])
-    out = []
-    for start in range(0, test_feats.shape[0], chunk):
-        q = F.normalize(test_feats[start:start + chunk].float(), dim=1)
-        sim, idx = (q @ train.T).topk(k, dim=1)  # (B, k)
-        weights = (sim / temperature).exp()
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        out.append(votes)
-    return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------- features
-class _Transformed(Dataset):
-    def __init__(self, base: Dataset, transform) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int):
-        image, label = self.base[i]
-        if isinstance(image, torch.Tensor):
-            image = tv_tensors.Image(image)
-        return self.transform(image), label, i
-
-
-def test_transform(split: Split) -> v2.Compose:
-    """Centre view: images at the training size pass through; larger ones resize to 8/7 and crop."""
-    ops: list = [v2.ToImage()]
-    if not split.in_memory or split.image_size > 64:
-        ops += [v2.Resize(int(round(split.image_size * 8 / 7)), antialias=True), v2.CenterCrop(split.image_size)]
-    elif split.dataset[0][0].shape[-1] != split.image_size:
-        ops += [v2.Resize(split.image_size, antialias=True)]
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(split.mean, split.std)])
-
-
+# ----------------------------------------------------------------------------- classifiers
 def train_transform(split: Split) -> v2.Compose:
     """SimCLR's linear-eval / fine-tuning augmentation: random resized crop and flip."""
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(split.image_size, antialias=True),
@@ -96,55 +49,7 @@ def train_transform(split: Split) -> v2.Compose:
                        v2.Normalize(split.mean, split.std)])
 
 
-@torch.no_grad()
-def extract_features(backbone: nn.Module, split: Split, device: torch.device, batch_size: int, workers: int,
-                     desc: str = "features", show: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features and labels of a whole split, in dataset order. Each rank embeds every
-    W-th image and the shards are gathered, so all ranks return the full tensors."""
-    rank, world = get_rank(), get_world_size()
-    n = len(split.dataset)
-    mine = list(range(rank, n, world))
-    per_rank = math.ceil(n / world)
-    loader = DataLoader(Subset(_Transformed(split.dataset, test_transform(split)), mine), batch_size=batch_size,
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels, index = [], [], []
-    for x, y, i in tqdm(loader, desc=desc, disable=not (show and rank == 0), leave=False, file=sys.stdout):
-        feats.append(backbone(x.to(device, non_blocking=True)).float())
-        labels.append(y.to(device))
-        index.append(i.to(device))
-    backbone.train(was_training)
-    f, y, i = torch.cat(feats), torch.cat(labels), torch.cat(index)
-    if world > 1:  # pad every shard to the same length, gather, drop the padding, restore the order
-        pad = per_rank - f.shape[0]
-        f = torch.cat([f, f.new_zeros(pad, f.shape[1])])
-        y = torch.cat([y, y.new_full((pad,), -1)])
-        i = torch.cat([i, i.new_full((pad,), -1)])
-        f, y, i = gather_no_grad(f), gather_no_grad(y), gather_no_grad(i)
-        keep = i >= 0
-        f, y, i = f[keep], y[keep], i[keep]
-    order = torch.argsort(i)
-    return f[order], y[order]
 
-
-class KnnMonitor:
-    """kNN top-1 on the test split during pretraining (``--eval_every_n_epochs``), labelled train split
-    as the memory: the number that tells a user early whether a run is learning."""
-
-    def __init__(self, cfg: Namespace, image_size: int, device: torch.device) -> None:
-        self.train = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, image_size=image_size)
-        self.test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=image_size)
-        self.device, self.workers, self.k, self.t = device, cfg.workers, cfg.knn_k, cfg.knn_temperature
-
-    def __call__(self, backbone: nn.Module) -> float:
-        train_x, train_y = extract_features(backbone, self.train, self.device, 512, self.workers, show=False)
-        test_x, test_y = extract_features(backbone, self.test, self.device, 512, self.workers, show=False)
-        scores = knn_scores(train_x, train_y, test_x, self.train.num_classes, self.k, self.t)
-        return 100.0 * topk_correct(scores, test_y, ks=(1,))[0] / len(test_y)
-
-
-# ----------------------------------------------------------------------------- classifiers
 def fit_linear_on_features(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int,
                            batch_size: int, lr: float, weight_decay: float, momentum: float, optimizer: str,
                            scheduler: str, seed: int, show: bool = True) -> nn.Module:
@@ -188,7 +93,7 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
     if not finetune:
         backbone.requires_grad_(False)
     model = nn.Sequential(backbone, head).to(device)
-    dataset: Dataset = _Transformed(split.dataset, train_transform(split))
+    dataset: Dataset = Transformed(split.dataset, train_transform(split))
     if train_indices is not None:
         dataset = Subset(dataset, train_indices)
     bs = min(cfg.fc_batch_size, len(dataset))
@@ -349,26 +254,83 @@ def load_backbone(path: str | None, arch: str, cifar_stem: bool) -> tuple[nn.Mod
     return backbone, dim
 
 
+@dataclass
+class EvalJob:
+    """What every protocol gets: the settings, the splits, and the labelled training subset (None: all)."""
+
+    cfg: Namespace
+    dist: DistInfo
+    device: torch.device
+    train: Split
+    test: Split
+    train_indices: list[int] | None
+
+    @property
+    def batch(self) -> int:  # feature extraction batch
+        return min(self.cfg.fc_batch_size, 512)
+
+    def train_features(self, backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = extract_features(backbone, self.train, self.device, self.batch, self.cfg.workers, "train features",
+                                self.dist.is_main)
+        if self.train_indices is None:
+            return x, y
+        sel = torch.tensor(self.train_indices, device=x.device)
+        return x[sel], y[sel]
+
+    def fc_settings(self) -> dict:
+        cfg = self.cfg
+        return dict(fc_epochs=cfg.fc_epochs, fc_lr=cfg.fc_lr, fc_batch_size=cfg.fc_batch_size,
+                    fc_optimizer=cfg.fc_optimizer, fc_weight_decay=cfg.fc_weight_decay)
+
+
+# A protocol: (job, backbone, feature dim, test features) -> (test scores, record fields, test features to plot).
+Protocol = Callable[[EvalJob, nn.Module, int, torch.Tensor], tuple[torch.Tensor, dict, torch.Tensor]]
+
+
+def knn_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor):
+    train_x, train_y = job.train_features(backbone)
+    scores = knn_scores(train_x, train_y, test_x, job.train.num_classes, job.cfg.knn_k, job.cfg.knn_temperature)
+    return scores, dict(k=job.cfg.knn_k, temperature=job.cfg.knn_temperature), test_x
+
+
+def linear_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor):
+    cfg = job.cfg
+    if cfg.fc_augment:
+        return _train_through(job, backbone, dim, test_x, finetune=False)
+    train_x, train_y = job.train_features(backbone)
+    head = fit_linear_on_features(train_x, train_y, job.train.num_classes, cfg.fc_epochs, cfg.fc_batch_size,
+                                  cfg.fc_lr, cfg.fc_weight_decay, cfg.fc_momentum, cfg.fc_optimizer,
+                                  cfg.fc_scheduler, cfg.seed, job.dist.is_main)
+    with torch.no_grad():
+        scores = head(test_x)
+    return scores, dict(path="cached features", **job.fc_settings()), test_x
+
+
+def finetune_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor):
+    return _train_through(job, backbone, dim, test_x, finetune=True)
+
+
+def _train_through(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor, finetune: bool):
+    """Train on augmented images through the backbone (frozen or not); fine-tuning plots its own features."""
+    model = fit_network(backbone, dim, job.train, job.train_indices, job.cfg, job.dist, job.device, finetune)
+    scores, _ = extract_features(model, job.test, job.device, job.batch, job.cfg.workers, "test logits",
+                                 job.dist.is_main)
+    if finetune:
+        test_x, _ = extract_features(model[0], job.test, job.device, job.batch, job.cfg.workers, show=False)
+    return scores, dict(path="augmented", **job.fc_settings()), test_x
+
+
+PROTOCOLS: dict[str, Protocol] = {"linear_eval": linear_protocol, "finetune": finetune_protocol, "knn": knn_protocol}
+
+
 def evaluate(cfg: Namespace) -> list[dict]:
     """Run the evaluation ``cfg`` describes; returns the result records (also written as json)."""
-    from engine.pretrain import pick_device
-
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     chosen = select_checkpoints(cfg)
     train = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, image_size=cfg.image_size)
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size)
-    if chosen[0][1] is None:
-        out_dir = None
-        if dist.is_main:
-            out_dir = os.path.join(new_run_dir(cfg.results_dir, cfg.dataset_name, 0, f"random-init-{cfg.arch}"),
-                                   "eval")
-        out_dir = broadcast_object(out_dir)
-    else:
-        out_dir = os.path.join(cfg.checkpoint_dir, "eval")
-    if dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    barrier()
+    out_dir = _output_dir(cfg, dist, random_init=chosen[0][1] is None)
     writer = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -378,77 +340,80 @@ def evaluate(cfg: Namespace) -> list[dict]:
     if cfg.semi_ratio is not None:
         train_indices = broadcast_object(semi_subset(train, cfg.semi_ratio, cfg.seed, cfg.data, cfg.dataset_name,
                                                      out_dir) if dist.is_main else None)
+    job = EvalJob(cfg, dist, device, train, test, train_indices)
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else train.image_size <= 64
     results = []
     for epoch, path in chosen:
         torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
         backbone, dim = load_backbone(path, cfg.arch, cifar_stem)
         backbone = backbone.to(device)
+        test_x, test_y = extract_features(backbone, test, device, job.batch, cfg.workers, "test features",
+                                          dist.is_main)
+        scores, fields, test_x = PROTOCOLS[cfg.transfer_mode](job, backbone, dim, test_x)
+        top1, top5 = topk_correct(scores, test_y)
         record = {"mode": cfg.transfer_mode, "dataset": cfg.dataset_name, "checkpoint_epoch": epoch,
                   "checkpoint": path or "random-init", "arch": cfg.arch, "semi_ratio": cfg.semi_ratio,
                   "train_images": len(train_indices) if train_indices is not None else len(train.dataset),
-                  "test_images": len(test.dataset)}
-        bs = cfg.fc_batch_size
-        test_x, test_y = extract_features(backbone, test, device, min(bs, 512), cfg.workers, "test features",
-                                          dist.is_main)
-        if cfg.transfer_mode == "knn" or (cfg.transfer_mode == "linear_eval" and not cfg.fc_augment):
-            train_x, train_y = extract_features(backbone, train, device, min(bs, 512), cfg.workers,
-                                                "train features", dist.is_main)
-            if train_indices is not None:
-                sel = torch.tensor(train_indices, device=train_x.device)
-                train_x, train_y = train_x[sel], train_y[sel]
-            if cfg.transfer_mode == "knn":
-                scores = knn_scores(train_x, train_y, test_x, train.num_classes, cfg.knn_k, cfg.knn_temperature)
-                record.update(k=cfg.knn_k, temperature=cfg.knn_temperature)
-            else:
-                head = fit_linear_on_features(train_x, train_y, train.num_classes, cfg.fc_epochs, bs, cfg.fc_lr,
-                                              cfg.fc_weight_decay, cfg.fc_momentum, cfg.fc_optimizer,
-                                              cfg.fc_scheduler, cfg.seed, dist.is_main)
-                with torch.no_grad():
-                    scores = head(test_x)
-                record.update(path="cached features")
-        else:
-            model = fit_network(backbone, dim, train, train_indices, cfg, dist, device,
-                                finetune=cfg.transfer_mode == "finetune")
-            scores, _ = extract_features(model, test, device, min(bs, 512), cfg.workers, "test logits",
-                                         dist.is_main)
-            record.update(path="augmented")
-            if cfg.transfer_mode == "finetune":  # plot what fine-tuning made of the features
-                test_x, _ = extract_features(model[0], test, device, min(bs, 512), cfg.workers, show=False)
-        if cfg.transfer_mode != "knn":
-            record.update(fc_epochs=cfg.fc_epochs, fc_lr=cfg.fc_lr, fc_batch_size=bs, fc_optimizer=cfg.fc_optimizer,
-                          fc_weight_decay=cfg.fc_weight_decay)
-        top1, top5 = topk_correct(scores, test_y)
-        record.update(top1=100.0 * top1 / len(test_y), top5=100.0 * top5 / len(test_y))
+                  "test_images": len(test.dataset), **fields,
+                  "top1": 100.0 * top1 / len(test_y), "top5": 100.0 * top5 / len(test_y)}
         results.append(record)
         if dist.is_main:
-            tag = f"{cfg.transfer_mode}{'' if cfg.semi_ratio is None else f'_semi{cfg.semi_ratio:g}'}"
-            with open(os.path.join(out_dir, f"{tag}_epoch{epoch:04d}.json"), "w") as f:
-                json.dump(record, f, indent=1)
-            writer.add_scalar(f"eval/{tag}_top1", record["top1"], epoch)
-            writer.add_scalar(f"eval/{tag}_top5", record["top5"], epoch)
-            print(f"{tag} epoch {epoch}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
-                  f"({len(test_y)} test images)", flush=True)
+            _report(cfg, record, out_dir, writer)
     if dist.is_main:
-        if cfg.tsne:
-            names = _class_names(test)
-            epoch = chosen[-1][0]
-            png = os.path.join(out_dir, f"tsne_{cfg.transfer_mode}_epoch{epoch:04d}.png")
-            plot_tsne(test_x, test_y, names, png, f"t-SNE of test backbone features ({cfg.transfer_mode}), "
-                      f"checkpoint epoch {epoch}", cfg.seed)
-            writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]],
-                                 tag=f"test_features_epoch{epoch:04d}")
-            print(f"t-SNE: {png}")
-        if cfg.eval_all:
-            summary = os.path.join(out_dir, f"{cfg.transfer_mode}_all_epochs")
-            with open(summary + ".json", "w") as f:
-                json.dump(results, f, indent=1)
-            plot_accuracy_vs_epoch(results, summary + ".png",
-                                   f"{cfg.transfer_mode} on {cfg.dataset_name} against pretraining epoch")
-            print(f"accuracy against epoch: {summary}.png")
-        writer.close()
-        print(f"results in {out_dir}")
+        _finish(cfg, results, out_dir, writer, test, test_x, test_y, chosen[-1][0])
     return results
+
+
+def _output_dir(cfg: Namespace, dist: DistInfo, random_init: bool) -> str:
+    """``RUN/eval``; a random-init baseline gets a fresh run directory of its own."""
+    if not random_init:
+        out_dir = os.path.join(cfg.checkpoint_dir, "eval")
+    else:
+        out_dir = None
+        if dist.is_main:
+            out_dir = os.path.join(new_run_dir(cfg.results_dir, cfg.dataset_name, 0, f"random-init-{cfg.arch}"),
+                                   "eval")
+        out_dir = broadcast_object(out_dir)
+    if dist.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    barrier()
+    return out_dir
+
+
+def _tag(cfg: Namespace) -> str:
+    return f"{cfg.transfer_mode}{'' if cfg.semi_ratio is None else f'_semi{cfg.semi_ratio:g}'}"
+
+
+def _report(cfg: Namespace, record: dict, out_dir: str, writer) -> None:
+    tag, epoch = _tag(cfg), record["checkpoint_epoch"]
+    with open(os.path.join(out_dir, f"{tag}_epoch{epoch:04d}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    writer.add_scalar(f"eval/{tag}_top1", record["top1"], epoch)
+    writer.add_scalar(f"eval/{tag}_top5", record["top5"], epoch)
+    print(f"{tag} epoch {epoch}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
+          f"({record['test_images']} test images)", flush=True)
+
+
+def _finish(cfg: Namespace, results: list[dict], out_dir: str, writer, test: Split, test_x: torch.Tensor,
+            test_y: torch.Tensor, epoch: int) -> None:
+    """t-SNE of the last checkpoint's test features, the accuracy-against-epoch plot, closing lines."""
+    if cfg.tsne:
+        names = _class_names(test)
+        png = os.path.join(out_dir, f"tsne_{cfg.transfer_mode}_epoch{epoch:04d}.png")
+        plot_tsne(test_x, test_y, names, png, f"t-SNE of test backbone features ({cfg.transfer_mode}), "
+                  f"checkpoint epoch {epoch}", cfg.seed)
+        writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]],
+                             tag=f"test_features_epoch{epoch:04d}")
+        print(f"t-SNE: {png}")
+    if cfg.eval_all:
+        summary = os.path.join(out_dir, f"{cfg.transfer_mode}_all_epochs")
+        with open(summary + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        plot_accuracy_vs_epoch(results, summary + ".png",
+                               f"{cfg.transfer_mode} on {cfg.dataset_name} against pretraining epoch")
+        print(f"accuracy against epoch: {summary}.png")
+    writer.close()
+    print(f"results in {out_dir}")
 
 
 def _class_names(split: Split) -> list[str]:

@@ -3,6 +3,9 @@
 views -> method(views, index) -> loss (negatives gathered from every rank inside the method) ->
 finite check on all ranks -> backward -> optimizer step with the per-step LR -> method.after_step
 (BYOL EMA, InsDis bank) -> metrics; a checkpoint every ``--save_every_n_epochs`` and at the end.
+
+Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one step),
+:func:`train_epoch` (one pass with progress and logs), :func:`end_epoch` (monitor, metrics, checkpoint).
 """
 from __future__ import annotations
 
@@ -10,94 +13,130 @@ import os
 import sys
 import time
 from argparse import Namespace
-from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import MultiViewDataset, load_split, view_specs, view_transform
-from data.augment import EpochSampler, default_blur, default_jitter_strength
-from data.batched_augment import BatchedViews, DeviceLoader
-from engine import checkpoint as ckpt_io
-from engine.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+from common.device import pick_device
+from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                                 init_distributed)
-from engine.errors import UserError
+from common.errors import UserError
+from data.augment import default_blur
+from data.datasets import Split, load_split
+from data.loaders import pretrain_loader
+from engine import checkpoint as ckpt_io
+from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, lr_schedule, scaled_lr
-from engine.runlog import MetricsLog, new_run_dir, plot_curves, write_config
+from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, write_config
 from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(cfg: Namespace) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
-
-
-def resident_images(split, cfg: Namespace) -> torch.Tensor:
-    """All training images as one uint8 (N, 3, H, W) tensor, for the device-resident fast path."""
-    if split.in_memory:
-        return split.dataset.images
-    if cfg.dataset_name != "folder":
-        raise UserError(f"--faster_version keeps the dataset in memory, which {cfg.dataset_name} does not fit; "
-                        "drop --faster_version for this dataset")
-    from PIL import Image
-
-    n = len(split.dataset)
-    with Image.open(split.dataset.samples[0][0]) as first:
-        w, h = first.size
-    if n * 3 * w * h > MAX_RESIDENT_BYTES:
-        raise UserError(f"--faster_version: {n} images of {w}x{h} need {n * 3 * w * h / 2**30:.1f} GiB, more than "
-                        f"the {MAX_RESIDENT_BYTES / 2**30:.0f} GiB limit; drop --faster_version")
-    images = torch.empty(n, 3, h, w, dtype=torch.uint8)
-    for i, (path, _) in enumerate(tqdm(split.dataset.samples, desc="loading images", leave=False, file=sys.stdout)):
-        with Image.open(path) as img:
-            if img.size != (w, h):
-                raise UserError(f"--faster_version needs images of one size; {path} is {img.size[0]}x{img.size[1]}, "
-                                f"not {w}x{h}; drop --faster_version")
-            images[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    return images
-
-
-def build_loader(cfg: Namespace, dist: DistInfo, device: torch.device):
-    """Returns (loader, things to set_epoch on, number of images, crop size)."""
+def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
+    """Run (or continue) pretraining; returns the run directory."""
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)
+    check_setup(cfg, dist, device)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size)
-    size = split.image_size
-    blur = cfg.blur if cfg.blur is not None else default_blur(size)
-    strength = cfg.color_jitter_strength if cfg.color_jitter_strength is not None else default_jitter_strength(size)
-    specs = view_specs(cfg.clr, cfg.n_views, blur)
-    n = len(split.dataset)
-    if n < cfg.batch_size:
-        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({n} images); "
-                        "lower --batch_size")
-    if cfg.faster_version:
-        views = [BatchedViews(size, spec, strength, cfg.min_crop_scale, split.mean, split.std) for spec in specs]
-        loader = DeviceLoader(resident_images(split, cfg).to(device), views, cfg.batch_size, cfg.seed,
-                              dist.rank, dist.world_size)
-        return loader, [loader], n, size
-    transforms = [view_transform(size, spec, strength, cfg.min_crop_scale, split.mean, split.std) for spec in specs]
-    dataset = MultiViewDataset(split.dataset, transforms, seed=cfg.seed)
-    # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
-    # batches is exactly the one-process step-k batch of the same global size.
-    # Workers persist across epochs (no start-up wait at each epoch); the sampler hands them the epoch.
-    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                              seed=cfg.seed, drop_last=True))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size // dist.world_size, sampler=sampler,
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers > 0 else None)
-    return loader, [sampler], n, size
+    loader, epoch_setters = build_loader(cfg, split, dist, device)
+    method, memory_format = build_model(cfg, split, dist, device)
+
+    steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling)
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    schedule = lr_schedule(peak_lr, total_steps, warmup_steps, cfg.scheduler)
+    optimizer = build_optimizer(cfg.optimizer, method, peak_lr, cfg.weight_decay, cfg.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    start_epoch, step = 0, 0
+    if resume is not None:
+        start_epoch, step = ckpt_io.restore(resume, resume_path, method, optimizer, scaler, steps_per_epoch)
+    model = wrap_model(method, cfg, dist, device)
+
+    run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
+    writer = metrics = None
+    if dist.is_main:
+        write_config(run_dir, vars(cfg))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir, purge_step=step if resume else None)
+        metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
+        print(f"run directory: {run_dir}", flush=True)
+    if resume is not None:
+        ckpt_io.restore_rng(resume, dist)
+    monitor = None
+    if cfg.eval_every_n_epochs:
+        monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
+                             cfg.knn_temperature, cfg.download)
+
+    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+    if start_epoch >= last_epoch and dist.is_main:
+        print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
+    trainer = Trainer(model, method, optimizer, scaler, schedule, device=device, precision=cfg.precision,
+                      memory_format=memory_format, total_steps=total_steps, step=step, last_ckpt=resume_path)
+    schedule_record = {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": total_steps,
+                       "warmup_steps": warmup_steps, "steps_per_epoch": steps_per_epoch}
+    for epoch in range(start_epoch, last_epoch):
+        for target in epoch_setters:
+            target.set_epoch(epoch)
+        record = train_epoch(trainer, loader, epoch, steps_per_epoch, cfg, dist, writer)
+        end_epoch(trainer, record, cfg, dist, run_dir, writer, metrics, monitor, last_epoch, schedule_record)
+    barrier()
+    if writer is not None:
+        writer.close()
+        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+              f"TensorBoard events are in {run_dir}", flush=True)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- set-up
+def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
+    """Refuse settings this process group or device cannot run."""
+    if cfg.batch_size % dist.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} (global) does not divide over {dist.world_size} "
+                        "processes; pick a multiple of the world size")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
+    if sync_bn and dist.enabled and device.type != "cuda":
+        raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                        "drop it or pass --no-sync_bn")
+
+
+def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):
+    """The pretraining loader with the method's view recipe; returns (loader, things to set_epoch on)."""
+    blur = cfg.blur if cfg.blur is not None else default_blur(split.image_size)
+    views = METHODS[cfg.clr].views(cfg.n_views, blur)
+    return pretrain_loader(split, views, cfg.batch_size, cfg.seed, dataset_name=cfg.dataset_name, rank=dist.rank,
+                           world_size=dist.world_size, workers=cfg.workers, device=device, faster=cfg.faster_version,
+                           jitter_strength=cfg.color_jitter_strength, min_crop_scale=cfg.min_crop_scale)
+
+
+def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):
+    """The method on its device (SyncBatchNorm across GPUs, NHWC unless --no-channels_last)."""
+    cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else split.image_size <= 64
+    method = build_method(cfg, num_data=len(split.dataset), cifar_stem=cifar_stem)
+    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
+    if sync_bn and dist.enabled:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    # on unless --no-channels_last (older runs saved None)
+    memory_format = torch.channels_last if cfg.channels_last is not False else torch.contiguous_format
+    return method.to(device, memory_format=memory_format), memory_format
+
+
+def wrap_model(method: nn.Module, cfg: Namespace, dist: DistInfo, device: torch.device) -> nn.Module:
+    """DDP across ranks, then torch.compile when asked; the unwrapped method stays what is saved."""
+    model = method
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return torch.compile(model) if cfg.compile else model
 
 
 def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
@@ -112,13 +151,14 @@ def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
             else:
                 os.makedirs(run_dir, exist_ok=True)
         else:
-            run_dir = new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size, METHODS[cfg.clr])
+            run_dir = new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size, METHODS[cfg.clr].display)
     run_dir = broadcast_object(run_dir)
     if isinstance(run_dir, UserError):
         raise run_dir
     return run_dir
 
 
+# ----------------------------------------------------------------------------- one step
 class _LossCheck:
     """Stops every rank together, before the optimizer step, when any rank's loss is NaN or inf.
 
@@ -146,198 +186,97 @@ class _LossCheck:
                             "rerun")
 
 
-def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
-    """Run (or continue) pretraining; returns the run directory."""
-    device = pick_device(cfg)
-    dist = init_distributed(device.type)
-    if cfg.batch_size % dist.world_size:
-        raise UserError(f"--batch_size {cfg.batch_size} (global) does not divide over {dist.world_size} "
-                        "processes; pick a multiple of the world size")
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+class Trainer:
+    """Optimizer steps of any method: forward under autocast, finite check, backward, step, method hook.
 
-    loader, epoch_setters, num_data, image_size = build_loader(cfg, dist, device)
-    cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else image_size <= 64
-    method = build_method(cfg, num_data=num_data, cifar_stem=cifar_stem)
-    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
-    if sync_bn and dist.enabled and device.type != "cuda":
-        raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-                        "drop it or pass --no-sync_bn")
-    if sync_bn and dist.enabled:
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    # on unless --no-channels_last (older runs saved None)
-    memory_format = torch.channels_last if cfg.channels_last is not False else torch.contiguous_format
-    method = method.to(device, memory_format=memory_format)
+    ``model`` is what runs the forward (DDP/compiled); ``method`` the unwrapped module that owns
+    ``after_step`` and the state saved in checkpoints. ``step`` counts completed optimizer steps.
+    """
 
-    steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling)
-    schedule = lr_schedule(peak_lr, total_steps, cfg.warmup_epochs * steps_per_epoch, cfg.scheduler)
-    optimizer = build_optimizer(cfg.optimizer, method, peak_lr, cfg.weight_decay, cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    def __init__(self, model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
+                 memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None) -> None:
+        self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
+        self.device, self.memory_format = device, memory_format
+        self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
+        self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
 
-    start_epoch = 0
-    if resume is not None:
-        try:
-            method.load_state_dict(resume["model"])
-        except RuntimeError as err:
-            raise UserError(f"{resume_path} does not match this model ({str(err).splitlines()[0]}); "
-                            "resume with the run's own --model/--clr/head flags") from err
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        start_epoch = int(resume["epoch"])
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step (of the last one once the run is complete)."""
+        return float(self.schedule[min(self.step, len(self.schedule) - 1)])
 
-    model: nn.Module = method
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int) -> dict:
+        """One optimizer step on a batch; returns its logs as device tensors (no host sync)."""
+        views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
+        index = index.to(self.device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        with self.autocast:
+            loss, logs = self.model(views, index)
+        check = _LossCheck(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        check.raise_if_any(epoch, i, self.last_ckpt)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.method.after_step(self.step, self.total_steps)
+        return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
 
-    if cfg.compile:
-        model = torch.compile(model)
 
-    run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
-    writer = metrics = None
-    if dist.is_main:
-        write_config(run_dir, vars(cfg))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir, purge_step=start_epoch * steps_per_epoch if resume else None)
-        metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
-        print(f"run directory: {run_dir}", flush=True)
-    if resume is not None:
-        states = resume.get("rng", [])
-        if len(states) == dist.world_size:
-            ckpt_io.set_rng_state(states[dist.rank])
-        elif dist.is_main:
-            print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
-                  f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)
-
-    monitor = None
-    if cfg.eval_every_n_epochs:
-        from engine.evaluate import KnnMonitor
-
-        monitor = KnnMonitor(cfg, image_size, device)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[cfg.precision]) if cfg.precision in DTYPES
-                else nullcontext())
-    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
-    last_ckpt = resume_path
-    global_step = start_epoch * steps_per_epoch
-    if start_epoch >= last_epoch and dist.is_main:
-        print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
-
-    loop = _Loop(cfg, dist, device, model, method, optimizer, scaler, schedule, autocast, loader, steps_per_epoch,
-                 total_steps, writer, global_step, last_ckpt, memory_format)
-    for epoch in range(start_epoch, last_epoch):
-        for target in epoch_setters:
-            target.set_epoch(epoch)
-        record = loop.train_epoch(epoch)
-        completed = epoch + 1
-        if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
-            record["knn_top1"] = monitor(method.backbone)
+# ----------------------------------------------------------------------------- one epoch
+def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace, dist: DistInfo, writer) -> dict:
+    """One pass of ``steps`` batches with a progress bar and windowed logs; returns the epoch's record."""
+    trainer.model.train()
+    epoch_meter, window = Meter(), Meter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, dynamic_ncols=True,
+               leave=True, file=sys.stdout)
+    t_epoch = t_window = time.perf_counter()
+    for i, (views, index) in enumerate(loader):
+        if i >= steps:
+            break
+        lr = trainer.lr
+        logs = trainer.train_step(views, index, epoch, i)
+        epoch_meter.add(logs)
+        window.add(logs)
+        bar.update(1)
+        if window.count == cfg.log_every_n_steps or i == steps - 1:
+            now = time.perf_counter()
+            ips = window.count * cfg.batch_size / max(now - t_window, 1e-9)
+            values = window.means()
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
             if writer is not None:
-                writer.add_scalar("monitor/knn_top1", record["knn_top1"], loop.global_step)
-                tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
-        rng = all_gather_object(ckpt_io.rng_state())
-        if dist.is_main:
-            metrics.append(record)
-            if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch):
-                loop.last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
-                ckpt_io.atomic_save(loop.checkpoint(completed, peak_lr, rng), loop.last_ckpt)
-                plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
-                            f"{METHODS[cfg.clr]} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
-                tqdm.write(f"saved {loop.last_ckpt}")
-        loop.last_ckpt = broadcast_object(loop.last_ckpt)
-    barrier()
-    if writer is not None:
-        writer.close()
-        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
-              f"TensorBoard events are in {run_dir}", flush=True)
-    return run_dir
+                for k, v in {**values, "lr": lr, "images_per_s": ips}.items():
+                    writer.add_scalar(f"train/{k}", v, trainer.step)
+            window = Meter()
+            t_window = now
+    bar.close()
+    epoch_time = time.perf_counter() - t_epoch
+    return {"epoch": epoch + 1, "step": trainer.step, **epoch_meter.means(),
+            "lr": float(trainer.schedule[trainer.step - 1]), "epoch_time_s": epoch_time,
+            "images_per_s": steps * cfg.batch_size / epoch_time}
 
 
-@dataclass
-class _Loop:
-    """What one training epoch needs, and the two numbers it advances (step, last checkpoint)."""
-
-    cfg: Namespace
-    dist: DistInfo
-    device: torch.device
-    model: nn.Module  # the method, DDP-wrapped when distributed
-    method: nn.Module  # the unwrapped method, for after_step and state_dict
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    schedule: np.ndarray
-    autocast: object
-    loader: DataLoader
-    steps_per_epoch: int
-    total_steps: int
-    writer: object
-    global_step: int
-    last_ckpt: str | None
-    memory_format: torch.memory_format = torch.contiguous_format
-
-    def train_epoch(self, epoch: int) -> dict:
-        """One pass over the loader; returns the epoch's record for metrics.jsonl."""
-        cfg, device = self.cfg, self.device
-        self.model.train()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-        window_steps = 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main,
-                   dynamic_ncols=True, leave=True, file=sys.stdout)
-        t_epoch = t_window = time.perf_counter()
-        for step, (views, index) in enumerate(self.loader):
-            if step >= self.steps_per_epoch:
-                break
-            views = [v.to(device, non_blocking=True, memory_format=self.memory_format) for v in views]
-            index = index.to(device, non_blocking=True)
-            lr = float(self.schedule[self.global_step])
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with self.autocast:
-                loss, logs = self.model(views, index)
-            check = _LossCheck(loss)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            check.raise_if_any(epoch, step, self.last_ckpt)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.global_step += 1
-            self.method.after_step(self.global_step, self.total_steps)
-
-            logs = {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
-            for k, v in logs.items():
-                sums[k] += v
-                window[k] += v
-            window_steps += 1
-            bar.update(1)
-            if window_steps == cfg.log_every_n_steps or step == self.steps_per_epoch - 1:
-                now = time.perf_counter()
-                ips = window_steps * cfg.batch_size / max(now - t_window, 1e-9)
-                values = {k: (v / window_steps).item() for k, v in window.items()}
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                if self.writer is not None:
-                    for k, v in values.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
-                    self.writer.add_scalar("train/lr", lr, self.global_step)
-                    self.writer.add_scalar("train/images_per_s", ips, self.global_step)
-                window.clear()
-                window_steps, t_window = 0, now
-        bar.close()
-        epoch_time = time.perf_counter() - t_epoch
-        return {"epoch": epoch + 1, "step": self.global_step,
-                **{k: (v / self.steps_per_epoch).item() for k, v in sums.items()},
-                "lr": float(self.schedule[self.global_step - 1]), "epoch_time_s": epoch_time,
-                "images_per_s": self.steps_per_epoch * cfg.batch_size / epoch_time}
-
-    def checkpoint(self, epoch: int, peak_lr: float, rng: list) -> dict:
-        """Everything a resume needs, as weights_only-loadable tensors and Python values."""
-        cfg = self.cfg
-        return {
-            "epoch": epoch, "global_step": self.global_step, "clr": cfg.clr, "arch": cfg.arch,
-            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": self.total_steps,
-                          "warmup_steps": cfg.warmup_epochs * self.steps_per_epoch, "step": self.global_step},
-            "scaler": self.scaler.state_dict(), "rng": rng, "args": vars(cfg),
-        }
+def end_epoch(trainer: Trainer, record: dict, cfg: Namespace, dist: DistInfo, run_dir: str, writer,
+              metrics: MetricsLog | None, monitor: KnnMonitor | None, last_epoch: int, schedule: dict) -> None:
+    """kNN monitor, metrics line, and (every --save_every_n_epochs and at the end) checkpoint and curves."""
+    completed = record["epoch"]
+    if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
+        record["knn_top1"] = monitor(trainer.method.backbone)
+        if writer is not None:
+            writer.add_scalar("monitor/knn_top1", record["knn_top1"], trainer.step)
+            tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
+    rng = all_gather_object(ckpt_io.rng_state())
+    if dist.is_main:
+        metrics.append(record)
+        if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch):
+            trainer.last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
+            state = ckpt_io.training_state(epoch=completed, step=trainer.step, method=trainer.method,
+                                           optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=schedule,
+                                           rng=rng, args=vars(cfg))
+            ckpt_io.atomic_save(state, trainer.last_ckpt)
+            plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
+                        f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
+            tqdm.write(f"saved {trainer.last_ckpt}")
+    trainer.last_ckpt = broadcast_object(trainer.last_ckpt)

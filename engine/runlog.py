@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 
+import torch
 import yaml
 
 
@@ -26,6 +27,22 @@ def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) ->
 def write_config(run_dir: str, cfg: dict) -> None:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=True)
+
+
+class Meter:
+    """Running means of scalar tensors, summed on their device; reading them is the one host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: (v / self.count).item() for k, v in self.sums.items()}
 
 
 class MetricsLog:

@@ -4,7 +4,7 @@ Representations", SimCLR) and the logits builder it shares with FlatNCE.
 Every anchor has ``n_views - 1`` positives (the other views of its image) and, as negatives, every
 view of every other image in the *global* batch: with two views and a global batch of N images that
 is one positive and 2N - 2 negatives per anchor. Keys may come from other ranks: pass the keys
-gathered with :func:`engine.distributed.gather_with_grad` and this rank's offset into them.
+gathered with :func:`common.distributed.gather_with_grad` and this rank's offset into them.
 """
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from engine.checkpoint import list_checkpoints
-from engine.distributed import gather_no_grad, gather_with_grad
-from engine.errors import UserError
+from common.distributed import gather_no_grad, gather_with_grad
+from common.errors import UserError
 from losses import contrastive_logits, flatnce_loss, infonce_loss
 from main import main
+from models import METHODS
 from tests.conftest import ROOT, TINY
 
 WORLD = 2
@@ -158,10 +159,9 @@ def _torchrun(args, cwd, nproc=WORLD):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("clr, method, extra", [("simclr", "SimCLR", []), ("flatclr", "FlatCLR", []),
-                                                ("byol", "BYOL", []), ("insdis", "InsDis", []),
-                                                ("simclr", "SimCLR", ["--faster_version"])])
-def test_torchrun_two_processes_write_one_run_directory(clr, method, extra, tmp_path):
+@pytest.mark.parametrize("clr, extra", [(clr, []) for clr in METHODS] + [("simclr", ["--faster_version"])])
+def test_torchrun_two_processes_write_one_run_directory(clr, extra, tmp_path):
+    method = METHODS[clr].display
     proc = _torchrun(TINY + [f"--clr={clr}", "--epochs=2", "--results_dir=results"] + extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = tmp_path / "results" / "digits" / f"16_{method}"

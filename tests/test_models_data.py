@@ -2,9 +2,10 @@
 import torch
 import torch.nn as nn
 
-from data import MultiViewDataset, load_split, view_specs, view_transform
+from data import MultiViewDataset, load_split, view_transform
 from main import resolve
-from models import BYOL, build_method
+from models import METHODS, build_method
+from models.methods import BYOL
 from models.backbones import build_backbone
 
 
@@ -51,7 +52,7 @@ def test_digits_split_is_fixed_stratified_and_uint8():
 
 def test_views_are_fresh_per_epoch_and_reproducible_per_seed():
     split = load_split("digits", "unused", train=True)
-    transforms = [view_transform(32, s, 0.5, 0.08, split.mean, split.std) for s in view_specs("byol", 2, False)]
+    transforms = [view_transform(32, s, 0.5, 0.08, split.mean, split.std) for s in METHODS["byol"].views(2, False)]
     ds = MultiViewDataset(split.dataset, transforms, seed=0)
     (a1, a2), idx = ds[5]
     assert idx == 5 and a1.shape == (3, 32, 32) and a1.dtype == torch.float32
@@ -61,7 +62,7 @@ def test_views_are_fresh_per_epoch_and_reproducible_per_seed():
     ds.set_epoch(1)
     fresh, _ = ds[5]
     assert not torch.equal(fresh[0], a1)  # next epoch: new views
-    specs = view_specs("byol", 2, blur=True)
+    specs = METHODS["byol"].views(2, blur=True)
     assert (specs[0].blur_p, specs[0].solarize_p, specs[1].blur_p, specs[1].solarize_p) == (1.0, 0.0, 0.1, 0.2)
 
 
@@ -72,7 +73,7 @@ def test_persistent_workers_see_each_new_epoch():
     from data.augment import EpochSampler
 
     split = load_split("digits", "unused", train=True)
-    transforms = [view_transform(16, s, 0.5, 0.08, split.mean, split.std) for s in view_specs("simclr", 2, False)]
+    transforms = [view_transform(16, s, 0.5, 0.08, split.mean, split.std) for s in METHODS["simclr"].views(2, False)]
     ds = MultiViewDataset(Subset(split.dataset, range(24)), transforms, seed=0)
     sampler = EpochSampler(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0))
     loader = DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2, persistent_workers=True)

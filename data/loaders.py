@@ -1,0 +1,76 @@
+"""Pretraining loaders: the standard one (DataLoader workers make the views) and the device-resident one
+(``--faster_version``: the dataset as uint8 on the training device, views made there in batches).
+
+Both yield ``(list of views, dataset indices)`` and have a ``set_epoch``; both take explicit arguments, so
+benchmarks and tests build them without a config.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common.errors import UserError
+from data.augment import EpochSampler, MultiViewDataset, ViewSpec, default_jitter_strength, view_transform
+from data.batched_augment import BatchedViews, DeviceLoader
+from data.datasets import Split
+
+MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
+
+
+def resident_images(split: Split, dataset_name: str) -> torch.Tensor:
+    """All images of ``split`` as one uint8 (N, 3, H, W) tensor, for the device-resident fast path.
+    In-memory datasets hand over their tensor; an image folder is read when every image has one size."""
+    if split.in_memory:
+        return split.dataset.images
+    if dataset_name != "folder":  # ImageNet-sized folders do not fit; a folder of small images may
+        raise UserError(f"--faster_version keeps the dataset in memory, which {dataset_name} does not fit; "
+                        "drop --faster_version for this dataset")
+    from PIL import Image
+
+    n = len(split.dataset)
+    with Image.open(split.dataset.samples[0][0]) as first:
+        w, h = first.size
+    if n * 3 * w * h > MAX_RESIDENT_BYTES:
+        raise UserError(f"--faster_version: {n} images of {w}x{h} need {n * 3 * w * h / 2**30:.1f} GiB, more than "
+                        f"the {MAX_RESIDENT_BYTES / 2**30:.0f} GiB limit; drop --faster_version")
+    images = torch.empty(n, 3, h, w, dtype=torch.uint8)
+    for i, (path, _) in enumerate(tqdm(split.dataset.samples, desc="loading images", leave=False, file=sys.stdout)):
+        with Image.open(path) as img:
+            if img.size != (w, h):
+                raise UserError(f"--faster_version needs images of one size; {path} is {img.size[0]}x{img.size[1]}, "
+                                f"not {w}x{h}; drop --faster_version")
+            images[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    return images
+
+
+def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: int, *, dataset_name: str = "",
+                    rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | None = None,
+                    faster: bool = False, jitter_strength: float | None = None, min_crop_scale: float = 0.08):
+    """The loader of ``split`` with one view per entry of ``views``; ``batch_size`` is the global batch.
+    Returns ``(loader, epoch_setters)``: call ``set_epoch(e)`` on each setter before epoch ``e``."""
+    device = device or torch.device("cpu")
+    size = split.image_size
+    n = len(split.dataset)
+    if n < batch_size:
+        raise UserError(f"--batch_size {batch_size} is larger than the dataset ({n} images); lower --batch_size")
+    strength = jitter_strength if jitter_strength is not None else default_jitter_strength(size)
+    if faster:
+        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        loader = DeviceLoader(resident_images(split, dataset_name).to(device), batched, batch_size, seed, rank,
+                              world_size)
+        return loader, [loader]
+    transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+    dataset = MultiViewDataset(split.dataset, transforms, seed=seed)
+    # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
+    # batches is exactly the one-process step-k batch of the same global size.
+    # Workers persist across epochs (no start-up wait at each epoch); the sampler hands them the epoch.
+    sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                              drop_last=True))
+    loader = DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers > 0 else None)
+    return loader, [sampler]

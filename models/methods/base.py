@@ -1,0 +1,91 @@
+"""What a method is: an ``nn.Module`` that owns its networks and its loss (the MoCo-v3 pattern), and a
+:class:`MethodSpec` that tells the rest of the tool everything else about it (name, flags, views, checks).
+
+``forward(views, index) -> (loss, logs)`` and ``after_step(step, total_steps)`` are all the training loop
+calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from data.augment import ViewSpec, symmetric_views
+
+Logs = dict[str, torch.Tensor]
+
+
+class SSLMethod(nn.Module):
+    """Backbone + projector; subclasses define the objective.
+
+    ``LEGACY_KEYS`` renames state-dict keys of checkpoints written by older versions of a method
+    (old key or old prefix ending in '.' -> today's), so those checkpoints keep resuming.
+    """
+
+    LEGACY_KEYS: dict[str, str] = {}
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, n_views: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.n_views = n_views
+
+    def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Projections of all views, view-major: (V*N, D)."""
+        return self.projector(self.backbone(torch.cat(views)))
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called once after each optimizer step; ``step`` counts completed steps (1-based)."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        renamed = {}
+        for key, value in state_dict.items():
+            for old, new in self.LEGACY_KEYS.items():
+                if key == old or (old.endswith(".") and key.startswith(old)):
+                    key = new + key[len(old):]
+                    break
+            renamed[key] = value
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A method's own command-line flag: ``--name``, its default and help. Booleans (default True/False)
+    accept --name, --no-name and --name=True/False; ``type`` defaults to the type of ``default``."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable | None = None
+    choices: tuple | None = None
+
+
+def no_checks(cfg: Namespace) -> None:
+    """A method without settings of its own to check."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the tool needs to know about a method, registered once in ``models.methods.METHODS``.
+
+    * ``display``: the name in run directories, ``results/<dataset>/<bs>_<display>/<date>``.
+    * ``build(cfg, backbone, projector, dim, num_data)``: the method module; ``dim`` is the projector's
+      output width, ``num_data`` the number of training images (InsDis sizes its memory bank with it).
+    * ``flags``: the method's own flags, shown in ``--help`` under its name.
+    * ``identity``: its settings that define a run (a resume that changes one is refused).
+    * ``min_views``: the fewest augmented views per image it can train on.
+    * ``views(n_views, blur)``: the view recipe (blur/solarize probabilities of each view).
+    * ``validate(cfg)``: raises ``UserError`` for settings it cannot train with.
+    """
+
+    display: str
+    build: Callable[..., SSLMethod]
+    summary: str = ""
+    flags: tuple[Flag, ...] = ()
+    identity: tuple[str, ...] = ()
+    min_views: int = 2
+    views: Callable[[int, bool], list[ViewSpec]] = symmetric_views
+    validate: Callable[[Namespace], None] = no_checks

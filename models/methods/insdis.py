@@ -1,0 +1,100 @@
+"""InsDis (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination"):
+every image is its own class, represented by a slowly updated feature in a memory bank."""
+from __future__ import annotations
+
+import math
+from argparse import Namespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.distributed import all_reduce_sum, gather_no_grad, get_world_size
+from common.errors import UserError
+from losses import insdis_nce_loss, insdis_softmax_loss
+from models.methods.base import Flag, Logs, MethodSpec, SSLMethod
+
+
+class InsDis(SSLMethod):
+    """Non-parametric instance discrimination against a memory bank of per-image features.
+
+    The bank is a buffer, so it is checkpointed and (under DDP) identical on every rank: the update
+    uses the features and dataset indices gathered from all ranks. Negatives for NCE are one uniform
+    draw of ``num_negatives`` bank rows shared by the batch (per-anchor draws, as in the paper's code,
+    cost B*m*D memory for the same estimator in expectation).
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, n_views: int, num_data: int, dim: int,
+                 temperature: float, num_negatives: int, bank_momentum: float, loss: str) -> None:
+        super().__init__(backbone, projector, n_views)
+        self.temperature = temperature
+        self.num_negatives = num_negatives
+        self.bank_momentum = bank_momentum
+        self.loss_type = loss
+        bank = F.normalize(torch.randn(num_data, dim), dim=1)
+        self.register_buffer("bank", bank)
+        self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, set on first batch
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        with torch.autocast(device_type=index.device.type, enabled=False):
+            v = F.normalize(self.embed(views).float(), dim=1)  # (V*N, D)
+        idx = index.repeat(self.n_views)  # (V*N,)
+        pos_logit = (v * self.bank[idx]).sum(dim=1) / self.temperature
+        if self.loss_type == "nce":
+            noise = torch.randint(self.bank.shape[0], (self.num_negatives,), device=v.device)
+            neg_logits = v @ self.bank[noise].T / self.temperature  # (V*N, m)
+            self._set_log_z_once(neg_logits)
+            loss = insdis_nce_loss(pos_logit, neg_logits, self.bank.shape[0], self.log_z)
+            neg_sim = neg_logits.detach().mean() * self.temperature
+        else:
+            # (V*N, n); no copy of the bank needed: after_step writes it only after backward
+            logits = v @ self.bank.T / self.temperature
+            loss = insdis_softmax_loss(logits, idx)
+            neg_sim = logits.detach().mean() * self.temperature
+        new = v.detach().view(self.n_views, -1, v.shape[1]).mean(dim=0)  # (N, D) mean over views
+        self._pending = (gather_no_grad(index), gather_no_grad(new))
+        logs = {"pos_sim": pos_logit.detach().mean() * self.temperature, "neg_sim": neg_sim}
+        return loss, logs
+
+    def _set_log_z_once(self, neg_logits: torch.Tensor) -> None:
+        """Z = n * E[exp(v.f/t)], estimated once from the first batch over all ranks (Wu et al. 2018)."""
+        if not self._z_known:
+            self._z_known = not bool(torch.isnan(self.log_z))
+        if not self._z_known:
+            self._z_known = True
+            with torch.no_grad():
+                mean_exp = all_reduce_sum(neg_logits.detach().exp().mean().reshape(1)) / get_world_size()
+                self.log_z.copy_(mean_exp.log()[0] + math.log(self.bank.shape[0]))
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """bank[i] <- normalize(m * bank[i] + (1 - m) * v_i) with this step's features."""
+        if self._pending is None:
+            return
+        index, feats = self._pending
+        mixed = self.bank[index] * self.bank_momentum + feats * (1.0 - self.bank_momentum)
+        self.bank[index] = F.normalize(mixed, dim=1)
+        self._pending = None
+
+
+def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
+    return InsDis(backbone, projector, cfg.n_views, num_data, dim, cfg.temperature, cfg.insdis_num_negatives,
+                  cfg.insdis_bank_momentum, cfg.insdis_loss)
+
+
+def validate(cfg: Namespace) -> None:
+    if cfg.insdis_num_negatives < 1:
+        raise UserError("--insdis_num_negatives must be at least 1")
+    if not 0 <= cfg.insdis_bank_momentum <= 1:
+        raise UserError(f"--insdis_bank_momentum must be in [0, 1], got {cfg.insdis_bank_momentum}")
+
+
+SPEC = MethodSpec(
+    display="InsDis", build=build, summary="memory bank + NCE (or full softmax)", min_views=1, validate=validate,
+    flags=(Flag("insdis_num_negatives", 4096, "NCE noise samples from the bank"),
+           Flag("insdis_bank_momentum", 0.5, "memory-bank update momentum"),
+           Flag("insdis_loss", "nce", "NCE with sampled noise or the full softmax over the bank",
+                choices=("nce", "softmax"))),
+)
