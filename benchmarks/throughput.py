@@ -30,6 +30,7 @@ from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from data import load_split, symmetric_views, view_transform  # noqa: E402
+from models.methods import METHODS  # noqa: E402
 from data.batched_augment import BatchedViews  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "A6000": 154.8}  # dense, vendor sheets
@@ -168,7 +169,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: under two minutes on a 2-core CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--methods", default="simclr,flatclr,byol,insdis")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch_sizes", default=None, help="comma-separated (default: 16,32 quick, else 256,512)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
