@@ -18,6 +18,7 @@ from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from engine.evaluate import PROTOCOLS, evaluate
 from engine.pretrain import pretrain
+from engine.runlog import PER_INVOCATION_KEYS
 from models import ARCH_ALIASES, BACKBONES, METHODS
 from models.methods import Flag
 
@@ -28,8 +29,6 @@ TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
                  "image_size", "optimizer")
-# Never taken from a resumed run's saved settings.
-PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
 # What an evaluation takes from the run it evaluates, unless given on the command line.
 EVAL_INHERITED_KEYS = ("dataset_name", "data", "image_size", "arch")
 
@@ -105,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
     g.add_argument("--weight_decay", type=float, default=1e-6)
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--warmup_epochs", type=int, default=10)
+    g.add_argument("--warmup_epochs", type=int, default=10,
+                   help="linear warmup; one as long as the run or longer is capped at 10%% of the run's steps")
+    add_bool(g, "cap_warmup", True, "apply that cap (--no-cap_warmup keeps the full --warmup_epochs)")
     g.add_argument("--scheduler", default="cosine", choices=["cosine", "constant"])
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     add_bool(g, "fp16_precision", False, "FlatCLR's switch: same as --precision fp16")
@@ -197,6 +198,7 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
     known = {a.dest for a in parser._actions}
+    values.pop("schedule", None)  # a run's config.yaml records its resolved schedule: information, not a flag
     unknown = sorted(set(values) - known - {"help"})
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")

@@ -9,6 +9,7 @@ Everything is tensor arithmetic with foreach ops: no ``.item()``, no host sync p
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -38,6 +39,54 @@ def lr_schedule(peak: float, total_steps: int, warmup_steps: int, kind: str) -> 
     else:
         raise ValueError(f"unknown schedule {kind!r}")
     return np.where(steps < warmup_steps, warm, main)
+
+
+WARMUP_CAP_FRACTION = 0.1  # a warmup as long as the run or longer becomes this fraction of it
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule of a run, in optimizer steps; recorded in config.yaml and checkpoints."""
+
+    kind: str
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    requested_warmup_steps: int  # what --warmup_epochs asked for, before any cap
+
+    def rates(self) -> np.ndarray:
+        return lr_schedule(self.peak_lr, self.total_steps, self.warmup_steps, self.kind)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"schedule: peak lr {self.peak_lr:.6g}, {self.warmup_steps} warmup step(s) of {self.total_steps} "
+                f"({self.steps_per_epoch} per epoch), then {self.kind}")
+
+
+def plan_schedule(*, peak_lr: float, kind: str, epochs: int, steps_per_epoch: int, warmup_epochs: int,
+                  cap_warmup: bool = True, saved: dict | None = None) -> tuple[Schedule, str | None]:
+    """The run's schedule and, when the warmup was capped, the one line that says so.
+
+    A warmup as long as the run or longer would end the run before the peak lr is ever reached; unless
+    ``cap_warmup`` is off it becomes ``WARMUP_CAP_FRACTION`` of the run (at least one step). A resumed run
+    (``saved``: its checkpoint's schedule) keeps the warmup it was started with as long as the rest of the
+    schedule is unchanged, so runs started before this rule, or with another cap, continue as they began.
+    """
+    total = epochs * steps_per_epoch
+    requested = warmup_epochs * steps_per_epoch
+    warmup, note = requested, None
+    if saved is not None and (saved.get("kind"), saved.get("total_steps")) == (kind, total) \
+            and math.isclose(saved.get("peak_lr", math.nan), peak_lr, rel_tol=1e-12):
+        warmup = int(saved["warmup_steps"])
+    elif cap_warmup and 0 < total <= requested:
+        warmup = max(1, round(WARMUP_CAP_FRACTION * total))
+        note = (f"note: --warmup_epochs {warmup_epochs} ({requested} steps) is as long as the run ({total} steps) "
+                f"or longer, so the peak lr would never be reached; warming up over {warmup} step(s) instead "
+                f"({WARMUP_CAP_FRACTION:.0%} of the run). Pass --no-cap_warmup to keep the full warmup")
+    return Schedule(kind, peak_lr, total, warmup, steps_per_epoch, requested), note
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -29,7 +29,7 @@ from data.datasets import Split, load_split
 from data.loaders import pretrain_loader
 from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
-from engine.optim import build_optimizer, lr_schedule, scaled_lr
+from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, write_config
 from models import METHODS, build_method
 
@@ -48,11 +48,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     method, memory_format = build_model(cfg, split, dist, device)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling)
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    schedule = lr_schedule(peak_lr, total_steps, warmup_steps, cfg.scheduler)
-    optimizer = build_optimizer(cfg.optimizer, method, peak_lr, cfg.weight_decay, cfg.momentum)
+    schedule, note = plan_schedule(peak_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling),
+                                   kind=cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                                   warmup_epochs=cfg.warmup_epochs, cap_warmup=cfg.cap_warmup is not False,
+                                   saved=resume.get("scheduler") if resume is not None else None)
+    optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start_epoch, step = 0, 0
     if resume is not None:
@@ -62,12 +62,13 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
     writer = metrics = None
     if dist.is_main:
-        write_config(run_dir, vars(cfg))
+        write_config(run_dir, {**vars(cfg), "schedule": schedule.record()})
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(run_dir, purge_step=step if resume else None)
         metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
         print(f"run directory: {run_dir}", flush=True)
+        print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
     if resume is not None:
         ckpt_io.restore_rng(resume, dist)
     monitor = None
@@ -78,15 +79,14 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     if start_epoch >= last_epoch and dist.is_main:
         print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
-    trainer = Trainer(model, method, optimizer, scaler, schedule, device=device, precision=cfg.precision,
-                      memory_format=memory_format, total_steps=total_steps, step=step, last_ckpt=resume_path)
-    schedule_record = {"kind": cfg.scheduler, "peak_lr": peak_lr, "total_steps": total_steps,
-                       "warmup_steps": warmup_steps, "steps_per_epoch": steps_per_epoch}
+    trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device, precision=cfg.precision,
+                      memory_format=memory_format, total_steps=schedule.total_steps, step=step,
+                      last_ckpt=resume_path)
     for epoch in range(start_epoch, last_epoch):
         for target in epoch_setters:
             target.set_epoch(epoch)
         record = train_epoch(trainer, loader, epoch, steps_per_epoch, cfg, dist, writer)
-        end_epoch(trainer, record, cfg, dist, run_dir, writer, metrics, monitor, last_epoch, schedule_record)
+        end_epoch(trainer, record, cfg, dist, run_dir, writer, metrics, monitor, last_epoch, schedule.record())
     barrier()
     if writer is not None:
         writer.close()
@@ -233,10 +233,12 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, dynamic_ncols=True,
                leave=True, file=sys.stdout)
     t_epoch = t_window = time.perf_counter()
+    lr_max = 0.0
     for i, (views, index) in enumerate(loader):
         if i >= steps:
             break
         lr = trainer.lr
+        lr_max = max(lr_max, lr)
         logs = trainer.train_step(views, index, epoch, i)
         epoch_meter.add(logs)
         window.add(logs)
@@ -254,7 +256,7 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace
     bar.close()
     epoch_time = time.perf_counter() - t_epoch
     return {"epoch": epoch + 1, "step": trainer.step, **epoch_meter.means(),
-            "lr": float(trainer.schedule[trainer.step - 1]), "epoch_time_s": epoch_time,
+            "lr": float(trainer.schedule[trainer.step - 1]), "lr_max": lr_max, "epoch_time_s": epoch_time,
             "images_per_s": steps * cfg.batch_size / epoch_time}
 
 

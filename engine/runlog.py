@@ -24,9 +24,16 @@ def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) ->
     raise RuntimeError(f"could not create a fresh run directory under {parent}")
 
 
+# Settings of one invocation, not of the run: never taken from a resumed run's saved settings, and left
+# out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
+PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
+
+
 def write_config(run_dir: str, cfg: dict) -> None:
+    """The run's resolved settings (flag names as keys), as ``--config`` reads them."""
+    kept = {k: v for k, v in cfg.items() if k not in PER_INVOCATION_KEYS}
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=True)
+        yaml.safe_dump(kept, f, sort_keys=True)
 
 
 class Meter:

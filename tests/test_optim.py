@@ -59,3 +59,38 @@ def test_lars_matches_reference_formula():
             ref[n] = w - 0.5 * bufs[n]
         for n, p in net.named_parameters():
             assert torch.allclose(p, ref[n], atol=1e-6), n
+
+
+def test_warmup_as_long_as_the_run_is_capped_at_a_tenth_and_said_once():
+    from engine.optim import plan_schedule
+
+    s, note = plan_schedule(peak_lr=0.6, kind="cosine", epochs=2, steps_per_epoch=50, warmup_epochs=10)
+    assert (s.total_steps, s.warmup_steps, s.requested_warmup_steps) == (100, 10, 500)
+    assert "warming up over 10 step(s) instead (10% of the run)" in note and "--no-cap_warmup" in note
+    rates = s.rates()
+    assert rates[9] == pytest.approx(0.6, abs=1e-12) and rates.max() == rates[9]
+    kept, note = plan_schedule(peak_lr=0.6, kind="cosine", epochs=2, steps_per_epoch=50, warmup_epochs=10,
+                               cap_warmup=False)
+    assert kept.warmup_steps == 500 and note is None and kept.rates().max() < 0.6 * 0.21
+    tiny, _ = plan_schedule(peak_lr=1.0, kind="constant", epochs=1, steps_per_epoch=2, warmup_epochs=1)
+    assert tiny.warmup_steps == 1  # at least one step
+
+
+def test_warmup_shorter_than_the_run_is_untouched():
+    from engine.optim import plan_schedule
+
+    s, note = plan_schedule(peak_lr=0.6, kind="cosine", epochs=100, steps_per_epoch=7, warmup_epochs=10)
+    assert note is None and s.warmup_steps == 70
+    assert np.array_equal(s.rates(), lr_schedule(0.6, 700, 70, "cosine"))  # bitwise the schedule of before
+
+
+def test_a_resumed_run_keeps_the_warmup_it_started_with():
+    from engine.optim import plan_schedule
+
+    # the scheduler record of a checkpoint written before the cap existed: warmup 20 steps of a 10-step run
+    old = {"kind": "cosine", "peak_lr": 0.3, "total_steps": 10, "warmup_steps": 20, "step": 4}
+    s, note = plan_schedule(peak_lr=0.3, kind="cosine", epochs=5, steps_per_epoch=2, warmup_epochs=10, saved=old)
+    assert s.warmup_steps == 20 and note is None
+    # a resume that lengthens the run gets a schedule of its own
+    longer, _ = plan_schedule(peak_lr=0.3, kind="cosine", epochs=50, steps_per_epoch=2, warmup_epochs=10, saved=old)
+    assert longer.warmup_steps == 20 and longer.total_steps == 100

@@ -5,9 +5,10 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from engine.checkpoint import list_checkpoints
-from main import main
+from main import main, resolve
 from models import METHODS
 from tests.conftest import SHARED_DATA, TINY
 
@@ -122,6 +123,30 @@ def test_bad_resume_leaves_the_run_untouched(tiny, tmp_path, capsys):
     assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 2  # would overwrite: refused
     assert "already holds checkpoints" in capsys.readouterr().err
     assert snapshot() == before
+
+
+def test_a_short_run_with_the_default_warmup_reaches_the_peak_lr(tiny, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [a for a in tiny if not a.startswith("--warmup_epochs")]  # the default: 10 epochs of warmup
+    run = tmp_path / "run"
+    assert main(args + ["--clr=simclr", "--epochs=2", f"--log_dir={run}", "--stop_after_epoch=1"]) == 0
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0
+    out = capsys.readouterr().out
+    peak = 0.3 * 16 / 256
+    assert out.count("note: --warmup_epochs 10 (20 steps) is as long as the run (4 steps)") == 1
+    assert f"schedule: peak lr {peak:.6g}, 1 warmup step(s) of 4 (2 per epoch), then cosine" in out
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert abs(max(r["lr_max"] for r in records) - peak) < 1e-9
+    events = EventAccumulator(str(run)).Reload()
+    lr = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert lr[1] == pytest.approx(peak, rel=1e-6)  # the logged lr of step 1, the end of the warmup
+    ckpt = final_state(run, 2)
+    assert ckpt["scheduler"]["warmup_steps"] == 1 and ckpt["scheduler"]["requested_warmup_steps"] == 20
+    config = yaml.safe_load(open(run / "config.yaml"))
+    assert config["schedule"]["warmup_steps"] == 1
+    again, _, _ = resolve([f"--config={run / 'config.yaml'}"])  # the record does not stop --config
+    assert (again.warmup_epochs, again.epochs, again.train_from) == (10, 2, None)
 
 
 def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys):
