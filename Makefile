@@ -9,7 +9,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: demo test test-slow
+.PHONY: demo test test-slow gpu-check gpu-data
 demo: $(VENV)/.installed
 	$(PY) main.py --config configs/quickstart.yaml
 
@@ -18,3 +18,11 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# On a GPU node: the machine's own python3 (no .venv, no pip); see README "GPU check".
+gpu-check:
+	python3 benchmarks/gpu_check.py
+
+# The CIFAR-10 subset for the check's real-data part, copied into the ignored .data/ (carry it to the GPU machine).
+gpu-data:
+	mkdir -p .data && cp -r ../shared/data/cifar10-subset .data/

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+import torch
 import yaml
 
 from common.distributed import cleanup
@@ -162,6 +163,8 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
         for flag in spec.flags:
             if seen.setdefault(flag.name, flag) != flag:
                 raise ValueError(f"methods declare --{flag.name} twice with different defaults or help")
+            if flag in fresh and f"--{flag.name}" in parser._option_string_actions:
+                raise ValueError(f"method {name} declares --{flag.name}, which is already a flag of the tool")
         if not fresh:
             continue
         g = parser.add_argument_group(f"{spec.display} (--clr {name})")
@@ -169,8 +172,9 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
             if isinstance(flag.default, bool):
                 add_bool(g, flag.name, flag.default, flag.help)
             else:
-                g.add_argument(f"--{flag.name}", type=flag.type or type(flag.default), default=flag.default,
-                               choices=flag.choices, help=flag.help)
+                kind = flag.type or (type(flag.default) if flag.default is not None else str)
+                g.add_argument(f"--{flag.name}", type=kind, default=flag.default, choices=flag.choices,
+                               help=flag.help)
 
 
 def identity_keys(clr: str) -> tuple[str, ...]:
@@ -198,7 +202,8 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
     known = {a.dest for a in parser._actions}
-    values.pop("schedule", None)  # a run's config.yaml records its resolved schedule: information, not a flag
+    if isinstance(values.get("schedule"), dict):  # a run's config.yaml records its resolved schedule: not a flag
+        del values["schedule"]
     unknown = sorted(set(values) - known - {"help"})
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")
@@ -307,22 +312,34 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    mode = "pretrain"
     try:
         cfg, resume, resume_path = resolve(argv)
-        if cfg.train_mode == "eval":
-                evaluate(cfg)
+        mode = cfg.train_mode
+        if mode == "eval":
+            evaluate(cfg)
         else:
             pretrain(cfg, resume, resume_path)
     except UserError as err:
-        rank = os.environ.get("RANK", "0")  # under torchrun every rank reports; rank 0 without a prefix
-        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {err}", file=sys.stderr)
-        return 2
+        return report_error(str(err))
+    except torch.cuda.OutOfMemoryError as err:
+        flag = "--fc_batch_size" if mode == "eval" else "--batch_size"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        return report_error(f"CUDA ran out of memory ({first[:160]}); lower {flag} (it is the global batch, "
+                            "split over the GPUs) or use --precision bf16")
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return 130
     finally:
         cleanup()
     return 0
+
+
+def report_error(message: str) -> int:
+    """One line on stderr (prefixed with the rank under torchrun, except rank 0); exit status 2."""
+    rank = os.environ.get("RANK", "0")
+    print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from data import load_split, symmetric_views, view_transform  # noqa: E402
-from models.methods import METHODS  # noqa: E402
 from data.batched_augment import BatchedViews  # noqa: E402
+from models.methods import METHODS  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "A6000": 154.8}  # dense, vendor sheets
 

@@ -1,8 +1,9 @@
 """Pretraining loaders: the standard one (DataLoader workers make the views) and the device-resident one
 (``--faster_version``: the dataset as uint8 on the training device, views made there in batches).
 
-Both yield ``(list of views, dataset indices)`` and have a ``set_epoch``; both take explicit arguments, so
-benchmarks and tests build them without a config.
+Both yield ``(list of views, dataset indices)`` and come with the objects to call ``set_epoch`` on (the
+device loader itself, or the standard loader's sampler); both take explicit arguments, so benchmarks and
+tests build them without a config.
 """
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Training engine: pretraining loop, distributed helpers, checkpoints, optimizers, run logs."""
+"""Training engine: pretraining loop, evaluation protocols, kNN, checkpoints, optimizers, run logs."""

@@ -16,9 +16,8 @@ import os
 import pickle
 import random
 import re
-import tempfile
-
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -101,7 +100,8 @@ def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch
 
 def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, steps_per_epoch: int) -> tuple[int, int]:
-    """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs, steps) completed."""
+    """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs, steps) completed, the steps
+    counted with this run's steps per epoch so that the schedule continues at the start of the next epoch."""
     try:
         method.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -110,7 +110,12 @@ def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     epoch = int(state["epoch"])
-    return epoch, int(state.get("global_step", epoch * steps_per_epoch))
+    step = epoch * steps_per_epoch
+    saved_step = state.get("global_step")
+    if saved_step is not None and int(saved_step) != step:
+        print(f"note: {path} was written after {saved_step} steps ({epoch} epochs); this run has {steps_per_epoch} "
+              f"steps per epoch, so its schedule continues from step {step}", file=sys.stderr)
+    return epoch, step
 
 
 def restore_rng(state: dict, dist: DistInfo) -> None:

@@ -70,23 +70,28 @@ def plan_schedule(*, peak_lr: float, kind: str, epochs: int, steps_per_epoch: in
                   cap_warmup: bool = True, saved: dict | None = None) -> tuple[Schedule, str | None]:
     """The run's schedule and, when the warmup was capped, the one line that says so.
 
-    A warmup as long as the run or longer would end the run before the peak lr is ever reached; unless
-    ``cap_warmup`` is off it becomes ``WARMUP_CAP_FRACTION`` of the run (at least one step). A resumed run
-    (``saved``: its checkpoint's schedule) keeps the warmup it was started with as long as the rest of the
-    schedule is unchanged, so runs started before this rule, or with another cap, continue as they began.
+    A warmup as long as the run or longer would reach the peak lr only at the last step or never; unless
+    ``cap_warmup`` is off it becomes ``WARMUP_CAP_FRACTION`` of the run (at least one step). ``saved`` is the
+    schedule recorded in the checkpoint a run resumes from: a run started before this rule existed keeps its
+    uncapped warmup as long as its schedule settings are unchanged, and a resume repeats no note.
     """
     total = epochs * steps_per_epoch
     requested = warmup_epochs * steps_per_epoch
     warmup, note = requested, None
-    if saved is not None and (saved.get("kind"), saved.get("total_steps")) == (kind, total) \
-            and math.isclose(saved.get("peak_lr", math.nan), peak_lr, rel_tol=1e-12):
-        warmup = int(saved["warmup_steps"])
-    elif cap_warmup and 0 < total <= requested:
+    started_before_cap = (saved is not None and "requested_warmup_steps" not in saved
+                          and (saved.get("kind"), saved.get("total_steps"), saved.get("warmup_steps")) == (kind, total,
+                                                                                                         requested)
+                          and math.isclose(saved.get("peak_lr", math.nan), peak_lr, rel_tol=1e-12))
+    if cap_warmup and 0 < total <= requested and not started_before_cap:
         warmup = max(1, round(WARMUP_CAP_FRACTION * total))
         note = (f"note: --warmup_epochs {warmup_epochs} ({requested} steps) is as long as the run ({total} steps) "
-                f"or longer, so the peak lr would never be reached; warming up over {warmup} step(s) instead "
-                f"({WARMUP_CAP_FRACTION:.0%} of the run). Pass --no-cap_warmup to keep the full warmup")
-    return Schedule(kind, peak_lr, total, warmup, steps_per_epoch, requested), note
+                f"or longer, so the peak lr would be reached only at the last step or never; warming up over "
+                f"{warmup} step(s) instead ({warmup / total:.0%} of the run). Pass --no-cap_warmup to keep the full "
+                "warmup")
+    schedule = Schedule(kind, peak_lr, total, warmup, steps_per_epoch, requested)
+    if saved is not None and saved.get("warmup_steps") == warmup and saved.get("total_steps") == total:
+        note = None  # the run was told when it started
+    return schedule, note
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -14,6 +14,7 @@ import sys
 import time
 from argparse import Namespace
 from contextlib import nullcontext
+from typing import Callable
 
 import numpy as np
 import torch
@@ -103,10 +104,14 @@ def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
                         "processes; pick a multiple of the world size")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
-    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
-    if sync_bn and dist.enabled and device.type != "cuda":
+    if use_sync_bn(cfg, dist, device) and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                         "drop it or pass --no-sync_bn")
+
+
+def use_sync_bn(cfg: Namespace, dist: DistInfo, device: torch.device) -> bool:
+    """SyncBatchNorm across ranks: --sync_bn, by default on for multi-GPU runs; never for one process."""
+    return dist.enabled and (cfg.sync_bn if cfg.sync_bn is not None else device.type == "cuda")
 
 
 def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):
@@ -122,8 +127,7 @@ def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.devi
     """The method on its device (SyncBatchNorm across GPUs, NHWC unless --no-channels_last)."""
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else split.image_size <= 64
     method = build_method(cfg, num_data=len(split.dataset), cifar_stem=cifar_stem)
-    sync_bn = cfg.sync_bn if cfg.sync_bn is not None else (dist.enabled and device.type == "cuda")
-    if sync_bn and dist.enabled:
+    if use_sync_bn(cfg, dist, device):
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     # on unless --no-channels_last (older runs saved None)
     memory_format = torch.channels_last if cfg.channels_last is not False else torch.contiguous_format
@@ -186,6 +190,10 @@ class _LossCheck:
                             "rerun")
 
 
+def _no_mark(phase: str) -> None:
+    """Default of Trainer.train_step's ``mark``: no phase timing."""
+
+
 class Trainer:
     """Optimizer steps of any method: forward under autocast, finite check, backward, step, method hook.
 
@@ -206,8 +214,10 @@ class Trainer:
         """The learning rate of the next step (of the last one once the run is complete)."""
         return float(self.schedule[min(self.step, len(self.schedule) - 1)])
 
-    def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int) -> dict:
-        """One optimizer step on a batch; returns its logs as device tensors (no host sync)."""
+    def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int,
+                   mark: Callable[[str], None] = _no_mark) -> dict:
+        """One optimizer step on a batch; returns its logs as device tensors (no host sync).
+        ``mark(phase)`` is called as each phase ends (forward, backward, optimizer): the profiler's hook."""
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         index = index.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
@@ -215,13 +225,16 @@ class Trainer:
         with self.autocast:
             loss, logs = self.model(views, index)
         check = _LossCheck(loss)
+        mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        mark("backward")
         check.raise_if_any(epoch, i, self.last_ckpt)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         self.method.after_step(self.step, self.total_steps)
+        mark("optimizer")
         return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
 
 
@@ -256,8 +269,8 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace
     bar.close()
     epoch_time = time.perf_counter() - t_epoch
     return {"epoch": epoch + 1, "step": trainer.step, **epoch_meter.means(),
-            "lr": float(trainer.schedule[trainer.step - 1]), "lr_max": lr_max, "epoch_time_s": epoch_time,
-            "images_per_s": steps * cfg.batch_size / epoch_time}
+            "lr": float(trainer.schedule[min(trainer.step, len(trainer.schedule)) - 1]), "lr_max": lr_max,
+            "epoch_time_s": epoch_time, "images_per_s": steps * cfg.batch_size / epoch_time}
 
 
 def end_epoch(trainer: Trainer, record: dict, cfg: Namespace, dist: DistInfo, run_dir: str, writer,

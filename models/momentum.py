@@ -41,11 +41,13 @@ class MomentumTarget(nn.Module):
         return 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
     @torch.no_grad()
-    def update(self, online: list[nn.Module], step: int, total_steps: int) -> None:
-        """EMA step with the momentum of ``step`` (1-based count of completed optimizer steps), computed on
-        the host: reading the buffer back from a GPU would synchronise every step. The buffer then holds the
-        next step's value, for logs and checkpoints."""
+    def update(self, online: dict[str, nn.Module], step: int, total_steps: int) -> None:
+        """EMA step towards ``online`` (the same names as at construction) with the momentum of ``step``
+        (1-based count of completed optimizer steps), computed on the host: reading the buffer back from a
+        GPU would synchronise every step. The buffer then holds the next step's value, for logs and checkpoints."""
+        if online.keys() != self._modules.keys():
+            raise ValueError(f"momentum target follows {list(self._modules)}, got {list(online)}")
         m = self.momentum_at(step - 1, total_steps)
-        for net, target in zip(online, self.children()):
-            torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), 1.0 - m)
+        for name, net in online.items():
+            torch._foreach_lerp_(list(self._modules[name].parameters()), list(net.parameters()), 1.0 - m)
         self.momentum.fill_(self.momentum_at(step, total_steps))

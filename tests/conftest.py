@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
@@ -17,9 +18,16 @@ TINY = ["--dataset_name=digits", "--arch=resnet18", "--image_size=16", "--batch_
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end checks (make test-slow)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; pytest -m cuda)")
 
 
 @pytest.fixture
 def tiny(tmp_path):
     """Argument list for a tiny run writing under tmp_path."""
     return TINY + [f"--results_dir={tmp_path / 'results'}"]
+
+
+HAS_CUDA = torch.cuda.is_available()
+# Parametrize over this to run a CPU test on CUDA too: `pytest -m cuda` selects the CUDA half.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                              pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])]

@@ -9,6 +9,7 @@ import torchvision.transforms.v2.functional as TF
 
 from data import ViewSpec
 from data.batched_augment import BatchedViews, DeviceLoader, color_jitter, crop_flip, gaussian_blur, sample_crop_boxes
+from tests.conftest import DEVICES
 
 
 def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -19,11 +20,12 @@ def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((cdf_a - cdf_b).abs().max())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("height, width, scale", [(32, 32, (0.08, 1.0)), (24, 40, (0.2, 1.0))])
-def test_crop_boxes_match_torchvision_in_distribution(height, width, scale):
+def test_crop_boxes_match_torchvision_in_distribution(height, width, scale, device):
     n = 20000
-    g = torch.Generator().manual_seed(0)
-    ours = sample_crop_boxes(n, height, width, scale, g, "cpu")
+    g = torch.Generator(device=device).manual_seed(0)
+    ours = sample_crop_boxes(n, height, width, scale, g, device).cpu()
     torch.manual_seed(0)
     img = torch.zeros(3, height, width)
     ref = torch.tensor([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)],
@@ -40,10 +42,12 @@ def test_crop_boxes_match_torchvision_in_distribution(height, width, scale):
     assert ks_statistic(centre_x(ours), centre_x(ref)) < 0.02
 
 
-def test_parameter_probabilities_and_ranges():
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameter_probabilities_and_ranges(device):
     views = BatchedViews(32, ViewSpec(blur_p=0.1, solarize_p=0.2), jitter_strength=0.5, min_scale=0.08,
                          mean=(0.5,) * 3, std=(0.5,) * 3)
-    p = views.sample(40000, 32, 32, torch.Generator().manual_seed(1), "cpu")
+    p = views.sample(40000, 32, 32, torch.Generator(device=device).manual_seed(1), device)
+    p = type(p)(**{name: value.cpu() for name, value in vars(p).items()})
     for flag, rate in ((p.flip, 0.5), (p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.1), (p.solarize, 0.2)):
         assert abs(flag.float().mean().item() - rate) < 0.01
     s = 0.5

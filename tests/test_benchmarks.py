@@ -1,4 +1,5 @@
 """The scripts under benchmarks/ run and produce what they promise."""
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,51 @@ def test_memory_format_comparison_prints_both_timings():
     row = proc.stdout.strip().splitlines()[-1]  # "| 1 | <NCHW ms> | <channels_last ms> |"
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "1" and all(float(c.replace(",", "")) > 0 for c in cells[1:]), row
+
+
+def test_gpu_check_runs_quick_on_the_cpu_and_writes_its_report(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device=cpu", "--quick",
+                           f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert {k: v["status"] for k, v in report["status"].items()} == {
+        "cuda_tests": "ok", "throughput": "ok", "profile": "ok", "real_data": "ok"}, report["status"]
+    assert "skipped" in report["cuda_tests"]["summary"]  # collected, skipped without CUDA
+    rows = [r for r in report["throughput"]["rows"] if "img_s" in r]
+    assert len(rows) == 7 and all(r["img_s"] > 0 for r in rows)
+    assert all(r["gflop_step"] > 0 for r in rows[1:])  # every training-step row counted its FLOPs
+    shares = report["profile"]["phase_shares"]
+    assert set(shares) == {"augmentation", "forward", "backward", "optimizer"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert len(report["profile"]["top_kernels"]) == 15
+    assert 0 <= report["real_data"]["knn_top1"] <= 100
+    md = (tmp_path / "report.md").read_text()
+    assert "## GPU check: cpu" in md and "### Throughput" in md and "### Where the time goes" in md
+    assert md in proc.stdout  # printed at the end as well
+
+
+def test_gpu_check_budget_skips_parts_that_would_overrun(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device=cpu", "--quick",
+                           "--budget=1", f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.load(open(tmp_path / "report.json"))["status"]
+    assert all(s["status"] == "skipped" and "of the budget left" in s["why"] for s in status.values())
+    assert "[1/4] CUDA tests: skipped (needs up to 30 s, 1 s of the budget left)" in proc.stdout
+
+
+def test_gpu_check_reports_a_failed_part_and_runs_the_rest(monkeypatch, tmp_path):
+    from argparse import Namespace
+
+    import benchmarks.gpu_check as gpu_check
+
+    def broken(check, deadline):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(gpu_check, "PARTS", [("Broken", "broken", broken, 5, 5),
+                                             ("Fine", "fine", lambda check, deadline: {"x": 1}, 5, 5)])
+    args = Namespace(out=str(tmp_path), budget=60.0, device="cpu", quick=True, data=str(tmp_path))
+    results = gpu_check.run(gpu_check.Check(args))
+    assert results["status"]["broken"]["status"] == "failed"
+    why = results["status"]["broken"]["why"]
+    assert why == "RuntimeError: no kernel image is available for execution on the device"
+    assert results["status"]["fine"]["status"] == "ok" and results["fine"] == {"x": 1}
+    assert "| Broken | failed |" in gpu_check.report_md(results)

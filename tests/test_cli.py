@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from main import build_parser, resolve
 from tests.conftest import ROOT
@@ -80,3 +81,41 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     proc = _run([f"--config={bad}"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: unknown key(s) in {bad}: learning_rate; keys are flag names as in --help"
+
+
+def test_cuda_out_of_memory_is_one_line_naming_the_flag(monkeypatch, capsys):
+    import main as cli
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\n"
+                                          "See documentation for Memory Management")
+
+    monkeypatch.setattr(cli, "pretrain", oom)
+    monkeypatch.setattr(cli, "evaluate", oom)
+    assert cli.main(["--dataset_name=digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: CUDA ran out of memory (CUDA out of memory. Tried")
+    assert "lower --batch_size" in err
+    assert cli.main(["--train_mode=eval", "--checkpoint_dir=none", "--dataset_name=digits"]) == 2
+    assert "lower --fc_batch_size" in capsys.readouterr().err
+
+
+def test_only_a_recorded_schedule_mapping_is_skipped_in_yaml(tmp_path):
+    from common.errors import UserError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schedule: constant\n")  # meant --scheduler: still an unknown key
+    with pytest.raises(UserError, match="unknown key.*schedule"):
+        resolve([f"--config={bad}"])
+    record = tmp_path / "run.yaml"
+    record.write_text("epochs: 3\nschedule: {kind: cosine, warmup_steps: 1}\n")
+    assert resolve([f"--config={record}"])[0].epochs == 3
+
+
+def test_a_method_flag_that_reuses_a_core_flag_is_refused(monkeypatch):
+    from models.methods import METHODS, Flag
+
+    clash = METHODS["simclr"].__class__(display="Clash", build=None, flags=(Flag("temperature", 0.5, "again"),))
+    monkeypatch.setitem(METHODS, "clash", clash)
+    with pytest.raises(ValueError, match="method clash declares --temperature, which is already a flag of the tool"):
+        build_parser()

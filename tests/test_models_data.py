@@ -1,4 +1,5 @@
 """Backbones, heads (the BN ablation switches), datasets and the multi-view wrapper."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -7,6 +8,7 @@ from main import resolve
 from models import METHODS, build_method
 from models.methods import BYOL
 from models.backbones import build_backbone
+from tests.conftest import DEVICES
 
 
 def test_cifar_stem_keeps_resolution_and_drops_maxpool():
@@ -87,3 +89,72 @@ def test_persistent_workers_see_each_new_epoch():
             expected = torch.stack([ds[(epoch, int(i))][0][0] for i in idx])
             assert torch.equal(first_view, expected)
     assert ds.epoch == 0  # nothing but the sampler carried the epoch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clr", ["simclr", "insdis"])
+def test_logits_stay_fp32_under_bf16_autocast(clr, device, monkeypatch):
+    """The networks run in bf16; contrastive logits and InsDis's bank logits (and Z) in fp32."""
+    import models.methods.contrastive as contrastive
+    import models.methods.insdis as insdis
+
+    seen = {}
+    real_logits, real_nce = contrastive.contrastive_logits, insdis.insdis_nce_loss
+
+    def logits(*args, **kwargs):
+        out = real_logits(*args, **kwargs)
+        seen["embedding"], seen["logits"] = args[0].dtype, out.neg.dtype
+        return out
+
+    def nce(pos, neg, n, log_z):
+        seen["logits"], seen["log_z"] = neg.dtype, log_z.dtype
+        return real_nce(pos, neg, n, log_z)
+
+    monkeypatch.setattr(contrastive, "contrastive_logits", logits)
+    monkeypatch.setattr(insdis, "insdis_nce_loss", nce)
+    cfg, _, _ = resolve([f"--clr={clr}", "--arch=resnet18", "--proj_hidden_dim=32", "--proj_out_dim=16",
+                         "--insdis_num_negatives=8"])
+    method = build_method(cfg, num_data=8, cifar_stem=True).to(device)
+    real_embed = method.embed
+
+    def embed(views):
+        z = real_embed(views)
+        seen["net"] = z.dtype
+        return z
+
+    method.embed = embed
+    views = [torch.randn(8, 3, 16, 16, device=device) for _ in range(2)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss, _ = method(views, torch.arange(8, device=device))
+    assert seen["net"] == torch.bfloat16 and seen["logits"] == torch.float32 and loss.dtype == torch.float32
+    if clr == "insdis":
+        assert seen["log_z"] == torch.float32
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_momentum_target_is_an_ema_of_the_online_networks(schedule):
+    import math
+
+    from models.momentum import MomentumTarget
+
+    torch.manual_seed(0)
+    online = {"backbone": nn.Linear(3, 4), "projector": nn.Linear(4, 2)}
+    target = MomentumTarget(online, 0.9, schedule)
+    x = torch.randn(5, 3)
+    assert torch.equal(target(x), online["projector"](online["backbone"](x)))  # applied in order
+    assert not any(p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        for net in online.values():
+            for p in net.parameters():
+                p.add_(1.0)
+    before = [p.clone() for p in target.parameters()]
+    target.update(online, step=1, total_steps=10)  # the first step uses the base momentum
+    now = [p for net in online.values() for p in net.parameters()]
+    for b, t, o in zip(before, target.parameters(), now):
+        assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-6)
+    ramp = 1 - 0.1 * (math.cos(math.pi / 10) + 1) / 2
+    assert target.momentum.item() == pytest.approx(ramp if schedule == "cosine" else 0.9)
+    target.update(online, step=10, total_steps=10)
+    assert target.momentum.item() == pytest.approx(1.0 if schedule == "cosine" else 0.9)
+    with pytest.raises(ValueError, match="momentum target follows"):
+        target.update({"projector": online["projector"], "backbone": online["backbone"], "x": nn.Linear(1, 1)}, 1, 10)

@@ -94,3 +94,16 @@ def test_a_resumed_run_keeps_the_warmup_it_started_with():
     # a resume that lengthens the run gets a schedule of its own
     longer, _ = plan_schedule(peak_lr=0.3, kind="cosine", epochs=50, steps_per_epoch=2, warmup_epochs=10, saved=old)
     assert longer.warmup_steps == 20 and longer.total_steps == 100
+
+
+def test_a_resume_honours_a_changed_warmup_and_repeats_no_note():
+    from engine.optim import plan_schedule
+
+    first, note = plan_schedule(peak_lr=0.3, kind="cosine", epochs=2, steps_per_epoch=5, warmup_epochs=10)
+    assert first.warmup_steps == 1 and note
+    again, note = plan_schedule(peak_lr=0.3, kind="cosine", epochs=2, steps_per_epoch=5, warmup_epochs=10,
+                                saved=first.record())
+    assert again == first and note is None  # announced when the run started
+    changed, _ = plan_schedule(peak_lr=0.3, kind="cosine", epochs=2, steps_per_epoch=5, warmup_epochs=1,
+                               saved=first.record())
+    assert changed.warmup_steps == 5  # an explicit --warmup_epochs on resume is taken

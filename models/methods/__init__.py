@@ -1,6 +1,7 @@
 """The method registry: ``--clr`` name -> :class:`MethodSpec`. Everything that needs to know which
 methods exist (the CLI's choices, flags and checks, run directories, resume, views, tests, benchmarks)
-reads this one dict. Adding a method: a file in this folder with its module and spec, and one line here.
+reads this one dict. Adding a method: a file in this folder with its module and spec, its import and its
+entry here.
 """
 from models.methods import byol, contrastive, insdis
 from models.methods.base import Flag, Logs, MethodSpec, SSLMethod, no_checks

@@ -7,6 +7,7 @@ calls, so DDP wraps one module and nothing outside ``models/methods/`` branches 
 from __future__ import annotations
 
 from argparse import Namespace
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,14 +42,25 @@ class SSLMethod(nn.Module):
         """Called once after each optimizer step; ``step`` counts completed steps (1-based)."""
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        renamed = {}
-        for key, value in state_dict.items():
-            for old, new in self.LEGACY_KEYS.items():
-                if key == old or (old.endswith(".") and key.startswith(old)):
-                    key = new + key[len(old):]
-                    break
-            renamed[key] = value
-        return super().load_state_dict(renamed, strict=strict, assign=assign)
+        if self.LEGACY_KEYS:
+            state_dict = _renamed(state_dict, self.LEGACY_KEYS)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _renamed(state_dict, renames: dict[str, str]) -> OrderedDict:
+    """``state_dict`` with old keys (or old prefixes ending in '.') renamed, its ``_metadata`` too."""
+
+    def rename(key: str) -> str:
+        for old, new in renames.items():
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                return new + key[len(old):]
+        return key
+
+    out = OrderedDict((rename(k), v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # keyed by module prefix without the trailing '.'
+        out._metadata = OrderedDict((rename(k + ".")[:-1] if k else k, v) for k, v in metadata.items())
+    return out
 
 
 @dataclass(frozen=True)

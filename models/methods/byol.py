@@ -23,10 +23,11 @@ class BYOL(SSLMethod):
                    "momentum": "target.momentum"}
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, n_views: int,
-                 base_momentum: float, temperature: float) -> None:
+                 base_momentum: float, temperature: float, momentum_schedule: str = "cosine") -> None:
         super().__init__(backbone, projector, n_views)
         self.predictor = predictor
-        self.target = MomentumTarget({"backbone": backbone, "projector": projector}, base_momentum)
+        self.target = MomentumTarget({"backbone": backbone, "projector": projector}, base_momentum,
+                                     momentum_schedule)
         self.temperature = temperature  # only for the InfoNCE diagnostic in the logs
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
@@ -44,7 +45,7 @@ class BYOL(SSLMethod):
         return loss, logs
 
     def after_step(self, step: int, total_steps: int) -> None:
-        self.target.update([self.backbone, self.projector], step, total_steps)
+        self.target.update({"backbone": self.backbone, "projector": self.projector}, step, total_steps)
 
 
 def byol_views(n_views: int, blur: bool) -> list[ViewSpec]:
@@ -55,7 +56,8 @@ def byol_views(n_views: int, blur: bool) -> list[ViewSpec]:
 
 def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
     predictor = mlp(dim, cfg.pred_hidden_dim, dim, num_layers=2, hidden_bn=cfg.pred_bn)
-    return BYOL(backbone, projector, predictor, cfg.n_views, cfg.byol_base_momentum, cfg.temperature)
+    return BYOL(backbone, projector, predictor, cfg.n_views, cfg.byol_base_momentum, cfg.temperature,
+                cfg.byol_momentum_schedule)
 
 
 def validate(cfg: Namespace) -> None:
@@ -67,7 +69,9 @@ def validate(cfg: Namespace) -> None:
 
 SPEC = MethodSpec(
     display="BYOL", build=build, summary="predictor + momentum target, no negatives",
-    flags=(Flag("byol_base_momentum", 0.996, "EMA momentum of the target, cosine-ramped to 1"),
+    flags=(Flag("byol_base_momentum", 0.996, "EMA momentum of the target (start of the cosine ramp to 1)"),
+           Flag("byol_momentum_schedule", "cosine", "cosine ramp from the base momentum to 1 (BYOL), or constant "
+                "(UnsupervisedLearningCodes' BYOL: 0.996 throughout)", choices=("cosine", "constant")),
            Flag("pred_hidden_dim", 4096, "BYOL predictor hidden width"),
            Flag("pred_bn", True, "BN in the BYOL predictor's hidden layer (BN2)")),
     identity=("pred_hidden_dim", "pred_bn"), views=byol_views, validate=validate,

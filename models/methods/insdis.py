@@ -38,8 +38,13 @@ class InsDis(SSLMethod):
         self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        z = self.embed(views)  # the networks run under autocast (bf16/fp16 when asked)
+        # bank logits, Z and the loss in fp32: logits of 1/t-scaled dot products lose too much in bf16
         with torch.autocast(device_type=index.device.type, enabled=False):
-            v = F.normalize(self.embed(views).float(), dim=1)  # (V*N, D)
+            return self._objective(F.normalize(z.float(), dim=1), index)
+
+    def _objective(self, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        """Loss of the fp32 normalised embeddings ``v`` (V*N, D) of images ``index`` against the bank."""
         idx = index.repeat(self.n_views)  # (V*N,)
         pos_logit = (v * self.bank[idx]).sum(dim=1) / self.temperature
         if self.loss_type == "nce":
