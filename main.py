@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from common.distributed import cleanup
-from common.errors import UserError
+from common.errors import EXIT_PREEMPTED, Preempted, UserError
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from engine.evaluate import PROTOCOLS, evaluate
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_from", default=None,
                    help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'")
     g.add_argument("--save_every_n_epochs", type=int, default=2)
+    g.add_argument("--save_every_n_steps", type=int, default=0,
+                   help="also save mid-epoch every N steps (0: off); SIGTERM/SIGUSR1 always save and stop")
+    g.add_argument("--save_every_n_minutes", type=float, default=0.0, help="also save mid-epoch every M minutes")
+    g.add_argument("--keep_mid_epoch_checkpoints", type=int, default=2,
+                   help="mid-epoch checkpoints kept (none older than the last epoch-end one)")
     g.add_argument("--log_every_n_steps", type=int, default=50)
     g.add_argument("--limit_train_batches", type=int, default=None, help="cap on steps per epoch")
     g.add_argument("--stop_after_epoch", type=int, default=None,
@@ -238,8 +243,11 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("fc_epochs", "fc_batch_size", "knn_k"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.eval_every_n_epochs < 0:
-        raise UserError("--eval_every_n_epochs must not be negative")
+    for name in ("eval_every_n_epochs", "save_every_n_steps", "save_every_n_minutes"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.keep_mid_epoch_checkpoints < 1:
+        raise UserError(f"--keep_mid_epoch_checkpoints must be at least 1, got {cfg.keep_mid_epoch_checkpoints}")
 
 
 def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
@@ -327,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
         return report_error(f"CUDA ran out of memory ({first[:160]}); lower {flag} (it is the global batch, "
                             "split over the GPUs) or use --precision bf16")
+    except Preempted as stop:  # every rank stopped at the same step; rank 0 says so
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint written is intact", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ sees what the uninterrupted one saw, and every epoch still draws fresh views.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,17 +92,27 @@ class MultiViewDataset(Dataset):
 
 class EpochSampler(Sampler):
     """Yields ``(epoch, index)`` from a sampler with ``set_epoch``, for MultiViewDataset: the indices travel
-    from the main process to the workers, so persistent workers see each new epoch."""
+    from the main process to the workers, so persistent workers see each new epoch.
 
-    def __init__(self, sampler) -> None:
-        self.sampler, self.epoch = sampler, 0
+    ``set_epoch(epoch, start_batch=k)`` starts the epoch at its k-th batch of ``batch_size`` indices (a resume
+    from a mid-epoch checkpoint): the same order, the first k batches skipped without being loaded. The views
+    need no saved state: they are a function of (seed, epoch, index).
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, sampler, batch_size: int = 1) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        self.epoch, self.skip = epoch, start_batch * self.batch_size
         self.sampler.set_epoch(epoch)
 
+    def state(self) -> dict:
+        """What a mid-epoch checkpoint needs beyond the position: nothing."""
+        return {}
+
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(0, len(self.sampler) - self.skip)
 
     def __iter__(self):
-        return ((self.epoch, i) for i in self.sampler)
+        return ((self.epoch, i) for i in itertools.islice(iter(self.sampler), self.skip, None))

@@ -260,7 +260,8 @@ class DeviceLoader:
 
     Each epoch draws a seeded permutation (the same on every rank) and rank r takes every W-th
     position, so the union of the ranks' step-k batches is the one-process step-k batch. Augmentation
-    randomness comes from a generator seeded by (seed, epoch, rank) on the device.
+    randomness comes from a generator seeded by (seed, epoch, rank) on the device. A mid-epoch checkpoint
+    holds that generator's state (``state()``); ``set_epoch(epoch, start_batch, state)`` continues from it.
     """
 
     def __init__(self, images: torch.Tensor, views: list[BatchedViews], batch_size: int, seed: int,
@@ -268,12 +269,20 @@ class DeviceLoader:
         self.images, self.views = images, views
         self.local_bs = batch_size // world_size
         self.seed, self.rank, self.world = seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.start_batch, self._resume_state = 0, 0, None
+        self._aug: torch.Generator | None = None
         self.per_rank = images.shape[0] // world_size
         self.device = images.device
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+        self._resume_state = (state or {}).get("aug")
+        if start_batch and self._resume_state is None:
+            raise ValueError("resuming inside an epoch needs the augmentation generator's state")
+
+    def state(self) -> dict:
+        """The augmentation generator's state after the batches yielded so far (a CPU byte tensor)."""
+        return {} if self._aug is None else {"aug": self._aug.get_state()}
 
     def __len__(self) -> int:
         return self.per_rank // self.local_bs
@@ -283,7 +292,10 @@ class DeviceLoader:
         order = torch.randperm(self.images.shape[0], generator=g)[self.rank::self.world][: self.per_rank]
         order = order.to(self.device)
         aug = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 64 + self.rank)
-        for k in range(len(self)):
+        if self._resume_state is not None:
+            aug.set_state(self._resume_state)
+        self._aug = aug
+        for k in range(self.start_batch, len(self)):
             index = order[k * self.local_bs:(k + 1) * self.local_bs]
             batch = self.images.index_select(0, index)
             yield [view(batch, aug) for view in self.views], index

@@ -70,8 +70,10 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
     # batches is exactly the one-process step-k batch of the same global size.
     # Workers persist across epochs (no start-up wait at each epoch); the sampler hands them the epoch.
     sampler = EpochSampler(DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                              drop_last=True))
+                                              drop_last=True), batch_size=batch_size // world_size)
+    # Its own generator: otherwise each iter() draws the workers' base seed from the global RNG, which the
+    # methods use too (InsDis's noise), and a run resumed inside an epoch would draw it at another point.
     loader = DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None)
+                        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
     return loader, [sampler]

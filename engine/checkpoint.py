@@ -2,7 +2,10 @@
 (:func:`atomic_save`), found (:func:`list_checkpoints`, :func:`resolve_checkpoint`), read
 (:func:`load_checkpoint`) and restored into a run (:func:`restore`, :func:`restore_rng`).
 
-Named ``checkpoint_{epoch:04d}.pth.tar`` where epoch = epochs completed.
+One naming scheme: ``checkpoint_{E:04d}.pth.tar`` after E completed epochs, and
+``checkpoint_{E:04d}_step{k:06d}.pth.tar`` k steps into epoch E + 1 (mid-epoch: a preemption or
+``--save_every_n_steps/minutes``). They order by (E, k); ``latest`` is the largest. Evaluation reads the
+epoch-end ones; a run keeps only the newest few mid-epoch ones, and none older than its last epoch end.
 
 Written atomically (temporary file in the same directory, then ``os.replace``), so a job killed
 mid-write leaves the previous checkpoint intact. They hold plain tensors and Python scalars only,
@@ -26,21 +29,40 @@ import torch.nn as nn
 from common.distributed import DistInfo
 from common.errors import UserError
 
-CKPT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+CKPT_RE = re.compile(r"checkpoint_(\d{4,})(?:_step(\d{6,}))?\.pth\.tar$")
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_{epoch:04d}.pth.tar"
+def checkpoint_name(epoch: int, batch: int = 0) -> str:
+    """``epoch`` epochs completed and ``batch`` steps done of the next one (0: an epoch-end checkpoint)."""
+    return f"checkpoint_{epoch:04d}.pth.tar" if batch == 0 else f"checkpoint_{epoch:04d}_step{batch:06d}.pth.tar"
 
 
-def list_checkpoints(run_dir: str) -> dict[int, str]:
-    """{epoch: path} of the checkpoints in ``run_dir``."""
+def all_checkpoints(run_dir: str) -> dict[tuple[int, int], str]:
+    """{(epochs completed, steps into the next epoch): path} of every checkpoint in ``run_dir``, in order."""
     found = {}
     for path in glob.glob(os.path.join(glob.escape(run_dir), "checkpoint_*.pth.tar")):
         m = CKPT_RE.search(os.path.basename(path))
         if m:
-            found[int(m.group(1))] = path
+            found[(int(m.group(1)), int(m.group(2) or 0))] = path
     return dict(sorted(found.items()))
+
+
+def list_checkpoints(run_dir: str) -> dict[int, str]:
+    """{epoch: path} of the epoch-end checkpoints in ``run_dir`` (what evaluation reads)."""
+    return {epoch: path for (epoch, batch), path in all_checkpoints(run_dir).items() if batch == 0}
+
+
+def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
+    """Delete mid-epoch checkpoints older than the newest epoch-end one, and all but the newest ``keep``
+    of the others; returns the deleted paths."""
+    found = all_checkpoints(run_dir)
+    last_end = max((key for key in found if key[1] == 0), default=(-1, 0))
+    mid = [key for key in found if key[1] > 0]
+    newer = [key for key in mid if key > last_end]
+    doomed = [key for key in mid if key < last_end] + newer[:max(0, len(newer) - keep)]
+    for key in doomed:
+        os.remove(found[key])
+    return [found[key] for key in doomed]
 
 
 def atomic_save(obj, path: str) -> None:
@@ -71,8 +93,9 @@ def load_checkpoint(path: str) -> dict:
 
 
 def resolve_checkpoint(run_dir: str, name: str) -> str:
-    """``--train_from`` value -> path: 'latest', a file name inside ``run_dir``, or a path."""
-    available = list_checkpoints(run_dir)
+    """``--train_from`` value -> path: 'latest' (the newest, mid-epoch or not), a file name inside
+    ``run_dir``, or a path."""
+    available = all_checkpoints(run_dir)
     if name == "latest":
         if not available:
             raise UserError(f"no checkpoint_*.pth.tar in {run_dir}; start a new run without --train_from")
@@ -86,22 +109,27 @@ def resolve_checkpoint(run_dir: str, name: str) -> str:
 
 
 def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, schedule: dict, rng: list, args: dict) -> dict:
+                   scaler: torch.amp.GradScaler, schedule: dict, ranks: list, args: dict, batch: int = 0,
+                   meter: dict | None = None) -> dict:
     """Everything a resume needs, as weights_only-loadable tensors and Python values.
 
     ``model`` is the unwrapped method's state (no ``module.`` prefixes; EMA target and memory bank are
-    buffers in it), ``rng`` one state per rank, ``scheduler`` the learning-rate schedule the run follows,
-    ``args`` the resolved settings (what a resume and an evaluation read back).
+    buffers in it), ``scheduler`` the learning-rate schedule the run follows, ``args`` the resolved settings
+    (what a resume and an evaluation read back). ``ranks`` holds one (RNG states, loader states) pair per rank.
+    A mid-epoch checkpoint (``batch`` > 0 steps into epoch ``epoch + 1``) also holds the epoch's running
+    sums of the logged values (``meter``), so its metrics record ends as the uninterrupted one would.
     """
-    return {"epoch": epoch, "global_step": step, "clr": args["clr"], "arch": args["arch"],
+    return {"epoch": epoch, "batch": batch, "global_step": step, "clr": args["clr"], "arch": args["arch"],
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
-            "scaler": scaler.state_dict(), "rng": rng, "args": args}
+            "scaler": scaler.state_dict(), "rng": [rng for rng, _ in ranks], "loader": [lo for _, lo in ranks],
+            "meter": meter, "args": args}
 
 
 def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, steps_per_epoch: int) -> tuple[int, int]:
-    """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs, steps) completed, the steps
-    counted with this run's steps per epoch so that the schedule continues at the start of the next epoch."""
+            scaler: torch.amp.GradScaler, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs completed, steps into the
+    next epoch, steps), the steps counted with this run's steps per epoch so that the schedule continues
+    where the checkpoint left it."""
     try:
         method.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -109,23 +137,33 @@ def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Op
                         "resume with the run's own --model/--clr/head flags") from err
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    epoch = int(state["epoch"])
-    step = epoch * steps_per_epoch
+    epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+    if batch >= steps_per_epoch:
+        raise UserError(f"{path} was written {batch} steps into an epoch, and this run has {steps_per_epoch} steps "
+                        "per epoch; resume with the run's own --batch_size and --limit_train_batches")
+    step = epoch * steps_per_epoch + batch
     saved_step = state.get("global_step")
     if saved_step is not None and int(saved_step) != step:
-        print(f"note: {path} was written after {saved_step} steps ({epoch} epochs); this run has {steps_per_epoch} "
+        print(f"note: {path} was written after {saved_step} steps; this run has {steps_per_epoch} "
               f"steps per epoch, so its schedule continues from step {step}", file=sys.stderr)
-    return epoch, step
+    return epoch, batch, step
 
 
-def restore_rng(state: dict, dist: DistInfo) -> None:
-    """This rank's random streams as they were when the checkpoint was written (needs the same world size)."""
+def restore_rng(state: dict, dist: DistInfo) -> dict:
+    """This rank's random streams as they were when the checkpoint was written (needs the same world size);
+    returns this rank's loader state ({} when there is none)."""
     states = state.get("rng", [])
     if len(states) == dist.world_size:
         set_rng_state(states[dist.rank])
-    elif dist.is_main:
+        loaders = state.get("loader") or [{}] * dist.world_size
+        return loaders[dist.rank]
+    if int(state.get("batch", 0)):
+        raise UserError(f"this checkpoint was written mid-epoch by {len(states)} process(es) and can only resume "
+                        f"with as many (this run has {dist.world_size})")
+    if dist.is_main:
         print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
               f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)
+    return {}
 
 
 def rng_state() -> dict:

@@ -10,7 +10,9 @@ Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from argparse import Namespace
 from contextlib import nullcontext
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from common.device import pick_device
 from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                                 init_distributed)
-from common.errors import UserError
+from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, load_split
 from data.loaders import pretrain_loader
@@ -38,7 +40,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
-    """Run (or continue) pretraining; returns the run directory."""
+    """Run (or continue) pretraining; returns the run directory. Raises ``Preempted`` after saving the exact
+    position when SIGTERM or SIGUSR1 arrives."""
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     check_setup(cfg, dist, device)
@@ -55,23 +58,19 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                                    saved=resume.get("scheduler") if resume is not None else None)
     optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    start_epoch, step = 0, 0
+    start_epoch, start_batch, step = 0, 0, 0
     if resume is not None:
-        start_epoch, step = ckpt_io.restore(resume, resume_path, method, optimizer, scaler, steps_per_epoch)
+        start_epoch, start_batch, step = ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
+                                                         steps_per_epoch)
     model = wrap_model(method, cfg, dist, device)
 
-    run_dir = prepare_run_dir(cfg, dist, resuming=resume is not None)
-    writer = metrics = None
+    run = RunFiles(cfg, dist, prepare_run_dir(cfg, dist, resuming=resume is not None), schedule.record(),
+                   epoch_setters)
     if dist.is_main:
-        write_config(run_dir, {**vars(cfg), "schedule": schedule.record()})
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir, purge_step=step if resume else None)
-        metrics = MetricsLog(run_dir, resume_epoch=start_epoch if resume else None)
-        print(f"run directory: {run_dir}", flush=True)
+        write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
+        run.open_logs(purge_step=step if resume else None, resume_epoch=start_epoch if resume else None)
         print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
-    if resume is not None:
-        ckpt_io.restore_rng(resume, dist)
+    loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
     monitor = None
     if cfg.eval_every_n_epochs:
         monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
@@ -80,20 +79,21 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     if start_epoch >= last_epoch and dist.is_main:
         print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
-    trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device, precision=cfg.precision,
-                      memory_format=memory_format, total_steps=schedule.total_steps, step=step,
-                      last_ckpt=resume_path)
-    for epoch in range(start_epoch, last_epoch):
-        for target in epoch_setters:
-            target.set_epoch(epoch)
-        record = train_epoch(trainer, loader, epoch, steps_per_epoch, cfg, dist, writer)
-        end_epoch(trainer, record, cfg, dist, run_dir, writer, metrics, monitor, last_epoch, schedule.record())
+    with StopRequests(cfg) as requests:
+        trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device, precision=cfg.precision,
+                          memory_format=memory_format, total_steps=schedule.total_steps, step=step,
+                          last_ckpt=resume_path, requests=requests)
+        meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
+        for epoch in range(start_epoch, last_epoch):
+            for target in epoch_setters:
+                target.set_epoch(epoch, start_batch, loader_state)
+            record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
+            end_epoch(trainer, record, run, monitor, last_epoch)
+            start_batch, loader_state, meter = 0, {}, Meter()
     barrier()
-    if writer is not None:
-        writer.close()
-        print(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
-              f"TensorBoard events are in {run_dir}", flush=True)
-    return run_dir
+    run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+              f"TensorBoard events are in {run.dir}")
+    return run.dir
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -149,7 +149,7 @@ def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
     if dist.is_main:
         if cfg.log_dir:
             run_dir = cfg.log_dir
-            if not resuming and ckpt_io.list_checkpoints(run_dir):
+            if not resuming and ckpt_io.all_checkpoints(run_dir):
                 run_dir = UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
                                     "or choose another --log_dir")
             else:
@@ -163,31 +163,75 @@ def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- one step
-class _LossCheck:
-    """Stops every rank together, before the optimizer step, when any rank's loss is NaN or inf.
+class _StepCheck:
+    """Once per step, every rank learns together whether any rank's loss is NaN or inf (then all stop before
+    the optimizer step), and whether any rank asks to stop (a signal) or to save (a timer) after it.
 
-    Made right after the forward: it queues the all-reduce of the count and its copy to the host without
-    waiting. ``raise_if_any`` is called once the backward has been queued, so on CUDA the host waits
-    for the forward while the device runs the backward, instead of draining the stream every step.
+    Made right after the forward: it queues one all-reduce of three numbers and their copy to the host
+    without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
+    forward while the device runs the backward, instead of draining the stream every step. The requests are
+    filled on the device from host scalars (no host-to-device copy).
     """
 
-    def __init__(self, loss: torch.Tensor) -> None:
-        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-        self.count = bad.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
+    def __init__(self, loss: torch.Tensor, stop: bool, save: bool) -> None:
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                             torch.full((), float(stop), device=loss.device),
+                             torch.full((), float(save), device=loss.device)])
+        flags = all_reduce_sum(flags)
+        self.counts = flags.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
         self.ready = None
-        if bad.is_cuda:
+        if flags.is_cuda:
             self.ready = torch.cuda.Event()
             self.ready.record()
 
-    def raise_if_any(self, epoch: int, step: int, last_ckpt: str | None) -> None:
+    def wait(self, epoch: int, step: int, last_ckpt: str | None) -> tuple[bool, bool]:
+        """Raises if any rank's loss is not finite; returns (stop requested, save requested) on any rank."""
         if self.ready is not None:
             self.ready.synchronize()
-        bad = int(self.count.item())
+        bad, stop, save = (int(v) for v in self.counts.tolist())
         if bad:
             where = f"resume from {last_ckpt} " if last_ckpt else ""
             raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {bad} rank(s); "
                             f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
                             "rerun")
+        return stop > 0, save > 0
+
+
+class StopRequests:
+    """This rank's requests after each step: stop (SIGTERM or SIGUSR1 arrived: SLURM sends one before a
+    preemption or the time limit; torchrun passes SIGTERM on to its workers) and save (every
+    ``--save_every_n_steps`` steps or ``--save_every_n_minutes``). The handlers live as long as the run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, cfg: Namespace) -> None:
+        self.every_steps = cfg.save_every_n_steps or 0
+        self.every_s = (cfg.save_every_n_minutes or 0) * 60
+        self.received: str | None = None
+        self.last_save = time.monotonic()
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __call__(self, next_step: int) -> tuple[bool, bool]:
+        """(stop, save) wanted after step ``next_step`` (1-based)."""
+        due = bool(self.every_steps and next_step % self.every_steps == 0)
+        due = due or bool(self.every_s and time.monotonic() - self.last_save >= self.every_s)
+        return self.received is not None, due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
 
 def _no_mark(phase: str) -> None:
@@ -195,19 +239,24 @@ def _no_mark(phase: str) -> None:
 
 
 class Trainer:
-    """Optimizer steps of any method: forward under autocast, finite check, backward, step, method hook.
+    """Optimizer steps of any method: forward under autocast, checks, backward, step, method hook.
 
     ``model`` is what runs the forward (DDP/compiled); ``method`` the unwrapped module that owns
     ``after_step`` and the state saved in checkpoints. ``step`` counts completed optimizer steps.
+    ``requests(next_step) -> (stop, save)`` are this rank's wishes; after a step, ``stop_now``/``save_now``
+    say what the ranks agreed on.
     """
 
     def __init__(self, model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
-                 memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None) -> None:
+                 memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
+                 requests: Callable[[int], tuple[bool, bool]] | None = None) -> None:
         self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
         self.device, self.memory_format = device, memory_format
         self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
         self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
+        self.requests = requests or (lambda next_step: (False, False))
+        self.stop_now = self.save_now = False
 
     @property
     def lr(self) -> float:
@@ -224,12 +273,12 @@ class Trainer:
             group["lr"] = self.lr
         with self.autocast:
             loss, logs = self.model(views, index)
-        check = _LossCheck(loss)
+        check = _StepCheck(loss, *self.requests(self.step + 1))
         mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         mark("backward")
-        check.raise_if_any(epoch, i, self.last_ckpt)
+        self.stop_now, self.save_now = check.wait(epoch, i, self.last_ckpt)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
@@ -239,15 +288,62 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- one epoch
-def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace, dist: DistInfo, writer) -> dict:
-    """One pass of ``steps`` batches with a progress bar and windowed logs; returns the epoch's record."""
+class RunFiles:
+    """The run directory and what rank 0 writes into it (TensorBoard, metrics.jsonl, curves, checkpoints)."""
+
+    def __init__(self, cfg: Namespace, dist: DistInfo, run_dir: str, schedule: dict, epoch_setters: list) -> None:
+        self.cfg, self.dist, self.dir, self.schedule, self.setters = cfg, dist, run_dir, schedule, epoch_setters
+        self.writer = self.metrics = None
+
+    def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.dir, purge_step=purge_step)
+        self.metrics = MetricsLog(self.dir, resume_epoch=resume_epoch)
+        print(f"run directory: {self.dir}", flush=True)
+
+    def scalars(self, values: dict, step: int, prefix: str = "train") -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def save(self, trainer: "Trainer", epoch: int, batch: int = 0, meter: Meter | None = None) -> str:
+        """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it."""
+        ranks = all_gather_object((ckpt_io.rng_state(), self.setters[0].state()))
+        path = None
+        if self.dist.is_main:
+            path = os.path.join(self.dir, ckpt_io.checkpoint_name(epoch, batch))
+            state = ckpt_io.training_state(epoch=epoch, step=trainer.step, method=trainer.method,
+                                           optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=self.schedule,
+                                           ranks=ranks, args=vars(self.cfg), batch=batch,
+                                           meter=meter.state() if meter is not None else None)
+            ckpt_io.atomic_save(state, path)
+            ckpt_io.prune_mid_epoch(self.dir, self.cfg.keep_mid_epoch_checkpoints)
+            tqdm.write(f"saved {path}")
+        trainer.last_ckpt = broadcast_object(path)
+        if isinstance(trainer.requests, StopRequests):
+            trainer.requests.saved()
+        return trainer.last_ckpt
+
+    def close(self, message: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            print(message, flush=True)
+
+
+def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles, start: int = 0,
+                meter: Meter | None = None) -> dict:
+    """Steps ``start`` to ``steps`` of one epoch with a progress bar and windowed logs; returns the epoch's
+    record. Saves mid-epoch when the ranks agree to (timer), and saves then raises ``Preempted`` on a signal
+    (at the epoch's last step the epoch-end checkpoint serves: ``record["stop"]``)."""
+    cfg = run.cfg
     trainer.model.train()
-    epoch_meter, window = Meter(), Meter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main, dynamic_ncols=True,
-               leave=True, file=sys.stdout)
+    epoch_meter, window = meter or Meter(), Meter()
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.dist.is_main,
+               dynamic_ncols=True, leave=True, file=sys.stdout)
     t_epoch = t_window = time.perf_counter()
     lr_max = 0.0
-    for i, (views, index) in enumerate(loader):
+    for i, (views, index) in enumerate(loader, start=start):
         if i >= steps:
             break
         lr = trainer.lr
@@ -261,37 +357,41 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, cfg: Namespace
             ips = window.count * cfg.batch_size / max(now - t_window, 1e-9)
             values = window.means()
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-            if writer is not None:
-                for k, v in {**values, "lr": lr, "images_per_s": ips}.items():
-                    writer.add_scalar(f"train/{k}", v, trainer.step)
+            run.scalars({**values, "lr": lr, "images_per_s": ips}, trainer.step)
             window = Meter()
             t_window = now
+        if (trainer.stop_now or trainer.save_now) and i < steps - 1:
+            path = run.save(trainer, epoch, i + 1, epoch_meter)
+            if trainer.stop_now:
+                bar.close()
+                raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at epoch "
+                                f"{epoch + 1}, step {i + 1} of {steps}, after saving {path}; continue with "
+                                f"--log_dir {run.dir} --train_from latest")
     bar.close()
     epoch_time = time.perf_counter() - t_epoch
     return {"epoch": epoch + 1, "step": trainer.step, **epoch_meter.means(),
             "lr": float(trainer.schedule[min(trainer.step, len(trainer.schedule)) - 1]), "lr_max": lr_max,
-            "epoch_time_s": epoch_time, "images_per_s": steps * cfg.batch_size / epoch_time}
+            "epoch_time_s": epoch_time, "images_per_s": (steps - start) * cfg.batch_size / epoch_time,
+            "stop": trainer.stop_now, "save": trainer.save_now}
 
 
-def end_epoch(trainer: Trainer, record: dict, cfg: Namespace, dist: DistInfo, run_dir: str, writer,
-              metrics: MetricsLog | None, monitor: KnnMonitor | None, last_epoch: int, schedule: dict) -> None:
-    """kNN monitor, metrics line, and (every --save_every_n_epochs and at the end) checkpoint and curves."""
-    completed = record["epoch"]
+def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor | None, last_epoch: int) -> None:
+    """kNN monitor, metrics line, and (every --save_every_n_epochs, at the end, or when stopping) the
+    checkpoint and curves; raises ``Preempted`` after that save when a signal asked to stop."""
+    cfg, completed, stop, asked = run.cfg, record["epoch"], record.pop("stop"), record.pop("save")
     if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
         record["knn_top1"] = monitor(trainer.method.backbone)
-        if writer is not None:
-            writer.add_scalar("monitor/knn_top1", record["knn_top1"], trainer.step)
+        run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
+        if run.dist.is_main:
             tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
-    rng = all_gather_object(ckpt_io.rng_state())
-    if dist.is_main:
-        metrics.append(record)
-        if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch):
-            trainer.last_ckpt = os.path.join(run_dir, ckpt_io.checkpoint_name(completed))
-            state = ckpt_io.training_state(epoch=completed, step=trainer.step, method=trainer.method,
-                                           optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=schedule,
-                                           rng=rng, args=vars(cfg))
-            ckpt_io.atomic_save(state, trainer.last_ckpt)
-            plot_curves(metrics.read(), os.path.join(run_dir, "curves.png"),
+    if run.dist.is_main:
+        run.metrics.append(record)
+    if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked:
+        path = run.save(trainer, completed)
+        if run.dist.is_main:
+            plot_curves(run.metrics.read(), os.path.join(run.dir, "curves.png"),
                         f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
-            tqdm.write(f"saved {trainer.last_ckpt}")
-    trainer.last_ckpt = broadcast_object(trainer.last_ckpt)
+        if stop and completed < last_epoch:
+            raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at the end of "
+                            f"epoch {completed}, after saving {path}; continue with --log_dir {run.dir} "
+                            "--train_from latest")

@@ -51,6 +51,18 @@ class Meter:
     def means(self) -> dict[str, float]:
         return {k: (v / self.count).item() for k, v in self.sums.items()}
 
+    def state(self) -> dict:
+        """The sums (on the CPU) and count, for a mid-epoch checkpoint."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device) -> "Meter":
+        meter = cls()
+        if state:
+            meter.sums = {k: v.to(device) for k, v in state["sums"].items()}
+            meter.count = int(state["count"])
+        return meter
+
 
 class MetricsLog:
     """Append-only JSON lines, one record per epoch; on resume, records past the checkpoint go."""

@@ -5,8 +5,11 @@
 #   sbatch --nodes=2 scripts/slurm_multinode.sh --config configs/imagenet_simclr.yaml
 #
 # --batch_size is the global batch over all nodes; it must divide by nodes x GPUs per node.
-# Preemption: the job requeues itself and resumes from the newest checkpoint of the same run
-# directory (RUN_DIR below is fixed per job so a requeued job finds it).
+# Preemption: 5 minutes before the time limit SLURM sends USR1 to this script (--signal=B:USR1@300); the trap
+# passes SIGTERM to srun, srun to torchrun, torchrun to every worker; the workers agree on one step, save the
+# exact position inside the epoch and exit with status 3; the job then requeues itself and resumes from the
+# newest checkpoint of the same run directory (RUN_DIR below is fixed per job so a requeued job finds it).
+# A preemption by the scheduler (SIGTERM to the job) takes the same path and also ends with status 3.
 #SBATCH --job-name=flatclr
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1          # one torchrun launcher per node
@@ -28,7 +31,15 @@ if ls "$RUN_DIR"/checkpoint_*.pth.tar >/dev/null 2>&1; then
   RESUME=(--train_from latest)        # requeued after preemption: continue the same run
 fi
 
-trap 'scontrol requeue "$SLURM_JOB_ID"' USR1   # SLURM warns 5 minutes before the time limit
+SRUN_PID=
+forward_and_requeue() {
+  echo "$(date): USR1, time limit near: saving the run's position, then requeueing" >&2
+  [ -n "$SRUN_PID" ] && kill -TERM "$SRUN_PID" 2>/dev/null
+  wait "$SRUN_PID" || true
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap forward_and_requeue USR1
 
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes="$SLURM_JOB_NUM_NODES" \
@@ -38,4 +49,10 @@ srun --kill-on-bad-exit=1 torchrun \
   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
   main.py --config configs/imagenet_flatclr.yaml --log_dir "$RUN_DIR" "${RESUME[@]}" \
   --workers $(( SLURM_CPUS_PER_TASK / GPUS_PER_NODE )) "$@" &
-wait
+SRUN_PID=$!
+STATUS=0
+wait "$SRUN_PID" || STATUS=$?
+if [ "$STATUS" -eq 3 ]; then  # preempted: the position is saved
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$STATUS"

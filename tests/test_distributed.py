@@ -78,23 +78,26 @@ def test_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch
 
 def _finite_worker(rank, store, out_dir):
     _init(rank, store)
-    from engine.pretrain import _LossCheck
+    from engine.pretrain import _StepCheck
 
+    # a stop request (a signal) on rank 0 and a save request (a timer) on rank 1 reach both ranks
+    agreed = _StepCheck(torch.tensor(1.0), stop=rank == 0, save=rank == 1).wait(0, 0, None)
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
     try:
-        _LossCheck(loss).raise_if_any(epoch=0, step=3, last_ckpt="run/checkpoint_0002.pth.tar")
+        _StepCheck(loss, stop=False, save=False).wait(epoch=0, step=3, last_ckpt="run/checkpoint_0002.pth.tar")
         outcome = "continued"
     except UserError as err:
         outcome = str(err)
     with open(os.path.join(out_dir, f"f{rank}.txt"), "w") as f:
-        f.write(outcome)
+        f.write(f"{agreed}\n{outcome}")
     dist.destroy_process_group()
 
 
-def test_nan_on_one_rank_stops_every_rank(tmp_path):
+def test_nan_or_a_stop_request_on_one_rank_reaches_every_rank(tmp_path):
     _spawn(_finite_worker, tmp_path)
     for r in range(WORLD):
-        text = (tmp_path / f"f{r}.txt").read_text()
+        agreed, text = (tmp_path / f"f{r}.txt").read_text().split("\n", 1)
+        assert agreed == "(True, True)"
         assert text.startswith("loss is not finite at epoch 1, step 4 on 1 rank(s)"), text
         assert "resume from run/checkpoint_0002.pth.tar" in text
 
