@@ -1,5 +1,6 @@
 # The two commands of the README. Both create .venv from requirements.txt when it is missing or stale.
 PYTHON ?= python3
+.DEFAULT_GOAL := help
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -9,7 +10,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-.PHONY: demo test test-slow gpu-check gpu-data
+.PHONY: help demo test test-slow gpu-check gpu-data
+help:
+	@echo "make demo | test | test-slow   (build .venv from requirements.txt when needed)"
+	@echo "make gpu-data | gpu-check      (GPU node: its own python3, no .venv; see README 'GPU check')"
+
 demo: $(VENV)/.installed
 	$(PY) main.py --config configs/quickstart.yaml
 
@@ -19,10 +24,14 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-# On a GPU node: the machine's own python3 (no .venv, no pip); see README "GPU check".
+# On a GPU node: the machine's own python3 (no .venv, no pip); the report goes to $OUT when set (the device
+# tool's output folder), else benchmarks/gpu_check/. Extra flags: make gpu-check ARGS="--budget 420".
 gpu-check:
-	python3 benchmarks/gpu_check.py
+	python3 benchmarks/gpu_check.py --out "$${OUT:-benchmarks/gpu_check}" $(ARGS)
 
-# The CIFAR-10 subset for the check's real-data part, copied into the ignored .data/ (carry it to the GPU machine).
-gpu-data:
-	mkdir -p .data && cp -r ../shared/data/cifar10-subset .data/
+# Before a GPU session, beside ../shared: the CIFAR-10 subset into the ignored .data/, and a copy of pytest
+# (pure Python) into the ignored .gl/ for a GPU machine without it; carry both.
+gpu-data: $(VENV)/.installed
+	mkdir -p .data .gl && cp -r ../shared/data/cifar10-subset .data/
+	cd $(VENV)/lib/python3*/site-packages && cp -r pytest _pytest pluggy iniconfig packaging pygments \
+		py.py $(CURDIR)/.gl/ 2>/dev/null || true

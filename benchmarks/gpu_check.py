@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import importlib.util
 import json
 import os
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -46,7 +51,9 @@ from main import main as cli_main  # noqa: E402
 from main import resolve  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched in order.
-BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
+# What the parts import besides torch; a missing one is named in the report instead of ending the check.
+NEEDED = ("yaml", "tqdm", "sklearn", "tensorboard", "matplotlib", "pytest")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -77,6 +84,7 @@ def device_facts(check: Check) -> dict:
     facts["driver"] = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) \
         if check.cuda else None
     facts["bf16_peak_tflops"] = next((v for k, v in BF16_PEAK_TFLOPS if k in facts["device"]), None)
+    facts["missing_modules"] = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     return facts
 
 
@@ -97,22 +105,49 @@ def _commit() -> str:
 
 
 # ----------------------------------------------------------------------------- part 1: CUDA tests
-def cuda_tests(check: Check, deadline: float) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"]
+CUDA_TEST_FILES = ["tests/test_cuda.py", "tests/test_batched_augment.py", "tests/test_models_data.py"]
+
+
+def cuda_tests(check: Check, deadline: float, marker: str = "cuda and not compile") -> dict:
+    """``pytest -m <marker>`` on the files that hold CUDA tests, its log kept under --out; a timeout keeps
+    what finished. Without pytest here, a copy in .gl/ (``make gpu-data`` puts one there) is used."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("pytest") is None and os.path.isdir(os.path.join(ROOT, ".gl")):
+        env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, ".gl"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "pytest", "-m", marker, "-v", "-p", "no:cacheprovider", *CUDA_TEST_FILES]
+    log = os.path.join(check.args.out, f"pytest_{marker.replace(' ', '_')}.log")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired as err:
-        raise RuntimeError(f"pytest -m cuda did not finish within its cap ({err.timeout:.0f} s)") from err
-    lines = proc.stdout.strip().splitlines()
-    summary = lines[-1] if lines else proc.stderr.strip()[-300:]
-    if "No module named pytest" in proc.stderr:
-        raise RuntimeError("pytest is not installed for this python; the CUDA tests need it")
-    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
-    result = {"summary": summary, "returncode": proc.returncode, "failed": failed}
-    if proc.returncode not in (0, 5):  # 5: nothing collected
-        raise RuntimeError(f"{summary}; " + "; ".join(failed[:5]))
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # pytest and the inductor workers it started
+        output, _ = proc.communicate()
+        timed_out = True
+    with open(log, "w") as f:
+        f.write(output)
+    if "No module named pytest" in output:
+        raise RuntimeError("pytest is not installed for this python (make gpu-data copies one into .gl/)")
+    lines = output.strip().splitlines()
+    passed = [ln.split(" ")[0] for ln in lines if " PASSED" in ln]
+    failed = [ln.split(" ")[0] for ln in lines if " FAILED" in ln or " ERROR" in ln]
+    summary = lines[-1] if lines else ""
+    result = {"summary": summary, "passed": passed, "failed": failed, "log": log}
+    check.results[f"tests: {marker}"] = result
+    if timed_out:
+        raise RuntimeError(f"did not finish within its cap; {len(passed)} passed and {len(failed)} failed before "
+                           f"that (see {log})")
+    if proc.returncode not in (0, 5):
+        raise RuntimeError(f"{summary}; failed: {', '.join(failed[:6])} (see {log})")
+    if check.cuda and not passed:
+        raise RuntimeError(f"on a CUDA device every test was skipped ({summary}): the child sees no GPU")
     return result
+
+
+def compile_tests(check: Check, deadline: float) -> dict:
+    """The torch.compile test alone: a cold inductor compilation takes tens of seconds."""
+    return cuda_tests(check, deadline, marker="cuda and compile")
 
 
 # ----------------------------------------------------------------------------- part 2: throughput
@@ -133,7 +168,7 @@ class Bench:
                              f"--device={check.device.type}", f"--cifar_stem={crop <= 64}", f"--compile={compiled}",
                              "--workers=0"])
         torch.manual_seed(0)
-        split = synthetic_split(2 * batch, side, crop)
+        split = synthetic_split(16 * batch, side, crop)  # epochs long enough that their starts do not skew timings
         loader, self.setters = build_loader(cfg, split, DistInfo(), check.device)
         method, memory_format = build_model(cfg, split, DistInfo(), check.device)
         optimizer = build_optimizer(cfg.optimizer, method, 0.1, cfg.weight_decay, cfg.momentum)
@@ -144,6 +179,14 @@ class Bench:
                                last_ckpt=None)
         self.loader, self.check, self.batch = loader, check, batch
         self.batches = self._cycle()
+
+    def close(self) -> None:
+        """Free the model, optimizer and data now (the batch generator holds a reference to the bench)."""
+        self.batches.close()
+        self.trainer = self.loader = self.batches = None
+        gc.collect()
+        if self.check.cuda:
+            torch.cuda.empty_cache()
 
     def _cycle(self):
         epoch = 0
@@ -195,21 +238,22 @@ class Bench:
 
 
 def rows_to_measure(check: Check) -> list[tuple[str, str, int, int, bool]]:
-    """(method, arch, crop, batch, compiled) in order of value."""
+    """(method, arch, crop, batch, compiled) in order of value; the compiled row last (its compile may be slow)."""
     if check.quick:
         return [("simclr", "resnet18", 16, 32, False), ("simclr", "resnet18", 16, 16, False),
                 ("byol", "resnet18", 16, 32, False), ("flatclr", "resnet18", 16, 32, False),
                 ("insdis", "resnet18", 16, 32, False), ("simclr", "resnet50", 64, 4, False)]
-    rows = [("simclr", "resnet18", 32, 512, False), ("simclr", "resnet18", 32, 512, True),
-            ("simclr", "resnet18", 32, 256, False), ("simclr", "resnet18", 32, 1024, False)]
+    rows = [("simclr", "resnet18", 32, 512, False), ("simclr", "resnet18", 32, 256, False),
+            ("simclr", "resnet18", 32, 1024, False)]
     rows += [(clr, "resnet18", 32, 512, False) for clr in ("byol", "flatclr", "insdis")]
-    return rows + [("simclr", "resnet50", 224, 128, False)]
+    return rows + [("simclr", "resnet50", 224, 128, False), ("simclr", "resnet18", 32, 512, True)]
 
 
 def throughput(check: Check, deadline: float) -> dict:
-    peak = check.results["facts"]["bf16_peak_tflops"]
-    steps, warmup = (3, 1) if check.quick else (30, 5)
-    rows = [augmentation_alone(check)]
+    """One row per configuration, each measured on its own: a row that fails is noted and the rest go on."""
+    rows: list[dict] = []
+    check.results["throughput"] = {"rows": rows}  # filled as rows finish, so a later failure keeps them
+    rows.append(augmentation_alone(check))
     for clr, arch, crop, batch, compiled in rows_to_measure(check):
         label = {"method": clr, "arch": arch, "px": crop, "batch": batch, "mode": "compiled" if compiled else "eager"}
         need = 0 if check.quick else (60 if compiled else 8)  # seconds a row needs at least (compile: more)
@@ -217,31 +261,47 @@ def throughput(check: Check, deadline: float) -> dict:
             rows.append({**label, "note": "skipped: the part's time cap was reached"})
             continue
         print(f"  {clr} {arch} {crop}px batch {batch} {label['mode']}", flush=True)
-        if check.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        bench = Bench(check, clr, arch, crop, batch, compiled)
-        flops = bench.flops() if not compiled else None
+        try:
+            rows.append({**label, **measure_row(check, clr, arch, crop, batch, compiled, deadline, rows)})
+        except Exception as err:  # noqa: BLE001 - reported in the row
+            rows.append({**label, "note": f"failed: {type(err).__name__}: {str(err).strip()[:160]}"})
+    return check.results["throughput"]
+
+
+def measure_row(check: Check, clr: str, arch: str, crop: int, batch: int, compiled: bool, deadline: float,
+                rows: list[dict]) -> dict:
+    peak = check.results["facts"]["bf16_peak_tflops"]
+    steps, warmup = (3, 1) if check.quick else (30, 5)
+    gc.collect()
+    base = 0
+    if check.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    bench = Bench(check, clr, arch, crop, batch, compiled)
+    try:
+        flops = bench.flops() if not compiled else next(
+            (r["gflop_step"] * 1e9 for r in rows if (r.get("method"), r.get("arch"), r.get("batch"), r.get("mode"))
+             == (clr, arch, batch, "eager") and "gflop_step" in r), None)
         t0 = time.perf_counter()
-        for _ in range(warmup):
+        bench.step()  # the first step (a compiled one compiles here)
+        check.sync()
+        first_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
             bench.step()
         check.sync()
-        warm_s = time.perf_counter() - t0
         times = bench.time_steps(steps, deadline)
         sec = statistics.median(times)
-        row = {**label, "img_s": batch / sec, "ms_step": sec * 1e3, "steps_timed": len(times)}
+        row = {"img_s": batch / sec, "ms_step": sec * 1e3, "steps_timed": len(times)}
         if compiled:
-            row["compile_s"] = warm_s  # the warm-up steps, compilation included
-            flops = next((r["gflop_step"] * 1e9 for r in rows if r.get("method") == clr and r.get("batch") == batch
-                          and r.get("arch") == arch and r.get("mode") == "eager" and "gflop_step" in r), None)
+            row["compile_s"] = first_s
         if flops:
-            row["gflop_step"] = flops / 1e9
-            row["tflop_s"] = flops / sec / 1e12
+            row.update(gflop_step=flops / 1e9, tflop_s=flops / sec / 1e12)
             row["frac_bf16_peak"] = row["tflop_s"] / peak if peak and check.cuda else None
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if check.cuda else None
-        rows.append(row)
-        del bench
-    return {"rows": rows}
+        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30 if check.cuda else None
+        return row
+    finally:
+        bench.close()
 
 
 def augmentation_alone(check: Check) -> dict:
@@ -274,30 +334,38 @@ def profile(check: Check, deadline: float) -> dict:
         bench.step()
     check.sync()
     shares = phase_shares(check, bench, steps=3 if check.quick else 10)
+    if time.monotonic() > deadline - 5:
+        bench.close()
+        return {"config": "simclr resnet18", "phase_shares": shares, "note": "no time left for the trace"}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if check.cuda else [])
-    t0 = time.perf_counter()
     with torch_profile(activities=activities) as prof:
         for _ in range(5):
             bench.step()
         check.sync()
-    wall_us = (time.perf_counter() - t0) * 1e6
     events = list(prof.key_averages())
+    result = {"config": f"simclr resnet18 batch {batch} {check.precision} eager", "phase_shares": shares}
     if check.cuda:
         kernels = [e for e in events if _device_time(e) > 0 and "cuda" in str(getattr(e, "device_type", "")).lower()]
-        kernels = kernels or [e for e in events if _device_time(e) > 0]
         busy = sum(_device_time(e) for e in kernels)
-        shares["device idle (host gaps)"] = max(0.0, 1 - busy / wall_us)
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if "cuda" in str(getattr(e, "device_type", "")).lower() and e.time_range.end > e.time_range.start]
+        if not kernels or not spans:
+            result["note"] = "the trace holds no device events (CUPTI unavailable?): no kernel table, no idle share"
+        else:
+            span = max(end for _, end in spans) - min(start for start, _ in spans)
+            result["device_idle_share"] = max(0.0, 1 - busy / span)  # time between kernels: host gaps, syncs
+            result["device_span_ms_5_steps"] = span / 1e3
         top = sorted(kernels, key=_device_time, reverse=True)[:15]
-        table = [{"kernel": e.key[:90], "calls": e.count, "ms_total": _device_time(e) / 1e3,
-                  "share": _device_time(e) / max(busy, 1)} for e in top]
+        result["top_kernels"] = [{"kernel": e.key[:90], "calls": e.count, "ms_total": _device_time(e) / 1e3,
+                                  "share": _device_time(e) / max(busy, 1)} for e in top]
     else:
         ops = [e for e in events if e.self_cpu_time_total > 0]
         busy = sum(e.self_cpu_time_total for e in ops)
         top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-        table = [{"kernel": e.key[:90], "calls": e.count, "ms_total": e.self_cpu_time_total / 1e3,
-                  "share": e.self_cpu_time_total / max(busy, 1)} for e in top]
-    return {"config": f"simclr resnet18 batch {batch} {check.precision} eager", "phase_shares": shares,
-            "top_kernels": table, "wall_ms_5_steps": wall_us / 1e3}
+        result["top_kernels"] = [{"kernel": e.key[:90], "calls": e.count, "ms_total": e.self_cpu_time_total / 1e3,
+                                  "share": e.self_cpu_time_total / max(busy, 1)} for e in top]
+    bench.close()
+    return result
 
 
 def _device_time(e) -> float:
@@ -336,7 +404,8 @@ def _elapsed(check: Check, a, b) -> float:
 
 # ----------------------------------------------------------------------------- part 4: real data
 def real_data(check: Check, deadline: float) -> dict:
-    out = os.path.join(check.args.out, "real_data_run")
+    """SimCLR pretraining for as many epochs as fit, then kNN; the run goes to a temporary directory and only
+    its metrics and the kNN record are copied under --out (checkpoints are large)."""
     if check.quick:
         data = ["--dataset_name=digits", "--image_size=16", "--batch_size=32", "--limit_train_batches=2"]
         epochs, source = 1, "digits (quick: the bundled 8x8 digits at 16 px)"
@@ -354,57 +423,86 @@ def real_data(check: Check, deadline: float) -> dict:
         epochs = max(1, min(100, int(0.7 * budget * img_s / n)))
         data = ["--dataset_name=folder", f"--data={root}", "--batch_size=512"]
         source = f"CIFAR-10 subset at {root} ({n} training images)"
-    flags = data + ["--clr=simclr", "--arch=resnet18", "--faster_version", f"--precision={check.precision}",
-                    f"--device={check.device.type}", f"--epochs={epochs}", "--workers=0", f"--log_dir={out}",
-                    f"--save_every_n_epochs={epochs}", "--temperature=0.2"]
-    if os.path.isdir(out):
-        import shutil
-
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    if cli_main(flags) != 0:
-        raise RuntimeError("pretraining failed: " + " ".join(flags))
-    train_s = time.perf_counter() - t0
-    if cli_main(["--train_mode=eval", "--transfer_mode=knn", f"--checkpoint_dir={out}", "--no-tsne",
-                 f"--device={check.device.type}", "--workers=0"]) != 0:
-        raise RuntimeError("kNN evaluation failed")
-    record = json.load(open(os.path.join(out, "eval", f"knn_epoch{epochs:04d}.json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        flags = data + ["--clr=simclr", "--arch=resnet18", "--faster_version", f"--precision={check.precision}",
+                        f"--device={check.device.type}", f"--epochs={epochs}", "--workers=0", f"--log_dir={run}",
+                        f"--save_every_n_epochs={epochs}", "--temperature=0.2"]
+        t0 = time.perf_counter()
+        if cli_main(flags) != 0:
+            raise RuntimeError("pretraining failed: " + " ".join(flags))
+        train_s = time.perf_counter() - t0
+        if cli_main(["--train_mode=eval", "--transfer_mode=knn", f"--checkpoint_dir={run}", "--no-tsne",
+                     f"--device={check.device.type}", "--workers=0"]) != 0:
+            raise RuntimeError("kNN evaluation failed")
+        knn = os.path.join(run, "eval", f"knn_epoch{epochs:04d}.json")
+        record = json.load(open(knn))
+        kept = os.path.join(check.args.out, "real_data")
+        os.makedirs(kept, exist_ok=True)
+        for path in (knn, os.path.join(run, "metrics.jsonl"), os.path.join(run, "config.yaml")):
+            shutil.copy(path, kept)
     return {"source": source, "epochs": epochs, "pretrain_wall_s": train_s, "knn_top1": record["top1"],
-            "command": "python main.py " + " ".join(flags)}
+            "command": "python main.py " + " ".join(f.replace(run, "RUN") for f in flags), "files": kept}
 
 
 # ----------------------------------------------------------------------------- runner and report
-# (title, key, function, cap in seconds, cap with --quick). The CUDA tests get 90 s, not 60: one of them
-# compiles a ResNet-18 step with inductor, which alone takes tens of seconds on a cold cache.
-PARTS = [("CUDA tests", "cuda_tests", cuda_tests, 90, 30), ("Throughput", "throughput", throughput, 130, 25),
-         ("Where the time goes", "profile", profile, 30, 10), ("Real data", "real_data", real_data, 90, 20)]
+# (title, key, function, cap in seconds, cap with --quick), in order of value.
+PARTS = [("CUDA tests", "cuda_tests", cuda_tests, 75, 30), ("Throughput", "throughput", throughput, 120, 25),
+         ("Where the time goes", "profile", profile, 25, 10), ("Real data", "real_data", real_data, 60, 20),
+         ("Compile test", "compile_tests", compile_tests, 75, 20)]
+
+
+class PartTimeout(Exception):
+    """A part ran past its cap (raised by the interval timer in the main thread)."""
+
+
+def _on_alarm(signum, frame):
+    raise PartTimeout("ran past its cap")
 
 
 def run(check: Check) -> dict:
     check.results["facts"] = device_facts(check)
     start = time.monotonic()
-    status = {}
-    for i, (title, key, fn, cap, quick_cap) in enumerate(PARTS, 1):
-        cap = quick_cap if check.quick else cap
-        left = check.args.budget - (time.monotonic() - start)
-        if cap > left:
-            status[key] = {"status": "skipped", "why": f"needs up to {cap} s, {left:.0f} s of the budget left"}
-            print(f"[{i}/{len(PARTS)}] {title}: skipped ({status[key]['why']})", flush=True)
-            continue
-        print(f"[{i}/{len(PARTS)}] {title} (cap {cap} s) ...", flush=True)
-        t0 = time.monotonic()
-        try:
-            check.results[key] = fn(check, t0 + cap)
-            status[key] = {"status": "ok", "seconds": time.monotonic() - t0}
-        except Exception as err:  # a failed part is reported, the others still run
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            status[key] = {"status": "failed", "seconds": time.monotonic() - t0,
-                           "why": f"{type(err).__name__}: {first}"[:400], "trace": traceback.format_exc()[-2000:]}
-        print(f"    {status[key]['status']} in {status[key]['seconds']:.1f} s"
-              + (f": {status[key]['why']}" if status[key]["status"] == "failed" else ""), flush=True)
+    status: dict = {}
     check.results["status"] = status
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        for i, (title, key, fn, cap, quick_cap) in enumerate(PARTS, 1):
+            cap = quick_cap if check.quick else cap
+            left = check.args.budget - (time.monotonic() - start)
+            if cap > left:
+                status[key] = {"status": "skipped", "why": f"needs up to {cap} s, {left:.0f} s of the budget left"}
+                print(f"[{i}/{len(PARTS)}] {title}: skipped ({status[key]['why']})", flush=True)
+                continue
+            print(f"[{i}/{len(PARTS)}] {title} (cap {cap} s) ...", flush=True)
+            t0 = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, cap + 15)  # the part's own deadline is cap; this is the backstop
+            try:
+                check.results[key] = fn(check, t0 + cap)
+                status[key] = {"status": "ok", "seconds": time.monotonic() - t0}
+            except Exception as err:  # a failed part is reported, the others still run
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                status[key] = {"status": "failed", "seconds": time.monotonic() - t0,
+                               "why": f"{type(err).__name__}: {first}"[:400], "trace": traceback.format_exc()[-2000:]}
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            print(f"    {status[key]['status']} in {status[key]['seconds']:.1f} s"
+                  + (f": {status[key]['why']}" if status[key]["status"] == "failed" else ""), flush=True)
+            check.results["total_s"] = time.monotonic() - start
+            write_report(check)  # after every part: a check killed later still leaves its figures
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     check.results["total_s"] = time.monotonic() - start
     return check.results
+
+
+def write_report(check: Check) -> str:
+    md = report_md(check.results)
+    with open(os.path.join(check.args.out, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(check.args.out, "report.json"), "w") as f:
+        json.dump(check.results, f, indent=1, default=str)
+    return md
 
 
 COLUMNS = ["method", "arch", "px", "batch", "mode", "img_s", "ms_step", "steps_timed", "gflop_step", "tflop_s",
@@ -432,22 +530,30 @@ def report_md(results: dict) -> str:
     f = results["facts"]
     lines = [f"## GPU check: {f['device']}", "",
              f"device {f['device']}, driver {f['driver'] or '-'}, torch {f['torch']} (CUDA {f['cuda'] or '-'}), "
-             f"commit {f['commit']}, {f['date']}; command `{f['command']}`; total {results['total_s']:.0f} s.", "",
+             f"commit {f['commit']}, {f['date']}; command `{f['command']}`; total {results.get('total_s', 0):.0f} s."
+             + (f" Missing modules: {', '.join(f['missing_modules'])}." if f.get("missing_modules") else ""), "",
              "| part | status | seconds | note |", "|---|---|---|---|"]
     for (title, key, *_rest) in PARTS:
         s = results["status"].get(key, {})
         lines.append(f"| {title} | {s.get('status', '-')} | {_fmt('seconds', s.get('seconds'))} | {s.get('why', '')} |")
-    if "cuda_tests" in results:
-        lines += ["", f"CUDA tests: {results['cuda_tests']['summary']}"]
+    for key in ("cuda_tests", "compile_tests"):
+        if key in results:
+            lines += ["", f"{key.replace('_', ' ')}: {results[key]['summary']}"]
     if "throughput" in results:
         peak = f["bf16_peak_tflops"]
         lines += ["", f"### Throughput (faster_version, channels_last; dense bf16 peak {peak or 'unknown'} TFLOP/s)",
                   ""] + _table(results["throughput"]["rows"])
     if "profile" in results:
         p = results["profile"]
-        lines += ["", f"### Where the time goes ({p['config']}, 5 steps in {p['wall_ms_5_steps']:.0f} ms)", "",
-                  "Share of the step: " + ", ".join(f"{k} {v:.1%}" for k, v in p["phase_shares"].items()), ""]
-        lines += _table(p["top_kernels"])
+        lines += ["", f"### Where the time goes ({p['config']})", "",
+                  "Share of the step: " + ", ".join(f"{k} {v:.1%}" for k, v in p["phase_shares"].items())]
+        if "device_idle_share" in p:
+            lines.append(f"Device idle between kernels: {p['device_idle_share']:.1%} of "
+                         f"{p['device_span_ms_5_steps']:.0f} ms (5 steps)")
+        if "note" in p:
+            lines.append(p["note"])
+        if p.get("top_kernels"):
+            lines += [""] + _table([{**k, "kernel": f"`{k['kernel']}`"} for k in p["top_kernels"]])
     if "real_data" in results:
         r = results["real_data"]
         lines += ["", "### Real data", ""] + ([r["note"]] if "note" in r else [
@@ -469,12 +575,9 @@ def main() -> int:
         print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    results = run(Check(args))
-    md = report_md(results)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    check = Check(args)
+    run(check)
+    md = write_report(check)
     print("\n" + md)
     print(f"report: {os.path.join(args.out, 'report.md')} and report.json")
     return 0

@@ -290,7 +290,8 @@ class DeviceLoader:
     def __iter__(self):
         g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.images.shape[0], generator=g)[self.rank::self.world][: self.per_rank]
-        order = order.to(self.device)
+        if self.device.type == "cuda":  # pinned and asynchronous: a pageable copy would drain the stream
+            order = order.pin_memory().to(self.device, non_blocking=True)
         aug = torch.Generator(device=self.device).manual_seed((self.seed * 1_000_003 + self.epoch) * 64 + self.rank)
         if self._resume_state is not None:
             aug.set_state(self._resume_state)

@@ -19,6 +19,7 @@ TINY = ["--dataset_name=digits", "--arch=resnet18", "--image_size=16", "--batch_
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end checks (make test-slow)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; pytest -m cuda)")
+    config.addinivalue_line("markers", "compile: runs torch.compile (slow to start; its own part of the GPU check)")
 
 
 @pytest.fixture

@@ -44,7 +44,8 @@ def test_gpu_check_runs_quick_on_the_cpu_and_writes_its_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(tmp_path / "report.json"))
     assert {k: v["status"] for k, v in report["status"].items()} == {
-        "cuda_tests": "ok", "throughput": "ok", "profile": "ok", "real_data": "ok"}, report["status"]
+        "cuda_tests": "ok", "throughput": "ok", "profile": "ok", "real_data": "ok", "compile_tests": "ok"}, \
+        report["status"]
     assert "skipped" in report["cuda_tests"]["summary"]  # collected, skipped without CUDA
     rows = [r for r in report["throughput"]["rows"] if "img_s" in r]
     assert len(rows) == 7 and all(r["img_s"] > 0 for r in rows)
@@ -53,6 +54,8 @@ def test_gpu_check_runs_quick_on_the_cpu_and_writes_its_report(tmp_path):
     assert set(shares) == {"augmentation", "forward", "backward", "optimizer"} and abs(sum(shares.values()) - 1) < 1e-6
     assert len(report["profile"]["top_kernels"]) == 15
     assert 0 <= report["real_data"]["knn_top1"] <= 100
+    assert sorted(os.listdir(report["real_data"]["files"])) == ["config.yaml", "knn_epoch0001.json", "metrics.jsonl"]
+    assert os.path.exists(report["cuda_tests"]["log"])  # pytest's own output is kept
     md = (tmp_path / "report.md").read_text()
     assert "## GPU check: cpu" in md and "### Throughput" in md and "### Where the time goes" in md
     assert md in proc.stdout  # printed at the end as well
@@ -64,7 +67,7 @@ def test_gpu_check_budget_skips_parts_that_would_overrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = json.load(open(tmp_path / "report.json"))["status"]
     assert all(s["status"] == "skipped" and "of the budget left" in s["why"] for s in status.values())
-    assert "[1/4] CUDA tests: skipped (needs up to 30 s, 1 s of the budget left)" in proc.stdout
+    assert "[1/5] CUDA tests: skipped (needs up to 30 s, 1 s of the budget left)" in proc.stdout
 
 
 def test_gpu_check_reports_a_failed_part_and_runs_the_rest(monkeypatch, tmp_path):

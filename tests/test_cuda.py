@@ -58,10 +58,12 @@ def test_fp32_loss_and_gradients_on_cuda_equal_the_cpu(clr, strict_fp32):
     method, (views, index) = _method(clr), _batch()
     cpu_loss, cpu_grads = _loss_and_grads(method, views, index, "cpu")
     gpu_loss, gpu_grads = _loss_and_grads(method, views, index, "cuda")
-    assert torch.allclose(gpu_loss, cpu_loss, rtol=1e-4, atol=0)
+    assert torch.allclose(gpu_loss, cpu_loss, rtol=1e-4, atol=0), (float(gpu_loss), float(cpu_loss))
     assert cpu_grads.keys() == gpu_grads.keys() and len(cpu_grads) > 10
-    for name, g in cpu_grads.items():  # relative to the tensor's norm: single tiny entries are rounding noise
-        assert (gpu_grads[name] - g).norm() <= 1e-4 * g.norm() + 1e-12, name
+    # relative to each tensor's norm (single tiny entries are rounding noise); report the worst tensor
+    ratio = {name: float((gpu_grads[name] - g).norm() / (g.norm() + 1e-12)) for name, g in cpu_grads.items()}
+    worst = max(ratio, key=ratio.get)
+    assert ratio[worst] <= 1e-4, (worst, ratio[worst])
 
 
 @pytest.mark.parametrize("clr", list(METHODS))
@@ -72,14 +74,14 @@ def test_bf16_autocast_loss_is_within_two_percent_of_fp32(clr, strict_fp32):
     assert abs(bf16 - fp32) <= 0.02 * abs(fp32), (float(bf16), float(fp32))
 
 
-def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"):
+def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16", blur: bool = False):
     """A Trainer and loader of the device-resident pipeline on digits, as pretraining builds them."""
     from common.distributed import DistInfo
     from data.datasets import load_split
     from engine.optim import build_optimizer, lr_schedule
     from engine.pretrain import Trainer, build_loader
 
-    cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda"])
+    cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda", f"--blur={blur}"])
     split = load_split("digits", "unused", train=True, pretrain=True, image_size=16)
     loader, setters = build_loader(cfg, split, DistInfo(), torch.device("cuda"))
     torch.manual_seed(0)
@@ -92,6 +94,7 @@ def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"
     return trainer, loader, setters
 
 
+@pytest.mark.compile
 def test_compiled_step_equals_eager_and_a_second_epoch_does_not_recompile():
     """One compilation (it takes most of this test's time); graphs counted by dynamo's own counters."""
     import torch._dynamo
@@ -118,12 +121,14 @@ def test_compiled_step_equals_eager_and_a_second_epoch_does_not_recompile():
 
 
 def test_a_fast_path_step_has_no_hidden_host_sync():
-    """`set_sync_debug_mode("error")` raises on synchronising CUDA calls the runtime reports (D2H copies,
-    .item(), nonzero, cudaStreamSynchronize). What it cannot see: the documented once-per-step finite-loss
-    check waits on a CUDA *event* (cudaEventSynchronize is not reported), and waits inside collectives
-    (NCCL) or the caching allocator (cudaFree under memory pressure)."""
-    for clr in METHODS:
-        trainer, loader, _ = _fast_path_trainer(clr)
+    """`set_sync_debug_mode("error")` raises on synchronising CUDA calls the runtime reports: blocking copies
+    in either direction (.item(), .cpu(), a tensor made from a Python list on the GPU), nonzero, stream
+    synchronisation. What it cannot see: the documented once-per-step check waits on a CUDA *event*
+    (cudaEventSynchronize is not reported); a non-blocking copy from pageable host memory, which blocks
+    without being reported; waits inside collectives (NCCL) or the caching allocator (cudaFree under memory
+    pressure). Every method runs with blur off; SimCLR once more with blur on (its batched kernel path)."""
+    for clr, blur in [(clr, False) for clr in METHODS] + [("simclr", True)]:
+        trainer, loader, _ = _fast_path_trainer(clr, blur=blur)
         batches = iter(loader)
         for i in range(2):  # warm-up: first-step work (InsDis's Z estimate, cuDNN autotuning) may sync
             trainer.train_step(*next(batches), 0, i)
@@ -135,7 +140,7 @@ def test_a_fast_path_step_has_no_hidden_host_sync():
             torch.cuda.set_sync_debug_mode(0)
 
 
-def test_batched_augmentation_on_cuda_equals_the_cpu_for_the_same_parameters():
+def test_batched_augmentation_on_cuda_equals_the_cpu_for_the_same_parameters(strict_fp32):
     images = torch.randint(0, 256, (64, 3, 40, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     for spec in (ViewSpec(0.5, 0.0), ViewSpec(0.1, 0.2), ViewSpec(1.0, 0.0)):
         views = BatchedViews(32, spec, jitter_strength=1.0, min_scale=0.08, mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -151,9 +156,10 @@ def test_a_checkpoint_moves_between_cuda_and_cpu(first, second, tmp_path):
     assert main(TINY + ["--clr=byol", "--epochs=2", "--stop_after_epoch=1", f"--device={first}",
                         f"--log_dir={run}"]) == 0
     assert main([f"--log_dir={run}", "--train_from=latest", f"--device={second}"]) == 0
-    state = load_checkpoint(str(run / "checkpoint_0002.pth.tar"))  # weights_only=True, mapped to the CPU
-    assert state["args"]["device"] == second and state["epoch"] == 2
-    assert all(v.device.type == "cpu" for v in state["model"].values())
+    assert load_checkpoint(str(run / "checkpoint_0002.pth.tar"))["epoch"] == 2  # the tool's loader: weights_only
+    state = torch.load(run / "checkpoint_0002.pth.tar", weights_only=True)  # where the tensors were saved from
+    assert state["args"]["device"] == second
+    assert {v.device.type for v in state["model"].values()} == {second}
 
 
 def test_cuda_out_of_memory_is_one_line_and_exit_2(tmp_path, capfd):
