@@ -16,7 +16,7 @@ import yaml
 from common.distributed import cleanup
 from common.errors import EXIT_PREEMPTED, Preempted, UserError
 from data.datasets import DATASETS
-from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
 from engine.evaluate import PROTOCOLS, evaluate
 from engine.pretrain import pretrain
 from engine.runlog import PER_INVOCATION_KEYS
@@ -56,7 +56,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Contrastive self-supervised pretraining (FlatCLR family).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=None, help="yaml file of defaults (keys = flag names); flags win")
 
     g = p.add_argument_group("mode")
@@ -187,6 +187,18 @@ def identity_keys(clr: str) -> tuple[str, ...]:
     return IDENTITY_KEYS + (METHODS[clr].identity if clr in METHODS else ())
 
 
+def refuse_foreign_checkpoint(run_dir: str, path: str, saved: dict) -> None:
+    """A checkpoint from outside ``run_dir`` may continue that run only if it is the same kind of run."""
+    own = os.path.join(run_dir, "config.yaml")
+    if os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_dir) or not os.path.isfile(own):
+        return
+    mine = read_yaml(own)
+    for key in identity_keys(mine.get("clr", "")):
+        if key in mine and key in saved and mine[key] != saved[key]:
+            raise UserError(f"{path} comes from another kind of run (--{key}={saved[key]}) than {run_dir} "
+                            f"(--{key}={mine[key]}); resume a run from its own checkpoints or start a new one")
+
+
 def explicit_dests(argv: list[str]) -> set[str]:
     """Names of the settings given on the command line (not defaults, not yaml)."""
     shadow = build_parser()
@@ -196,16 +208,22 @@ def explicit_dests(argv: list[str]) -> set[str]:
     return set(vars(ns))
 
 
-def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
+def read_yaml(path: str) -> dict:
+    """A yaml mapping, read safely (no python tags); any problem is one line."""
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
         raise UserError(f"config file {path} is not valid yaml ({str(err).splitlines()[0]})") from err
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
+    return values
+
+
+def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
+    values = read_yaml(path)
     known = {a.dest for a in parser._actions}
     if isinstance(values.get("schedule"), dict):  # a run's config.yaml records its resolved schedule: not a flag
         del values["schedule"]
@@ -232,8 +250,14 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    for name in ("temperature", "knn_temperature"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "fc_lr", "fc_weight_decay", "momentum", "fc_momentum"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.workers < 0 or cfg.warmup_epochs < 0:
         raise UserError("--workers and --warmup_epochs must not be negative")
     if not 0 < cfg.min_crop_scale <= 1:
@@ -265,8 +289,7 @@ def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
                         "run (results/<dataset>/<bs>_<Method>/<date>) or --checkpoint_dir none")
     config = os.path.join(cfg.checkpoint_dir, "config.yaml")
     if os.path.isfile(config):
-        with open(config) as f:
-            saved = yaml.safe_load(f) or {}
+        saved = read_yaml(config)
     else:
         saved = load_checkpoint(available[max(available)]).get("args", {})
     if "arch" in explicit and saved.get("arch") not in (None, ARCH_ALIASES.get(cfg.arch, cfg.arch)):
@@ -287,14 +310,20 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     explicit = explicit_dests(argv)
 
     resume = resume_path = None
+    if cfg.train_from is not None and not cfg.train_from.strip():
+        raise UserError("--train_from is empty (an unset shell variable?); pass a checkpoint file name or 'latest'")
     if cfg.train_from:
         if not cfg.log_dir:
             raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
         if not os.path.isdir(cfg.log_dir):
             raise UserError(f"--log_dir {cfg.log_dir} does not exist; pass the run directory to resume")
-        resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
-        resume = load_checkpoint(resume_path)
+        if cfg.train_from == "latest":
+            resume_path, resume = load_latest(cfg.log_dir)
+        else:
+            resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
+            resume = load_checkpoint(resume_path)
         saved = resume.get("args", {})
+        refuse_foreign_checkpoint(cfg.log_dir, resume_path, saved)
         for key in identity_keys(saved.get("clr", cfg.clr)):
             if key in explicit and key in saved and getattr(cfg, key) != saved[key]:
                 raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "

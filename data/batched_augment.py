@@ -276,7 +276,7 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0, state: dict | None = None) -> None:
         self.epoch, self.start_batch = epoch, start_batch
-        self._resume_state = (state or {}).get("aug")
+        self._resume_state = (state or {}).get("aug") if start_batch else None  # a fresh epoch: a fresh seed
         if start_batch and self._resume_state is None:
             raise ValueError("resuming inside an epoch needs the augmentation generator's state")
 

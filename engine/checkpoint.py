@@ -15,10 +15,12 @@ unpickling.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import tempfile
 
@@ -61,11 +63,13 @@ def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
     newer = [key for key in mid if key > last_end]
     doomed = [key for key in mid if key < last_end] + newer[:max(0, len(newer) - keep)]
     for key in doomed:
-        os.remove(found[key])
+        remove_checkpoint(found[key])
     return [found[key] for key in doomed]
 
 
 def atomic_save(obj, path: str) -> None:
+    """Temp file in the same directory, fsync, rename; then ``<path>.sha256`` with the file's checksum, which
+    every load verifies. The file gets the mode of the run's other files (mkstemp would leave it 0600)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
     try:
@@ -73,23 +77,104 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        digest = _sha256(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):  # disk full, quota, file size limit: the run stays as it was
+            free = shutil.disk_usage(directory).free
+            raise UserError(f"could not write checkpoint {path} ({err.strerror or err}); it needs about "
+                            f"{_nbytes(obj) / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free there: make room, "
+                            "then resume with --train_from latest") from err
         raise
+    _write_text_atomically(path + ".sha256", f"{digest}  {os.path.basename(path)}\n")
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in a nested checkpoint dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def remove_checkpoint(path: str) -> None:
+    for p in (path, path + ".sha256"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def remove_stale_temp_files(run_dir: str) -> list[str]:
+    """Temp files a killed save left behind (the caller holds the run's lock, so none is being written)."""
+    stale = glob.glob(os.path.join(glob.escape(run_dir), ".tmp_*"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    tmp = f"{os.path.dirname(os.path.abspath(path))}/.tmp_{os.path.basename(path)}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load with ``weights_only=True``; a file that needs arbitrary unpickling is refused."""
+    """Verify the checksum (when the checkpoint has one: those written before checksums existed have none),
+    then load with ``weights_only=True``; a file that needs arbitrary unpickling is refused."""
+    sidecar = path + ".sha256"
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            words = f.read().split()
+        expected = words[0] if words else ""
+        if _sha256(path) != expected:
+            raise UserError(f"checkpoint {path} is corrupt: its content does not match the checksum in {sidecar}; "
+                            "resume from an earlier checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot load checkpoint {path}: {first}; it is corrupt or was not written by this tool "
-            "(only weights_only-safe checkpoints are read)"
-        ) from err
+        if "eights only load failed" in first or "weights_only" in first:
+            first = "it holds objects other than tensors and plain values"
+        first = first[:200]
+        raise UserError(f"cannot load checkpoint {path}: {first}; it is corrupt or was not written by this tool "
+                        "(only weights_only-safe checkpoints are read)") from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of this tool (no model state in it); pass one of the run's "
+                        "checkpoint_*.pth.tar files")
+    return state
+
+
+def load_latest(run_dir: str) -> tuple[str, dict]:
+    """The newest checkpoint that loads and matches its checksum; a bad newer one is skipped with a warning."""
+    available = all_checkpoints(run_dir)
+    if not available:
+        raise UserError(f"no checkpoint_*.pth.tar in {run_dir}; start a new run without --train_from")
+    for path in reversed(list(available.values())):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as err:
+            print(f"warning: skipping {os.path.basename(path)} ({err}); trying the one before", file=sys.stderr)
+    raise UserError(f"no checkpoint in {run_dir} loads (all corrupt); start a new run")
 
 
 def resolve_checkpoint(run_dir: str, name: str) -> str:

@@ -37,7 +37,7 @@ from data.datasets import Split
 from engine import checkpoint as ckpt_io
 from engine.knn import Transformed, extract_features, knn_scores, topk_correct
 from engine.optim import build_optimizer, lr_schedule
-from engine.runlog import new_run_dir
+from engine.runlog import new_run_dir, take_back
 from models.backbones import build_backbone
 
 
@@ -324,13 +324,28 @@ PROTOCOLS: dict[str, Protocol] = {"linear_eval": linear_protocol, "finetune": fi
 
 
 def evaluate(cfg: Namespace) -> list[dict]:
-    """Run the evaluation ``cfg`` describes; returns the result records (also written as json)."""
+    """Run the evaluation ``cfg`` describes; returns the result records (also written as json). An evaluation
+    that fails takes back the files it wrote."""
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     chosen = select_checkpoints(cfg)
     train = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, image_size=cfg.image_size)
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size)
-    out_dir = _output_dir(cfg, dist, random_init=chosen[0][1] is None)
+    random_init = chosen[0][1] is None
+    planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
+    created = random_init or not os.path.isdir(planned)
+    before = None if created else set(os.listdir(planned))
+    out_dir = _output_dir(cfg, dist, random_init)
+    try:
+        return _evaluate(cfg, dist, device, chosen, train, test, out_dir)
+    except BaseException:
+        if dist.is_main:
+            take_back(out_dir if not random_init else os.path.dirname(out_dir), before, created, cfg.results_dir)
+        raise
+
+
+def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list, train: Split, test: Split,
+              out_dir: str) -> list[dict]:
     writer = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter

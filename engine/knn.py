@@ -32,14 +32,16 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Class scores (N_test, C) of weighted kNN on cosine similarity."""
+    """Class scores (N_test, C) of weighted kNN on cosine similarity, each row up to a positive factor."""
     train = F.normalize(train_feats.float(), dim=1)
     k = min(k, train.shape[0])
     out = []
     for start in range(0, test_feats.shape[0], chunk):
         q = F.normalize(test_feats[start:start + chunk].float(), dim=1)
         sim, idx = (q @ train.T).topk(k, dim=1)  # (B, k)
-        weights = (sim / temperature).exp()
+        # exp(sim/T) scaled by each query's exp(-max sim/T): the same vote ratios, so the same ranking, and
+        # neither overflow nor an all-zero row at small T (the nearest neighbour weighs 1)
+        weights = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
         votes.scatter_add_(1, train_labels[idx], weights)
         out.append(votes)

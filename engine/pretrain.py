@@ -9,13 +9,15 @@ Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from argparse import Namespace
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import numpy as np
@@ -33,7 +35,7 @@ from data.loaders import pretrain_loader
 from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
-from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, write_config
+from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
 from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +44,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
     """Run (or continue) pretraining; returns the run directory. Raises ``Preempted`` after saving the exact
     position when SIGTERM or SIGUSR1 arrives."""
+    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+    if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
+        if os.environ.get("RANK", "0") == "0":
+            print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
+        return cfg.log_dir
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     check_setup(cfg, dist, device)
@@ -64,36 +71,32 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                                                          steps_per_epoch)
     model = wrap_model(method, cfg, dist, device)
 
-    run = RunFiles(cfg, dist, prepare_run_dir(cfg, dist, resuming=resume is not None), schedule.record(),
-                   epoch_setters)
-    if dist.is_main:
-        write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
-        run.open_logs(purge_step=step if resume else None, resume_epoch=start_epoch if resume else None)
-        print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
-    loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
-    monitor = None
-    if cfg.eval_every_n_epochs:
-        monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
-                             cfg.knn_temperature, cfg.download)
-
-    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
-    if start_epoch >= last_epoch and dist.is_main:
-        print(f"nothing to do: the run has completed {start_epoch} of {cfg.epochs} epochs")
-    with StopRequests(cfg) as requests:
-        trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device, precision=cfg.precision,
-                          memory_format=memory_format, total_steps=schedule.total_steps, step=step,
-                          last_ckpt=resume_path, requests=requests)
-        meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
-        for epoch in range(start_epoch, last_epoch):
-            for target in epoch_setters:
-                target.set_epoch(epoch, start_batch, loader_state)
-            record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
-            end_epoch(trainer, record, run, monitor, last_epoch)
-            start_batch, loader_state, meter = 0, {}, Meter()
-    barrier()
-    run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
-              f"TensorBoard events are in {run.dir}")
-    return run.dir
+    with claim_run_dir(cfg, dist, resuming=resume is not None) as run_dir:
+        run = RunFiles(cfg, dist, run_dir, schedule.record(), epoch_setters)
+        if dist.is_main:
+            write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
+            run.open_logs(purge_step=step if resume else None, resume_epoch=start_epoch if resume else None)
+            print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
+        loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
+        monitor = None
+        if cfg.eval_every_n_epochs:
+            monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
+                                 cfg.knn_temperature, cfg.download)
+        with StopRequests(cfg) as requests:
+            trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
+                              precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
+                              step=step, last_ckpt=resume_path, requests=requests)
+            meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
+            for epoch in range(start_epoch, last_epoch):
+                for target in epoch_setters:
+                    target.set_epoch(epoch, start_batch, loader_state)
+                record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
+                end_epoch(trainer, record, run, monitor, last_epoch)
+                start_batch, loader_state, meter = 0, {}, Meter()
+        barrier()
+        run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+                  f"TensorBoard events are in {run.dir}")
+    return run_dir
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -143,23 +146,72 @@ def wrap_model(method: nn.Module, cfg: Namespace, dist: DistInfo, device: torch.
     return torch.compile(model) if cfg.compile else model
 
 
-def prepare_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool) -> str:
-    """Rank 0 picks (and creates) the run directory; every rank gets the same path."""
-    run_dir = None
+@contextmanager
+def claim_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool):
+    """Rank 0 picks (and creates) the run directory and holds an exclusive lock on it for the life of the
+    run, so a second process on the same directory is refused; every rank gets the same path. A run that
+    fails before it saves a checkpoint takes back what it wrote (the directory too, if it made it), so the
+    run is as it was."""
+    run_dir, lock, before, created, config_text, kept = None, None, None, False, None, {}
     if dist.is_main:
-        if cfg.log_dir:
-            run_dir = cfg.log_dir
+        try:
+            run_dir = cfg.log_dir or new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
+                                                 METHODS[cfg.clr].display)
+            created = not os.path.exists(run_dir) or not cfg.log_dir
+            os.makedirs(run_dir, exist_ok=True)
+            before = set(os.listdir(run_dir))
+            lock = lock_run_dir(run_dir)
+            kept = ckpt_io.all_checkpoints(run_dir)
+            config = os.path.join(run_dir, "config.yaml")
+            config_text = open(config).read() if os.path.isfile(config) else None
             if not resuming and ckpt_io.all_checkpoints(run_dir):
-                run_dir = UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
-                                    "or choose another --log_dir")
-            else:
-                os.makedirs(run_dir, exist_ok=True)
-        else:
-            run_dir = new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size, METHODS[cfg.clr].display)
+                raise UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
+                                "or choose another --log_dir")
+            if not resuming and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                raise UserError(f"{run_dir} holds another run's metrics.jsonl but no checkpoint to continue; "
+                                "choose another --log_dir")
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}")  # named to a second process
+            lock.flush()
+            ckpt_io.remove_stale_temp_files(run_dir)
+        except OSError as err:
+            run_dir = UserError(f"cannot write the run directory {err.filename or run_dir} ({err.strerror}); "
+                                "pass a --log_dir or --results_dir you can write to")
+        except UserError as err:
+            run_dir = err
+        if isinstance(run_dir, UserError) and lock is not None:
+            lock.close()
+            lock = None
     run_dir = broadcast_object(run_dir)
     if isinstance(run_dir, UserError):
         raise run_dir
-    return run_dir
+    try:
+        yield run_dir
+    except BaseException:
+        if dist.is_main and ckpt_io.all_checkpoints(run_dir) == kept:  # this invocation saved nothing
+            take_back(run_dir, before, created, stop_at=cfg.results_dir)
+            if config_text is not None and not created:
+                with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                    f.write(config_text)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()  # closing the file releases the lock
+
+
+def lock_run_dir(run_dir: str):
+    """An exclusive ``fcntl`` lock on ``RUN/.lock`` (released when the file closes, or the process dies)."""
+    path = os.path.join(run_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{run_dir} is in use by {holder}; wait for that run to end or choose another --log_dir")
+    return f
 
 
 # ----------------------------------------------------------------------------- one step
@@ -308,7 +360,14 @@ class RunFiles:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def save(self, trainer: "Trainer", epoch: int, batch: int = 0, meter: Meter | None = None) -> str:
-        """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it."""
+        """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it.
+        Refused on every rank when any weight or buffer is NaN or inf: a poisoned checkpoint is never written."""
+        tensors = [t for t in trainer.method.state_dict().values() if t.is_floating_point()]
+        bad = all_reduce_sum(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float().reshape(1))
+        if int(bad.item()):
+            where = f"resume from {trainer.last_ckpt} " if trainer.last_ckpt else ""
+            raise UserError(f"weights are not finite after epoch {epoch + (1 if batch else 0)}, step {trainer.step}; "
+                            f"nothing was saved: lower --lr or use --precision fp32, then {where}rerun")
         ranks = all_gather_object((ckpt_io.rng_state(), self.setters[0].state()))
         path = None
         if self.dist.is_main:
@@ -384,10 +443,11 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
         run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
         if run.dist.is_main:
             tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
+    due = completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked
+    path = run.save(trainer, completed) if due else None  # first: a save that fails leaves no record behind
     if run.dist.is_main:
         run.metrics.append(record)
-    if completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked:
-        path = run.save(trainer, completed)
+    if due:
         if run.dist.is_main:
             plot_curves(run.metrics.read(), os.path.join(run.dir, "curves.png"),
                         f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")

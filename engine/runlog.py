@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 
 import torch
 import yaml
@@ -27,6 +28,23 @@ def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) ->
 # Settings of one invocation, not of the run: never taken from a resumed run's saved settings, and left
 # out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
 PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
+
+
+def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | None = None) -> None:
+    """Undo what a failed run or evaluation wrote in ``path``: the whole directory when it made it (and the
+    empty parents it made, up to ``stop_at``), else the entries that were not there ``before``."""
+    if not os.path.isdir(path):
+        return
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        parent, top = os.path.dirname(os.path.abspath(path)), os.path.abspath(stop_at) if stop_at else None
+        while top and parent.startswith(top + os.sep) and not os.listdir(parent):
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
+        return
+    for name in set(os.listdir(path)) - (before or set()):
+        entry = os.path.join(path, name)
+        shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
 
 
 def write_config(run_dir: str, cfg: dict) -> None:

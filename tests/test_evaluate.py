@@ -30,7 +30,8 @@ def test_knn_matches_naive_loop():
     test_x = torch.randn(15, 5, generator=g)
     got = knn_scores(train_x, train_y, test_x, 4, k=7, temperature=0.1, chunk=4)
     ref = naive_knn(train_x, train_y, test_x, 4, 7, 0.1)
-    assert torch.allclose(got, ref, rtol=1e-4)
+    # equal up to a positive factor per test row (the weights are scaled to avoid overflow)
+    assert torch.allclose(got / got.sum(1, keepdim=True), ref / ref.sum(1, keepdim=True), rtol=1e-4)
     assert torch.equal(got.argmax(1), ref.argmax(1))
 
 

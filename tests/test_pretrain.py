@@ -29,7 +29,8 @@ def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, tiny, tmp_path)
     (run,) = run_dirs(tmp_path / "results")
     assert os.path.dirname(run) == str(tmp_path / "results" / "digits" / f"16_{method}")
     assert sorted(os.listdir(run)) == sorted(
-        ["checkpoint_0001.pth.tar", "checkpoint_0002.pth.tar", "config.yaml", "curves.png", "metrics.jsonl"]
+        [".lock", "checkpoint_0001.pth.tar", "checkpoint_0001.pth.tar.sha256", "checkpoint_0002.pth.tar",
+         "checkpoint_0002.pth.tar.sha256", "config.yaml", "curves.png", "metrics.jsonl"]
         + [f for f in os.listdir(run) if f.startswith("events.out.tfevents")])
     ckpt = final_state(run, 2)  # loads with weights_only=True
     assert ckpt["epoch"] == 2 and ckpt["global_step"] == 4 and ckpt["clr"] == clr
@@ -81,6 +82,7 @@ def _to_pre_plugin_layout(path):
     assert "momentum" in renamed and any(k.startswith("target_backbone.") for k in renamed)
     state["model"] = renamed
     torch.save(state, path)
+    os.remove(str(path) + ".sha256")  # that code wrote no checksum
 
 
 def test_flatclr_readme_commands_verbatim(tmp_path, monkeypatch, capsys):

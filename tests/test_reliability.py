@@ -1,0 +1,334 @@
+"""A checkpoint you load is the one you saved; one run per directory; bad input ends in one line."""
+import hashlib
+import json
+import math
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.errors import UserError
+from engine.checkpoint import all_checkpoints
+from engine.knn import knn_scores
+from engine.pretrain import lock_run_dir
+from main import main
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A finished 2-epoch run, copied by the tests that change it."""
+    run = tmp_path_factory.mktemp("rel") / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=2", f"--log_dir={run}"]) == 0
+    return run
+
+
+def _copy(run, to):
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def _snapshot(root):
+    """Every file's hash but the lock's (it names the last process that held the run)."""
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files if f != ".lock"}
+
+
+def test_a_corrupt_checkpoint_is_named_and_latest_falls_back_to_the_one_before(two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path / "run")
+    path = run / "checkpoint_0002.pth.tar"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)  # 4 KiB overwritten inside the file
+    path.write_bytes(bytes(data))
+    before = _snapshot(run)
+    assert main([f"--log_dir={run}", "--train_from=checkpoint_0002.pth.tar", "--epochs=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint {path} is corrupt: its content does not match the checksum in {path}.sha256; "
+                   "resume from an earlier checkpoint"]
+    assert _snapshot(run) == before
+    assert main(["--train_mode=eval", "--transfer_mode=knn", f"--checkpoint_dir={run}", "--no-tsne",
+                 "--workers=0", "--device=cpu"]) == 2
+    assert "is corrupt" in capsys.readouterr().err
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 0  # resumes from epoch 1
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping checkpoint_0002.pth.tar (checkpoint") == 1
+    assert torch.load(run / "checkpoint_0003.pth.tar", weights_only=True)["epoch"] == 3
+
+
+def test_files_that_are_not_checkpoints_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(torch.zeros(3), run / "tensor.pth.tar")
+    torch.save({"epoch": 1}, run / "dict.pth.tar")
+    (run / "text.pth.tar").write_text("clr: simclr\n")
+    for name, message in [("tensor.pth.tar", "is not a checkpoint of this tool"),
+                          ("dict.pth.tar", "is not a checkpoint of this tool"),
+                          ("text.pth.tar", "cannot load checkpoint")]:
+        assert main([f"--log_dir={run}", f"--train_from={name}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "weights_only=False" not in err, err
+
+
+def test_checkpoints_get_the_run_files_mode_and_stale_temp_files_go(two_epochs, tmp_path):
+    run = _copy(two_epochs, tmp_path / "run")
+    assert stat.S_IMODE(os.stat(run / "checkpoint_0002.pth.tar").st_mode) == 0o666 & ~_umask()
+    (run / ".tmp_abc123.pth.tar").write_bytes(b"half a checkpoint")
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 0
+    assert not (run / ".tmp_abc123.pth.tar").exists()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_second_process_on_a_run_directory_is_refused(two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path / "run")
+    holder = lock_run_dir(str(run))  # as a live run holds it
+    holder.truncate(0)
+    holder.write("pid 4242 on node-7")
+    holder.flush()
+    before = _snapshot(run)
+    try:
+        assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 2
+    finally:
+        holder.close()
+    assert capsys.readouterr().err.strip() == (f"error: {run} is in use by pid 4242 on node-7; wait for that run to "
+                                               "end or choose another --log_dir")
+    assert _snapshot(run) == before
+
+
+def test_nothing_to_do_writes_nothing(two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path / "run")
+    before = _snapshot(run)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=1"]) == 0
+    assert "nothing to do: the run has completed 2 of 1 epochs" in capsys.readouterr().out
+    assert _snapshot(run) == before
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
+    from models.methods.contrastive import ContrastiveMethod
+
+    def poison(self, step, total):
+        if step == total:  # after the last step, whose loss was finite
+            with torch.no_grad():
+                self.projector[0].weight[0, 0] = float("nan")
+
+    monkeypatch.setattr(ContrastiveMethod, "after_step", poison)
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--log_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: weights are not finite after epoch 1, step 2; nothing was saved")
+    assert all_checkpoints(str(tmp_path / "run")) == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train_from="], "--train_from is empty (an unset shell variable?)"),
+    (["--lr=-0.1"], "--lr must not be negative, got -0.1"),
+    (["--weight_decay=-1e-4"], "--weight_decay must not be negative"),
+    (["--knn_temperature=0"], "--knn_temperature must be positive, got 0.0"),
+    (["--seed=-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--byol_base_momentum=1.5", "--clr=byol"], "--byol_base_momentum must be in [0, 1], got 1.5"),
+    (["--epoch=3"], "unrecognized arguments: --epoch=3"),  # no abbreviations: --epoch is not --epochs
+    (["--save_every_n_steps=-1"], "--save_every_n_steps must not be negative"),
+])
+def test_silent_mistakes_are_one_line_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(TINY + [f"--results_dir={tmp_path / 'r'}"] + args)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(os.listdir(tmp_path)) == []  # nothing created
+
+
+def test_knn_small_temperatures_do_not_overflow():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    for t in (0.005, 0.001):
+        scores = knn_scores(train, labels, test, 5, k=20, temperature=t)
+        assert torch.isfinite(scores).all()
+        # reference: each class's log-sum-exp of sim/T over the 20 neighbours, in float64
+        sim, idx = (F.normalize(test.double(), dim=1) @ F.normalize(train.double(), dim=1).T).topk(20, dim=1)
+        lse = torch.stack([torch.logsumexp(torch.where(labels[idx] == c, sim / t, -math.inf), dim=1)
+                           for c in range(5)], dim=1)
+        assert torch.equal(scores.argmax(1), lse.argmax(1))
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from models.methods.contrastive import ContrastiveMethod
+
+    def broken(self, views, index):
+        raise UserError("simulated failure in the first step")
+
+    monkeypatch.setattr(ContrastiveMethod, "forward", broken)
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--results_dir={results}"]) == 2
+    assert os.listdir(results) == []  # neither the run directory nor the parents it made
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--log_dir={existing}"]) == 2
+    assert os.listdir(existing) == ["notes.txt"]
+
+
+def test_a_failed_evaluation_leaves_no_eval_files(two_epochs, tmp_path, capsys, monkeypatch):
+    import engine.evaluate as evaluate
+
+    run = _copy(two_epochs, tmp_path / "run")
+
+    def broken(*args, **kwargs):
+        raise UserError("simulated failure in the probe")
+
+    monkeypatch.setattr(evaluate, "fit_linear_on_features", broken)
+    monkeypatch.setitem(evaluate.PROTOCOLS, "linear_eval", evaluate.linear_protocol)
+    assert main(["--train_mode=eval", "--transfer_mode=linear_eval", f"--checkpoint_dir={run}", "--no-tsne",
+                 "--workers=0", "--device=cpu", "--fc_epochs=1"]) == 2
+    assert not (run / "eval").exists()
+
+
+def test_a_run_directory_with_another_runs_records_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 5.0}\n')
+    before = _snapshot(run)
+    assert main(TINY + ["--epochs=1", f"--log_dir={run}"]) == 2
+    assert "holds another run's metrics.jsonl but no checkpoint to continue" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_a_checkpoint_of_another_kind_of_run_is_refused(two_epochs, tmp_path, capsys):
+    run = _copy(two_epochs, tmp_path / "run")
+    other = tmp_path / "other"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--arch=resnet34", f"--log_dir={other}"]) == 0
+    before = _snapshot(run)
+    assert main([f"--log_dir={run}", f"--train_from={other / 'checkpoint_0001.pth.tar'}", "--epochs=3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {other / 'checkpoint_0001.pth.tar'} comes from another kind of run (--arch=resnet34) than {run} "
+        "(--arch=resnet18); resume a run from its own checkpoints or start a new one")
+    assert _snapshot(run) == before
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(two_epochs, tmp_path, capsys, monkeypatch):
+    import engine.checkpoint as ckpt
+
+    run = _copy(two_epochs, tmp_path / "run")
+    before = _snapshot(run)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write checkpoint {run / 'checkpoint_0003.pth.tar'} "
+                                               "(No space left on device); it needs about ")
+    assert _snapshot(run) == before  # no record of epoch 3, no new events file, config.yaml as it was
+    assert [json.loads(line)["epoch"] for line in open(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("text, message", [("clr: !!python/object/apply:os.system ['true']\n", "is not valid yaml"),
+                                           ("- just\n- a list\n", "must be a mapping")])
+def test_unsafe_or_malformed_yaml_is_one_line(text, message, tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(text)
+    assert main([f"--config={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_log_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    assert main(TINY + ["--epochs=1", f"--log_dir={target}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the run directory" in err and target.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- the table of bad invocations
+def _bad_invocations(run, tmp):
+    """(argv, what the one line must say). ``run`` is a finished 2-epoch run, ``tmp`` a scratch folder."""
+    tiny = TINY + [f"--results_dir={tmp / 'results'}"]
+    ev = ["--train_mode=eval", "--device=cpu", "--workers=0", "--no-tsne"]
+    return [
+        (["--clr=moco"], "invalid choice: 'moco'"),
+        (tiny + ["--dataset_name=cifar10", "--data=/nonexistent/ds"], "cifar10 not found in /nonexistent/ds"),
+        (tiny + ["--dataset_name=folder", "--data=/nonexistent/ds"], "no image folder at /nonexistent/ds/train"),
+        (tiny + ["--dataset_name=folder", "--data=/nonexistent/ds", "--download"], "--download is not available"),
+        (tiny + ["--batch_size=1"], "--batch_size must be at least 2"),
+        (tiny + ["--batch_size=4096"], "larger than the dataset (1437 images)"),
+        (["--faster_version=maybe"], "expected a boolean"),
+        (["--train_from=checkpoint_0001.pth.tar"], "--train_from needs --log_dir"),
+        (["--train_from="], "--train_from is empty"),
+        (tiny + ["--lr=-1"], "--lr must not be negative"),
+        (tiny + ["--weight_decay=-1"], "--weight_decay must not be negative"),
+        (tiny + ["--momentum=-0.9"], "--momentum must not be negative"),
+        (tiny + ["--fc_lr=-1"], "--fc_lr must not be negative"),
+        (tiny + ["--temperature=0"], "--temperature must be positive"),
+        (tiny + ["--knn_temperature=-0.1"], "--knn_temperature must be positive"),
+        (tiny + ["--seed=-1"], "--seed must be in [0, 2**32)"),
+        (tiny + ["--seed=4294967296"], "--seed must be in [0, 2**32)"),
+        (tiny + ["--epoch=3"], "unrecognized arguments: --epoch=3"),
+        (tiny + ["--epochs=0"], "--epochs must be at least 1"),
+        (tiny + ["--clr=simclr", "--n_views=1"], "--n_views must be at least 2 for simclr"),
+        (tiny + ["--min_crop_scale=0"], "--min_crop_scale must be in (0, 1]"),
+        (tiny + ["--min_crop_scale=1.5"], "--min_crop_scale must be in (0, 1]"),
+        (tiny + ["--clr=insdis", "--insdis_num_negatives=0"], "--insdis_num_negatives must be at least 1"),
+        (tiny + ["--clr=insdis", "--insdis_bank_momentum=2"], "--insdis_bank_momentum must be in [0, 1]"),
+        (tiny + ["--clr=byol", "--byol_base_momentum=1.5"], "--byol_base_momentum must be in [0, 1]"),
+        (tiny + ["--semi_ratio=1.5"], "--semi_ratio must be a fraction in (0, 1)"),
+        (tiny + ["--fc_epochs=0"], "--fc_epochs must be at least 1"),
+        (tiny + ["--knn_k=0"], "--knn_k must be at least 1"),
+        (tiny + ["--workers=-1"], "must not be negative"),
+        (tiny + ["--warmup_epochs=-1"], "must not be negative"),
+        (tiny + ["--save_every_n_steps=-1"], "--save_every_n_steps must not be negative"),
+        (tiny + ["--save_every_n_minutes=-5"], "--save_every_n_minutes must not be negative"),
+        (tiny + ["--keep_mid_epoch_checkpoints=0"], "--keep_mid_epoch_checkpoints must be at least 1"),
+        (tiny + ["--proj_out_dim=0"], "--proj_out_dim must be at least 1"),
+        (tiny + ["--image_size=0"], "--image_size must be at least 1"),
+        (tiny + ["--limit_train_batches=0"], "--limit_train_batches must be at least 1"),
+        (tiny + ["--precision=fp16"], "--precision fp16 needs a CUDA device"),
+        (["--config=/nonexistent/c.yaml"], "config file /nonexistent/c.yaml not found"),
+        ([f"--config={tmp / 'unknown.yaml'}"], "unknown key(s) in"),
+        ([f"--config={tmp / 'python.yaml'}"], "is not valid yaml"),
+        (ev, "--train_mode=eval needs --checkpoint_dir"),
+        (ev + ["--checkpoint_dir=/nonexistent/run"], "--checkpoint_dir /nonexistent/run does not exist"),
+        (ev + [f"--checkpoint_dir={tmp / 'empty'}"], "no checkpoint_*.pth.tar in"),
+        (ev + [f"--checkpoint_dir={run}", "--transfer_from_epoch=7"], "no checkpoint for epoch 7"),
+        (ev + [f"--checkpoint_dir={run}", "--model=resnet50"], "was pretrained with --model resnet18, not resnet50"),
+        ([f"--log_dir={run}", "--train_from=checkpoint_0007.pth.tar"], "checkpoint checkpoint_0007.pth.tar not found"),
+        ([f"--log_dir={run}", "--train_from=latest", "--arch=resnet34"], "was trained with --arch=resnet18"),
+        ([f"--log_dir={run}", f"--train_from={tmp / 'tensor.pth.tar'}"], "is not a checkpoint of this tool"),
+        (["--log_dir=/nonexistent/run", "--train_from=latest"], "--log_dir /nonexistent/run does not exist"),
+        (tiny + ["--epochs=1", f"--log_dir={run}"], "already holds checkpoints"),
+        (tiny + ["--epochs=1", f"--log_dir={tmp / 'afile'}"], "cannot write the run directory"),
+    ]
+
+
+def test_forty_bad_invocations_each_end_in_one_line_and_change_nothing(two_epochs, tmp_path, capsys, monkeypatch):
+    run = _copy(two_epochs, tmp_path / "run")
+    (tmp_path / "unknown.yaml").write_text("learning_rate: 0.1\n")
+    (tmp_path / "python.yaml").write_text("clr: !!python/object/apply:os.system ['true']\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("not a directory")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth.tar")
+    monkeypatch.chdir(tmp_path)
+    cases = _bad_invocations(run, tmp_path)
+    assert len(cases) >= 40
+    for argv, message in cases:
+        before = _snapshot(tmp_path)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors exit from inside the parser
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
+        assert _snapshot(tmp_path) == before, argv
