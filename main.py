@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from common.distributed import cleanup
-from common.errors import EXIT_PREEMPTED, Preempted, UserError
+from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
 from engine.evaluate import PROTOCOLS, evaluate
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SimCLR colour strength s (default 0.5 for <=64 px images, else 1.0)")
     g.add_argument("--min_crop_scale", type=float, default=0.08, help="lower bound of the crop area")
     add_bool(g, "blur", None, "Gaussian blur in the views (default: on for images of 96 px or more)")
+    add_bool(g, "skip_bad_images", False, "replace an unreadable image of a folder dataset by the next readable "
+                                          "one (pretraining, evaluation) or leave it out (--faster_version)")
     add_bool(g, "faster_version", False, "dataset held as uint8 on the training device, views made there in "
                                          "batches with per-sample parameters (in-memory datasets)")
 
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pretrain(cfg, resume, resume_path)
     except UserError as err:
-        return report_error(str(err))
+        return report_error(worker_message(str(err)))
     except torch.cuda.OutOfMemoryError as err:
         flag = "--fc_batch_size" if mode == "eval" else "--batch_size"
         first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"

@@ -11,3 +11,17 @@ class Preempted(Exception):
 
 
 EXIT_PREEMPTED = 3
+
+
+class BadImage(UserError):
+    """An image file that cannot be read; ``--skip_bad_images`` replaces it instead of stopping."""
+
+
+def worker_message(message: str) -> str:
+    """The original one-line message of an error re-raised from a DataLoader worker, whose text torch wraps
+    as 'Caught X in DataLoader worker process N. Original Traceback ... module.X: <message>'."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]  # "package.module.ClassName: the message"
+    name, sep, rest = last.partition(": ")
+    return rest if sep and " " not in name else last

@@ -11,6 +11,7 @@ plus the facts the pipeline needs (image size, normalisation, classes).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from common.errors import UserError
+from common.errors import BadImage, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -87,6 +88,56 @@ def _torchvision_set(name: str, folder: str, mean, std, size: int) -> Callable[[
     return load
 
 
+def read_image(path: str):
+    """An RGB PIL image, fully decoded here so that a truncated file fails now, naming itself."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImage(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__});"
+                       " replace or remove it, or pass --skip_bad_images") from err
+
+
+class SkipBadImages(Dataset):
+    """``--skip_bad_images``: an unreadable image is replaced by the next readable one (with its label),
+    with one warning per process naming the first such file."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.warned = base, False
+        self.samples, self.classes = getattr(base, "samples", None), getattr(base, "classes", None)
+        self.targets = getattr(base, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        n = len(self)
+        for j in range(n):
+            try:
+                return self.base[(i + j) % n]
+            except BadImage as err:
+                if not self.warned:
+                    self.warned = True
+                    print(f"warning: skipping unreadable images ({err}); each is replaced by the next readable one",
+                          file=sys.stderr)
+        raise UserError("no image of the dataset can be read")
+
+
+def _first_readable_size(samples) -> tuple[int, int]:
+    from PIL import Image
+
+    for path, _ in samples:
+        try:
+            with Image.open(path) as first:
+                return first.size
+        except (OSError, ValueError, SyntaxError):
+            continue
+    raise UserError(f"no image under {os.path.dirname(os.path.dirname(samples[0][0]))} can be read")
+
+
 def _image_folder(subdir: Callable[[str, bool], str], hint: str) -> Callable[[str, bool, bool], Split]:
     def load(root: str, train: bool, download: bool, image_size: int | None = None, **_) -> Split:
         from torchvision.datasets import ImageFolder
@@ -97,15 +148,12 @@ def _image_folder(subdir: Callable[[str, bool], str], hint: str) -> Callable[[st
         if not os.path.isdir(path):
             raise UserError(f"no image folder at {path}; {hint}")
         try:
-            ds = ImageFolder(path)
+            ds = ImageFolder(path, loader=read_image)
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"no images found under {path} ({err}); {hint}") from err
         size = image_size
         if size is None:  # square images keep their size (e.g. CIFAR as PNG), others crop to 224
-            from PIL import Image
-
-            with Image.open(ds.samples[0][0]) as first:
-                w, h = first.size
+            w, h = _first_readable_size(ds.samples)
             size = w if w == h else 224
         return Split(ds, len(ds.classes), size, IMAGENET_MEAN, IMAGENET_STD, False)
 
@@ -131,9 +179,11 @@ DATASETS: dict[str, Callable[..., Split]] = {
 
 
 def load_split(name: str, root: str, train: bool, download: bool = False, pretrain: bool = False,
-               image_size: int | None = None) -> Split:
+               image_size: int | None = None, skip_bad_images: bool = False) -> Split:
     """One split of dataset ``name``; user-fixable problems raise :class:`UserError`."""
     split = DATASETS[name](root, train, download, pretrain=pretrain, image_size=image_size)
+    if skip_bad_images and not split.in_memory:
+        split.dataset = SkipBadImages(split.dataset)
     if image_size is not None:
         split.image_size = image_size
     if len(split.dataset) == 0:

@@ -14,43 +14,55 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common.errors import UserError
+from common.errors import BadImage, UserError
 from data.augment import EpochSampler, MultiViewDataset, ViewSpec, default_jitter_strength, view_transform
 from data.batched_augment import BatchedViews, DeviceLoader
-from data.datasets import Split
+from data.datasets import Split, read_image
 
 MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
 
 
-def resident_images(split: Split, dataset_name: str) -> torch.Tensor:
+def resident_images(split: Split, dataset_name: str, skip_bad_images: bool = False) -> torch.Tensor:
     """All images of ``split`` as one uint8 (N, 3, H, W) tensor, for the device-resident fast path.
-    In-memory datasets hand over their tensor; an image folder is read when every image has one size."""
+    In-memory datasets hand over their tensor; an image folder is read when every image has one size
+    (unreadable images stop it with their name, or are left out with ``skip_bad_images``)."""
     if split.in_memory:
         return split.dataset.images
     if dataset_name != "folder":  # ImageNet-sized folders do not fit; a folder of small images may
         raise UserError(f"--faster_version keeps the dataset in memory, which {dataset_name} does not fit; "
                         "drop --faster_version for this dataset")
-    from PIL import Image
-
-    n = len(split.dataset)
-    with Image.open(split.dataset.samples[0][0]) as first:
-        w, h = first.size
-    if n * 3 * w * h > MAX_RESIDENT_BYTES:
-        raise UserError(f"--faster_version: {n} images of {w}x{h} need {n * 3 * w * h / 2**30:.1f} GiB, more than "
-                        f"the {MAX_RESIDENT_BYTES / 2**30:.0f} GiB limit; drop --faster_version")
-    images = torch.empty(n, 3, h, w, dtype=torch.uint8)
-    for i, (path, _) in enumerate(tqdm(split.dataset.samples, desc="loading images", leave=False, file=sys.stdout)):
-        with Image.open(path) as img:
-            if img.size != (w, h):
-                raise UserError(f"--faster_version needs images of one size; {path} is {img.size[0]}x{img.size[1]}, "
-                                f"not {w}x{h}; drop --faster_version")
-            images[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    return images
+    samples = split.dataset.samples
+    n = len(samples)
+    images, size, skipped = [], None, []
+    for path, _ in tqdm(samples, desc="loading images", leave=False, file=sys.stdout):
+        try:
+            img = read_image(path)
+        except BadImage:
+            if not skip_bad_images:
+                raise
+            skipped.append(path)
+            continue
+        if size is None:
+            size = img.size
+            if n * 3 * size[0] * size[1] > MAX_RESIDENT_BYTES:
+                raise UserError(f"--faster_version: {n} images of {size[0]}x{size[1]} need "
+                                f"{n * 3 * size[0] * size[1] / 2**30:.1f} GiB, more than the "
+                                f"{MAX_RESIDENT_BYTES / 2**30:.0f} GiB limit; drop --faster_version")
+        if img.size != size:
+            raise UserError(f"--faster_version needs images of one size; {path} is {img.size[0]}x{img.size[1]}, "
+                            f"not {size[0]}x{size[1]}; drop --faster_version")
+        images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    if skipped:
+        print(f"warning: left out {len(skipped)} unreadable image(s), the first {skipped[0]}", file=sys.stderr)
+    if not images:
+        raise UserError("no image of the dataset can be read")
+    return torch.stack(images)
 
 
 def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: int, *, dataset_name: str = "",
                     rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | None = None,
-                    faster: bool = False, jitter_strength: float | None = None, min_crop_scale: float = 0.08):
+                    faster: bool = False, jitter_strength: float | None = None, min_crop_scale: float = 0.08,
+                    skip_bad_images: bool = False):
     """The loader of ``split`` with one view per entry of ``views``; ``batch_size`` is the global batch.
     Returns ``(loader, epoch_setters)``: call ``set_epoch(e)`` on each setter before epoch ``e``."""
     device = device or torch.device("cpu")
@@ -61,8 +73,8 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
     strength = jitter_strength if jitter_strength is not None else default_jitter_strength(size)
     if faster:
         batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
-        loader = DeviceLoader(resident_images(split, dataset_name).to(device), batched, batch_size, seed, rank,
-                              world_size)
+        loader = DeviceLoader(resident_images(split, dataset_name, skip_bad_images).to(device), batched, batch_size,
+                              seed, rank, world_size)
         return loader, [loader]
     transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
     dataset = MultiViewDataset(split.dataset, transforms, seed=seed)

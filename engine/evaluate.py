@@ -329,8 +329,11 @@ def evaluate(cfg: Namespace) -> list[dict]:
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     chosen = select_checkpoints(cfg)
-    train = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, image_size=cfg.image_size)
-    test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size)
+    skip = bool(cfg.skip_bad_images)
+    train = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, image_size=cfg.image_size,
+                       skip_bad_images=skip)
+    test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
+                      skip_bad_images=skip)
     random_init = chosen[0][1] is None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)

@@ -112,9 +112,11 @@ class KnnMonitor:
     as the memory: the number that tells a user early whether a run is learning."""
 
     def __init__(self, dataset_name: str, data_root: str, image_size: int, device: torch.device, workers: int,
-                 k: int, temperature: float, download: bool = False) -> None:
-        self.train = load_split(dataset_name, data_root, train=True, download=download, image_size=image_size)
-        self.test = load_split(dataset_name, data_root, train=False, download=download, image_size=image_size)
+                 k: int, temperature: float, download: bool = False, skip_bad_images: bool = False) -> None:
+        self.train = load_split(dataset_name, data_root, train=True, download=download, image_size=image_size,
+                                skip_bad_images=skip_bad_images)
+        self.test = load_split(dataset_name, data_root, train=False, download=download, image_size=image_size,
+                               skip_bad_images=skip_bad_images)
         self.device, self.workers, self.k, self.t = device, workers, k, temperature
 
     def __call__(self, backbone: nn.Module) -> float:

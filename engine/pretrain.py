@@ -54,7 +54,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     check_setup(cfg, dist, device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
-                       image_size=cfg.image_size)
+                       image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
     loader, epoch_setters = build_loader(cfg, split, dist, device)
     method, memory_format = build_model(cfg, split, dist, device)
 
@@ -81,7 +81,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         monitor = None
         if cfg.eval_every_n_epochs:
             monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
-                                 cfg.knn_temperature, cfg.download)
+                                 cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
             trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
                               precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
@@ -123,7 +123,8 @@ def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.dev
     views = METHODS[cfg.clr].views(cfg.n_views, blur)
     return pretrain_loader(split, views, cfg.batch_size, cfg.seed, dataset_name=cfg.dataset_name, rank=dist.rank,
                            world_size=dist.world_size, workers=cfg.workers, device=device, faster=cfg.faster_version,
-                           jitter_strength=cfg.color_jitter_strength, min_crop_scale=cfg.min_crop_scale)
+                           jitter_strength=cfg.color_jitter_strength, min_crop_scale=cfg.min_crop_scale,
+                           skip_bad_images=bool(cfg.skip_bad_images))
 
 
 def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):

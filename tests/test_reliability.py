@@ -332,3 +332,50 @@ def test_forty_bad_invocations_each_end_in_one_line_and_change_nothing(two_epoch
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
         assert _snapshot(tmp_path) == before, argv
+
+
+def _folder_with_a_bad_image(root, size=(8, 8)):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(8):
+                Image.new("RGB", size, color=(i * 30, 0, 0) if c == "a" else (0, i * 30, 0)).save(
+                    root / split / c / f"{i}.png")
+    bad = root / "train" / "b" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    return bad
+
+
+@pytest.mark.parametrize("extra", [[], ["--faster_version"]])
+def test_an_unreadable_image_is_named_or_skipped(extra, tmp_path, capsys):
+    bad = _folder_with_a_bad_image(tmp_path / "data")
+    args = [a for a in TINY if not a.startswith(("--dataset_name", "--image_size", "--batch_size", "--limit"))] + [
+        "--dataset_name=folder", f"--data={tmp_path / 'data'}", "--batch_size=4", "--epochs=1", "--clr=simclr",
+        f"--results_dir={tmp_path / 'results'}"] + extra
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read image {bad} (") and "--skip_bad_images" in err[0]
+    assert not (tmp_path / "results").exists() or not any(files for _, _, files in os.walk(tmp_path / "results"))
+    assert main(args + ["--skip_bad_images", f"--log_dir={tmp_path / 'run'}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and str(bad) in err
+    assert main(["--train_mode=eval", "--transfer_mode=knn", f"--checkpoint_dir={tmp_path / 'run'}", "--no-tsne",
+                 "--workers=0", "--device=cpu", "--skip_bad_images"]) == 0
+
+
+def test_an_error_from_a_dataloader_worker_keeps_its_one_line():
+    from torch._utils import ExceptionWrapper
+
+    from common.errors import BadImage, worker_message
+
+    try:
+        raise BadImage("cannot read image x/3.png (image file is truncated); replace or remove it")
+    except BadImage:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")
+    with pytest.raises(BadImage) as caught:
+        wrapped.reraise()
+    assert "Original Traceback" in str(caught.value)  # what torch makes of it
+    assert worker_message(str(caught.value)) == "cannot read image x/3.png (image file is truncated); replace or " \
+                                                "remove it"
