@@ -54,14 +54,16 @@ def list_checkpoints(run_dir: str) -> dict[int, str]:
     return {epoch: path for (epoch, batch), path in all_checkpoints(run_dir).items() if batch == 0}
 
 
-def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
-    """Delete mid-epoch checkpoints older than the newest epoch-end one, and all but the newest ``keep``
-    of the others; returns the deleted paths."""
-    found = all_checkpoints(run_dir)
+def prune_mid_epoch(run_dir: str, keep: int, current: tuple[int, int]) -> list[str]:
+    """After a save at position ``current``: delete the mid-epoch checkpoints older than the newest epoch-end
+    one at or before it, and all but the newest ``keep`` mid-epoch ones up to it. Nothing at or after
+    ``current`` is touched (the file just written, or checkpoints of a line the user resumed before)."""
+    found = {key: path for key, path in all_checkpoints(run_dir).items() if key <= current}
     last_end = max((key for key in found if key[1] == 0), default=(-1, 0))
     mid = [key for key in found if key[1] > 0]
     newer = [key for key in mid if key > last_end]
     doomed = [key for key in mid if key < last_end] + newer[:max(0, len(newer) - keep)]
+    doomed = [key for key in doomed if key != current]
     for key in doomed:
         remove_checkpoint(found[key])
     return [found[key] for key in doomed]
@@ -77,19 +79,25 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         digest = _sha256(tmp)
+        if os.path.exists(path + ".sha256"):  # a replaced checkpoint's old checksum must not outlive it
+            os.remove(path + ".sha256")
         os.replace(tmp, path)
+        _write_text_atomically(path + ".sha256", f"{digest}  {os.path.basename(path)}\n")
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError):  # disk full, quota, file size limit: the run stays as it was
-            free = shutil.disk_usage(directory).free
-            raise UserError(f"could not write checkpoint {path} ({err.strerror or err}); it needs about "
-                            f"{_nbytes(obj) / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free there: make room, "
-                            "then resume with --train_from latest") from err
+        cause = err if isinstance(err, OSError) else err.__context__  # torch.save wraps ENOSPC in a RuntimeError
+        if isinstance(err, (OSError, RuntimeError)) and isinstance(cause, OSError):
+            try:
+                free = f"{shutil.disk_usage(directory).free / 2**20:,.0f} MiB are free there"
+            except OSError:
+                free = "the directory cannot be read"
+            raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); it needs about "
+                            f"{_nbytes(obj) / 2**20:,.0f} MiB and {free}: make room, then resume with "
+                            "--train_from latest") from err
         raise
-    _write_text_atomically(path + ".sha256", f"{digest}  {os.path.basename(path)}\n")
 
 
 def _nbytes(obj) -> int:
@@ -111,16 +119,20 @@ def remove_checkpoint(path: str) -> None:
 
 def remove_stale_temp_files(run_dir: str) -> list[str]:
     """Temp files a killed save left behind (the caller holds the run's lock, so none is being written)."""
-    stale = glob.glob(os.path.join(glob.escape(run_dir), ".tmp_*"))
+    stale = [p for pattern in (".tmp_*.pth.tar", ".tmp_checkpoint_*.sha256")
+             for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)) if os.path.isfile(p)]
     for path in stale:
         os.remove(path)
     return stale
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()  # read once, at import, before any thread that creates files runs
 
 
 def _sha256(path: str) -> str:
@@ -172,8 +184,12 @@ def load_latest(run_dir: str) -> tuple[str, dict]:
     for path in reversed(list(available.values())):
         try:
             return path, load_checkpoint(path)
-        except UserError as err:
-            print(f"warning: skipping {os.path.basename(path)} ({err}); trying the one before", file=sys.stderr)
+        except UserError as err:  # renamed aside, so that it is not 'latest' again nor kept by the pruning
+            aside = path + ".corrupt"
+            if int(os.environ.get("RANK", "0")) == 0:
+                os.replace(path, aside)
+            print(f"warning: {os.path.basename(path)} is unusable ({err}); moved to {os.path.basename(aside)}, "
+                  "trying the one before", file=sys.stderr)
     raise UserError(f"no checkpoint in {run_dir} loads (all corrupt); start a new run")
 
 
@@ -211,7 +227,8 @@ def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch
 
 
 def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, steps_per_epoch: int) -> tuple[int, int, int]:
+            scaler: torch.amp.GradScaler, steps_per_epoch: int, world_size: int = 1,
+            args: dict | None = None) -> tuple[int, int, int]:
     """Loads a checkpoint's weights and optimizer/scaler state; returns (epochs completed, steps into the
     next epoch, steps), the steps counted with this run's steps per epoch so that the schedule continues
     where the checkpoint left it."""
@@ -223,9 +240,19 @@ def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
-    if batch >= steps_per_epoch:
-        raise UserError(f"{path} was written {batch} steps into an epoch, and this run has {steps_per_epoch} steps "
-                        "per epoch; resume with the run's own --batch_size and --limit_train_batches")
+    if batch:  # a mid-epoch position only means something to the same loader, batch and number of processes
+        saved, now = state.get("args", {}), args or {}
+        for key in ("batch_size", "limit_train_batches", "faster_version"):
+            if key in saved and key in now and saved[key] != now[key]:
+                raise UserError(f"{path} was written mid-epoch with --{key}={saved[key]}, not {now[key]}; resume it "
+                                f"with --{key}={saved[key]}")
+        if len(state.get("rng", [])) != world_size:
+            raise UserError(f"{path} was written mid-epoch by {len(state.get('rng', []))} process(es) and can only "
+                            f"resume with as many (this run has {world_size})")
+        if batch >= steps_per_epoch or state.get("scheduler", {}).get("steps_per_epoch", steps_per_epoch) \
+                != steps_per_epoch:
+            raise UserError(f"{path} was written {batch} steps into an epoch of another length than this run's "
+                            f"{steps_per_epoch} steps; resume with the run's own data and --limit_train_batches")
     step = epoch * steps_per_epoch + batch
     saved_step = state.get("global_step")
     if saved_step is not None and int(saved_step) != step:
@@ -242,9 +269,6 @@ def restore_rng(state: dict, dist: DistInfo) -> dict:
         set_rng_state(states[dist.rank])
         loaders = state.get("loader") or [{}] * dist.world_size
         return loaders[dist.rank]
-    if int(state.get("batch", 0)):
-        raise UserError(f"this checkpoint was written mid-epoch by {len(states)} process(es) and can only resume "
-                        f"with as many (this run has {dist.world_size})")
     if dist.is_main:
         print(f"warning: checkpoint has RNG states for {len(states)} process(es), this run has "
               f"{dist.world_size}; continuing with fresh random streams", file=sys.stderr)

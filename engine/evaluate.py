@@ -337,13 +337,17 @@ def evaluate(cfg: Namespace) -> list[dict]:
     random_init = chosen[0][1] is None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)
-    before = None if created else set(os.listdir(planned))
     out_dir = _output_dir(cfg, dist, random_init)
+    board = os.path.join(out_dir, "tensorboard")
+    before = set(os.listdir(board)) if os.path.isdir(board) else set()
     try:
         return _evaluate(cfg, dist, device, chosen, train, test, out_dir)
     except BaseException:
-        if dist.is_main:
-            take_back(out_dir if not random_init else os.path.dirname(out_dir), before, created, cfg.results_dir)
+        if dist.is_main:  # results already written for earlier checkpoints stay; this run's events file goes
+            take_back(board, before, created=not before)
+            if created and not os.listdir(out_dir):
+                take_back(out_dir if not random_init else os.path.dirname(out_dir), None, True, cfg.results_dir,
+                          only_if_empty=not random_init)
         raise
 
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from argparse import Namespace
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -39,18 +39,24 @@ from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back
 from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
 
 
 def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
     """Run (or continue) pretraining; returns the run directory. Raises ``Preempted`` after saving the exact
     position when SIGTERM or SIGUSR1 arrives."""
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
-    if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
-        if os.environ.get("RANK", "0") == "0":
-            print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
-        return cfg.log_dir
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
+    if resume is not None:  # each rank chose the checkpoint on its own: they must have chosen the same
+        chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
+        if len(set(chosen)) > 1:
+            raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
+                            "every node sees the same run directory, then resume again")
+    if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
+        if dist.is_main:
+            print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
+        return cfg.log_dir
     check_setup(cfg, dist, device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
@@ -68,14 +74,15 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     start_epoch, start_batch, step = 0, 0, 0
     if resume is not None:
         start_epoch, start_batch, step = ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
-                                                         steps_per_epoch)
+                                                         steps_per_epoch, dist.world_size, vars(cfg))
     model = wrap_model(method, cfg, dist, device)
 
-    with claim_run_dir(cfg, dist, resuming=resume is not None) as run_dir:
-        run = RunFiles(cfg, dist, run_dir, schedule.record(), epoch_setters)
+    with RunClaim(cfg, dist, resuming=resume is not None) as claim:
+        run_dir = claim.dir
+        run = RunFiles(cfg, dist, claim, schedule.record(), epoch_setters)
         if dist.is_main:
             write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
-            run.open_logs(purge_step=step if resume else None, resume_epoch=start_epoch if resume else None)
+            run.open_logs(purge_step=step + 1 if resume else None, resume_epoch=start_epoch if resume else None)
             print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
         loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
         monitor = None
@@ -87,12 +94,18 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                               precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
                               step=step, last_ckpt=resume_path, requests=requests)
             meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
-            for epoch in range(start_epoch, last_epoch):
-                for target in epoch_setters:
-                    target.set_epoch(epoch, start_batch, loader_state)
-                record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
-                end_epoch(trainer, record, run, monitor, last_epoch)
-                start_batch, loader_state, meter = 0, {}, Meter()
+            try:
+                for epoch in range(start_epoch, last_epoch):
+                    for target in epoch_setters:
+                        target.set_epoch(epoch, start_batch, loader_state)
+                    record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
+                    end_epoch(trainer, record, run, monitor, last_epoch)
+                    start_batch, loader_state, meter = 0, {}, Meter()
+            except Preempted as stop:
+                if dist.is_main:  # what a job script looks for to requeue (torchrun's own exit status is 1)
+                    with open(os.path.join(run_dir, PREEMPTED_MARK), "w") as f:
+                        f.write(f"{stop}\n")
+                raise
         barrier()
         run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
                   f"TensorBoard events are in {run.dir}")
@@ -147,71 +160,96 @@ def wrap_model(method: nn.Module, cfg: Namespace, dist: DistInfo, device: torch.
     return torch.compile(model) if cfg.compile else model
 
 
-@contextmanager
-def claim_run_dir(cfg: Namespace, dist: DistInfo, resuming: bool):
-    """Rank 0 picks (and creates) the run directory and holds an exclusive lock on it for the life of the
-    run, so a second process on the same directory is refused; every rank gets the same path. A run that
-    fails before it saves a checkpoint takes back what it wrote (the directory too, if it made it), so the
-    run is as it was."""
-    run_dir, lock, before, created, config_text, kept = None, None, None, False, None, {}
-    if dist.is_main:
+class RunClaim:
+    """The run directory for the life of a run: chosen and created by rank 0, locked against a second process,
+    and, when the run fails before it saves a checkpoint, given back as it was (the files this tool writes there
+    removed or restored; the directory and the parents it made removed when nothing else is in them)."""
+
+    OWN_FILES = ("config.yaml", "metrics.jsonl", "curves.png")  # plus TensorBoard's events files
+
+    def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool) -> None:
+        self.cfg, self.dist, self.resuming = cfg, dist, resuming
+        self.dir, self.lock, self.created, self.saved_any = None, None, False, False
+        self.before: set[str] = set()
+        self.texts: dict[str, bytes] = {}
+
+    def __enter__(self) -> "RunClaim":
+        outcome = on_main_only(self._claim) if self.dist.is_main else None
+        self.dir = shared_outcome(outcome if not isinstance(outcome, OSError) else UserError(
+            f"cannot write the run directory {outcome.filename or self.cfg.log_dir} ({outcome.strerror}); pass a "
+            "--log_dir or --results_dir you can write to"))
+        return self
+
+    def _claim(self) -> str:
+        cfg = self.cfg
         try:
             run_dir = cfg.log_dir or new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
                                                  METHODS[cfg.clr].display)
-            created = not os.path.exists(run_dir) or not cfg.log_dir
+            self.created = not cfg.log_dir or not os.path.exists(run_dir)
             os.makedirs(run_dir, exist_ok=True)
-            before = set(os.listdir(run_dir))
-            lock = lock_run_dir(run_dir)
-            kept = ckpt_io.all_checkpoints(run_dir)
-            config = os.path.join(run_dir, "config.yaml")
-            config_text = open(config).read() if os.path.isfile(config) else None
-            if not resuming and ckpt_io.all_checkpoints(run_dir):
+            self.before = set(os.listdir(run_dir))
+            self.lock = lock_run_dir(run_dir)
+            if not self.resuming and ckpt_io.all_checkpoints(run_dir):
                 raise UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
                                 "or choose another --log_dir")
-            if not resuming and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+            if not self.resuming and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
                 raise UserError(f"{run_dir} holds another run's metrics.jsonl but no checkpoint to continue; "
                                 "choose another --log_dir")
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()}")  # named to a second process
-            lock.flush()
-            ckpt_io.remove_stale_temp_files(run_dir)
-        except OSError as err:
-            run_dir = UserError(f"cannot write the run directory {err.filename or run_dir} ({err.strerror}); "
-                                "pass a --log_dir or --results_dir you can write to")
-        except UserError as err:
-            run_dir = err
-        if isinstance(run_dir, UserError) and lock is not None:
-            lock.close()
-            lock = None
-    run_dir = broadcast_object(run_dir)
-    if isinstance(run_dir, UserError):
-        raise run_dir
-    try:
-        yield run_dir
-    except BaseException:
-        if dist.is_main and ckpt_io.all_checkpoints(run_dir) == kept:  # this invocation saved nothing
-            take_back(run_dir, before, created, stop_at=cfg.results_dir)
-            if config_text is not None and not created:
-                with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-                    f.write(config_text)
-        raise
-    finally:
-        if lock is not None:
-            lock.close()  # closing the file releases the lock
+        except BaseException:
+            self.release()
+            raise
+        self.texts = {name: open(os.path.join(run_dir, name), "rb").read() for name in self.OWN_FILES
+                      if os.path.isfile(os.path.join(run_dir, name))}
+        if self.lock is not None:
+            self.lock.seek(0)
+            self.lock.truncate()
+            self.lock.write(f"pid {os.getpid()} on {socket.gethostname()}")  # named to a second process
+            self.lock.flush()
+        ckpt_io.remove_stale_temp_files(run_dir)
+        if os.path.exists(os.path.join(run_dir, PREEMPTED_MARK)):
+            os.remove(os.path.join(run_dir, PREEMPTED_MARK))  # this run continues it
+        return run_dir
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is not None and self.dist.is_main and not self.saved_any:
+                self.give_back()
+        finally:
+            self.release()
+
+    def give_back(self) -> None:
+        """Remove what this invocation wrote, restore what it rewrote."""
+        for name in set(os.listdir(self.dir)) - self.before:
+            if name in self.OWN_FILES or name.startswith("events.out.tfevents") or name == ".lock":
+                os.remove(os.path.join(self.dir, name))
+        for name, content in self.texts.items():
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(content)
+        if self.created:
+            take_back(self.dir, None, True, stop_at=self.cfg.results_dir, only_if_empty=True)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
+            self.lock = None
 
 
 def lock_run_dir(run_dir: str):
-    """An exclusive ``fcntl`` lock on ``RUN/.lock`` (released when the file closes, or the process dies)."""
+    """An exclusive POSIX lock (``lockf``: per process, not inherited by forked DataLoader workers) on
+    ``RUN/.lock``, released when the file closes or the process dies. On a filesystem without locks (some
+    NFS and Lustre mounts) the run goes on unlocked, with a warning."""
     path = os.path.join(run_dir, ".lock")
     f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
         raise UserError(f"{run_dir} is in use by {holder}; wait for that run to end or choose another --log_dir")
+    except OSError as err:
+        print(f"warning: cannot lock {path} ({err.strerror}); nothing stops a second run in {run_dir}",
+              file=sys.stderr)
     return f
 
 
@@ -267,7 +305,8 @@ class StopRequests:
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
+                self._previous[sig] = previous if previous is not None else signal.SIG_DFL
         return self
 
     def __exit__(self, *exc) -> None:
@@ -275,6 +314,10 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: the run is stuck, let the default action happen
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
         self.received = signal.Signals(signum).name
 
     def __call__(self, next_step: int) -> tuple[bool, bool]:
@@ -341,11 +384,31 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- one epoch
+def on_main_only(work: Callable[[], object]) -> object:
+    """Rank 0's file work, whose failure must reach every rank (see ``shared_outcome``) instead of leaving
+    the others waiting in a collective: returns the result, or the exception."""
+    try:
+        return work()
+    except Exception as err:  # noqa: BLE001 - handed to every rank by shared_outcome
+        return err
+
+
+def shared_outcome(outcome: object) -> object:
+    """Rank 0's result on every rank; when it is an exception, every rank raises it (a user error as itself,
+    anything else as the one-line error it would have been on rank 0 alone)."""
+    outcome = broadcast_object(outcome if not isinstance(outcome, Exception) or isinstance(outcome, UserError)
+                               else UserError(f"rank 0 failed writing the run: {type(outcome).__name__}: {outcome}"))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
 class RunFiles:
     """The run directory and what rank 0 writes into it (TensorBoard, metrics.jsonl, curves, checkpoints)."""
 
-    def __init__(self, cfg: Namespace, dist: DistInfo, run_dir: str, schedule: dict, epoch_setters: list) -> None:
-        self.cfg, self.dist, self.dir, self.schedule, self.setters = cfg, dist, run_dir, schedule, epoch_setters
+    def __init__(self, cfg: Namespace, dist: DistInfo, claim: RunClaim, schedule: dict, epoch_setters: list) -> None:
+        self.cfg, self.dist, self.claim, self.schedule, self.setters = cfg, dist, claim, schedule, epoch_setters
+        self.dir = claim.dir
         self.writer = self.metrics = None
 
     def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
@@ -377,13 +440,18 @@ class RunFiles:
                                            optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=self.schedule,
                                            ranks=ranks, args=vars(self.cfg), batch=batch,
                                            meter=meter.state() if meter is not None else None)
-            ckpt_io.atomic_save(state, path)
-            ckpt_io.prune_mid_epoch(self.dir, self.cfg.keep_mid_epoch_checkpoints)
-            tqdm.write(f"saved {path}")
-        trainer.last_ckpt = broadcast_object(path)
+            path = on_main_only(lambda: self._write(state, path, (epoch, batch)))
+        trainer.last_ckpt = shared_outcome(path)
+        self.claim.saved_any = True
         if isinstance(trainer.requests, StopRequests):
             trainer.requests.saved()
         return trainer.last_ckpt
+
+    def _write(self, state: dict, path: str, position: tuple[int, int]) -> str:
+        ckpt_io.atomic_save(state, path)
+        ckpt_io.prune_mid_epoch(self.dir, self.cfg.keep_mid_epoch_checkpoints, position)
+        tqdm.write(f"saved {path}")
+        return path
 
     def close(self, message: str) -> None:
         if self.writer is not None:
@@ -402,12 +470,12 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles,
     bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.dist.is_main,
                dynamic_ncols=True, leave=True, file=sys.stdout)
     t_epoch = t_window = time.perf_counter()
-    lr_max = 0.0
+    first = trainer.step - start  # the epoch's first step, also when it resumes inside the epoch
+    lr_max = float(trainer.schedule[first:first + steps].max())
     for i, (views, index) in enumerate(loader, start=start):
         if i >= steps:
             break
         lr = trainer.lr
-        lr_max = max(lr_max, lr)
         logs = trainer.train_step(views, index, epoch, i)
         epoch_meter.add(logs)
         window.add(logs)
@@ -439,20 +507,22 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
     """kNN monitor, metrics line, and (every --save_every_n_epochs, at the end, or when stopping) the
     checkpoint and curves; raises ``Preempted`` after that save when a signal asked to stop."""
     cfg, completed, stop, asked = run.cfg, record["epoch"], record.pop("stop"), record.pop("save")
-    if monitor is not None and completed % cfg.eval_every_n_epochs == 0:
+    if monitor is not None and completed % cfg.eval_every_n_epochs == 0 and not stop:  # stopping: save first
         record["knn_top1"] = monitor(trainer.method.backbone)
         run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
         if run.dist.is_main:
             tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
     due = completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked
     path = run.save(trainer, completed) if due else None  # first: a save that fails leaves no record behind
-    if run.dist.is_main:
+
+    def log() -> None:
         run.metrics.append(record)
-    if due:
-        if run.dist.is_main:
+        if due:
             plot_curves(run.metrics.read(), os.path.join(run.dir, "curves.png"),
                         f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
-        if stop and completed < last_epoch:
-            raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at the end of "
+
+    shared_outcome(on_main_only(log) if run.dist.is_main else None)
+    if due and stop and completed < last_epoch:
+        raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at the end of "
                             f"epoch {completed}, after saving {path}; continue with --log_dir {run.dir} "
                             "--train_from latest")

@@ -30,12 +30,16 @@ def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) ->
 PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
 
 
-def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | None = None) -> None:
-    """Undo what a failed run or evaluation wrote in ``path``: the whole directory when it made it (and the
-    empty parents it made, up to ``stop_at``), else the entries that were not there ``before``."""
+def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | None = None,
+              only_if_empty: bool = False) -> None:
+    """Undo what a failed run or evaluation wrote in ``path``: the directory when it made it (with
+    ``only_if_empty``, only when nothing is left in it) and the empty parents up to ``stop_at``; else the
+    entries that were not there ``before``."""
     if not os.path.isdir(path):
         return
     if created:
+        if only_if_empty and os.listdir(path):
+            return
         shutil.rmtree(path, ignore_errors=True)
         parent, top = os.path.dirname(os.path.abspath(path)), os.path.abspath(stop_at) if stop_at else None
         while top and parent.startswith(top + os.sep) and not os.listdir(parent):

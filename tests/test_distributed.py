@@ -200,3 +200,29 @@ def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "error: --batch_size 15 (global) does not divide over 2 processes" in proc.stderr
     assert not os.path.exists(tmp_path / "results")
+
+
+def _shared_outcome_worker(rank, store, out_dir):
+    _init(rank, store)
+    from engine.pretrain import on_main_only, shared_outcome
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    outcome = on_main_only(disk_full) if rank == 0 else None  # file work on rank 0 only
+    try:
+        shared_outcome(outcome)
+        text = "continued"
+    except UserError as err:
+        text = str(err)
+    with open(os.path.join(out_dir, f"s{rank}.txt"), "w") as f:
+        f.write(text)
+    dist.destroy_process_group()
+
+
+def test_a_failure_of_rank_0s_file_work_reaches_every_rank(tmp_path):
+    # without it the other ranks would wait in the next collective until the process group timed out
+    _spawn(_shared_outcome_worker, tmp_path)
+    for r in range(WORLD):
+        assert (tmp_path / f"s{r}.txt").read_text() == ("rank 0 failed writing the run: OSError: [Errno 28] No space "
+                                                        "left on device")

@@ -89,12 +89,14 @@ def test_pruning_keeps_the_newest_mid_epoch_checkpoints_after_the_last_epoch_end
              "checkpoint_0002_step000009.pth.tar", "notes.txt"]
     for name in names:
         (tmp_path / name).write_text("x")
-    removed = prune_mid_epoch(str(tmp_path), keep=2)
-    assert sorted(os.path.basename(p) for p in removed) == ["checkpoint_0001_step000002.pth.tar",
-                                                            "checkpoint_0002_step000001.pth.tar"]
+    # a save at (2, 5) in a run resumed from an older position: nothing after it is touched
+    assert prune_mid_epoch(str(tmp_path), keep=1, current=(2, 5)) == [
+        str(tmp_path / "checkpoint_0001_step000002.pth.tar"), str(tmp_path / "checkpoint_0002_step000001.pth.tar")]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_0001.pth.tar", "checkpoint_0002.pth.tar",
                                             "checkpoint_0002_step000005.pth.tar", "checkpoint_0002_step000009.pth.tar",
                                             "notes.txt"]
+    removed = prune_mid_epoch(str(tmp_path), keep=2, current=(2, 9))
+    assert removed == [] and len(os.listdir(tmp_path)) == 5  # the two newest mid-epoch ones are kept
 
 
 class Job:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from common.errors import UserError
 from engine.checkpoint import all_checkpoints
 from engine.knn import knn_scores
-from engine.pretrain import lock_run_dir
 from main import main
 from tests.conftest import TINY
 
@@ -55,7 +54,9 @@ def test_a_corrupt_checkpoint_is_named_and_latest_falls_back_to_the_one_before(t
     assert "is corrupt" in capsys.readouterr().err
     assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 0  # resumes from epoch 1
     err = capsys.readouterr().err
-    assert err.count("warning: skipping checkpoint_0002.pth.tar (checkpoint") == 1
+    assert err.count("warning: checkpoint_0002.pth.tar is unusable (checkpoint") == 1
+    assert "moved to checkpoint_0002.pth.tar.corrupt, trying the one before" in err
+    assert (run / "checkpoint_0002.pth.tar.corrupt").exists()  # kept for a look, no longer a checkpoint
     assert torch.load(run / "checkpoint_0003.pth.tar", weights_only=True)["epoch"] == 3
 
 
@@ -88,16 +89,21 @@ def _umask():
 
 
 def test_a_second_process_on_a_run_directory_is_refused(two_epochs, tmp_path, capsys):
+    import subprocess
+    import sys
+
     run = _copy(two_epochs, tmp_path / "run")
-    holder = lock_run_dir(str(run))  # as a live run holds it
-    holder.truncate(0)
-    holder.write("pid 4242 on node-7")
-    holder.flush()
+    (run / ".lock").write_text("pid 4242 on node-7")  # as a live run leaves it
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
     before = _snapshot(run)
     try:
         assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 2
     finally:
-        holder.close()
+        holder.kill()
+        holder.wait()
     assert capsys.readouterr().err.strip() == (f"error: {run} is in use by pid 4242 on node-7; wait for that run to "
                                                "end or choose another --log_dir")
     assert _snapshot(run) == before
@@ -215,7 +221,9 @@ def test_a_checkpoint_of_another_kind_of_run_is_refused(two_epochs, tmp_path, ca
     assert _snapshot(run) == before
 
 
-def test_a_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(two_epochs, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(wrapped, two_epochs, tmp_path, capsys,
+                                                                      monkeypatch):
     import engine.checkpoint as ckpt
 
     run = _copy(two_epochs, tmp_path / "run")
@@ -223,7 +231,12 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_run_as_it_was(two_epochs
 
     def disk_full(obj, f):
         f.write(b"partial")
-        raise OSError(28, "No space left on device")
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            if wrapped:  # what torch.save makes of a real ENOSPC: a RuntimeError, the OSError as its context
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+            raise
 
     monkeypatch.setattr(ckpt.torch, "save", disk_full)
     assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 2
