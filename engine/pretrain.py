@@ -80,10 +80,12 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     with RunClaim(cfg, dist, resuming=resume is not None) as claim:
         run_dir = claim.dir
         run = RunFiles(cfg, dist, claim, schedule.record(), epoch_setters)
-        if dist.is_main:
+        def open_run() -> None:
             write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
             run.open_logs(purge_step=step + 1 if resume else None, resume_epoch=start_epoch if resume else None)
             print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
+
+        shared_outcome(on_main_only(open_run) if dist.is_main else None)
         loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
         monitor = None
         if cfg.eval_every_n_epochs:
