@@ -77,7 +77,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                                                          steps_per_epoch, dist.world_size, vars(cfg))
     model = wrap_model(method, cfg, dist, device)
 
-    with RunClaim(cfg, dist, resuming=resume is not None) as claim:
+    with RunClaim(cfg, dist, resuming=resume is not None, resume_path=resume_path) as claim:
         run_dir = claim.dir
         run = RunFiles(cfg, dist, claim, schedule.record(), epoch_setters)
         def open_run() -> None:
@@ -169,8 +169,8 @@ class RunClaim:
 
     OWN_FILES = ("config.yaml", "metrics.jsonl", "curves.png")  # plus TensorBoard's events files
 
-    def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool) -> None:
-        self.cfg, self.dist, self.resuming = cfg, dist, resuming
+    def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool, resume_path: str | None = None) -> None:
+        self.cfg, self.dist, self.resuming, self.resume_path = cfg, dist, resuming, resume_path
         self.dir, self.lock, self.created, self.saved_any = None, None, False, False
         self.before: set[str] = set()
         self.texts: dict[str, bytes] = {}
@@ -194,6 +194,11 @@ class RunClaim:
             if not self.resuming and ckpt_io.all_checkpoints(run_dir):
                 raise UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
                                 "or choose another --log_dir")
+            newest = max(ckpt_io.all_checkpoints(run_dir).items(), default=(None, None))[1]
+            if self.resuming and cfg.train_from == "latest" and newest and self.resume_path \
+                    and os.path.abspath(newest) != os.path.abspath(self.resume_path):
+                raise UserError(f"{newest} appeared after this run chose {os.path.basename(self.resume_path)} "
+                                "(did another process write to the run?); resume again with --train_from latest")
             if not self.resuming and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
                 raise UserError(f"{run_dir} holds another run's metrics.jsonl but no checkpoint to continue; "
                                 "choose another --log_dir")

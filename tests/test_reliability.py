@@ -392,3 +392,23 @@ def test_an_error_from_a_dataloader_worker_keeps_its_one_line():
     assert "Original Traceback" in str(caught.value)  # what torch makes of it
     assert worker_message(str(caught.value)) == "cannot read image x/3.png (image file is truncated); replace or " \
                                                 "remove it"
+
+
+def test_latest_is_checked_again_once_the_run_directory_is_locked(two_epochs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import main as cli
+
+    run = _copy(two_epochs, tmp_path / "run")
+    real = cli.load_latest
+
+    def then_another_process_saves(run_dir):  # between choosing the checkpoint and taking the lock
+        chosen = real(run_dir)
+        shutil.copy(run / "checkpoint_0002.pth.tar", run / "checkpoint_0003.pth.tar")
+        return chosen
+
+    monkeypatch.setattr(cli, "load_latest", then_another_process_saves)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=4"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {run / 'checkpoint_0003.pth.tar'} appeared after this run chose checkpoint_0002.pth.tar (did another "
+        "process write to the run?); resume again with --train_from latest")
