@@ -200,9 +200,7 @@ class Bench:
         views, index = next(self.batches)  # the views are made here, on the device
         if mark is not None:
             mark("augmentation")
-            self.trainer.train_step(views, index, 0, 0, mark)
-        else:
-            self.trainer.train_step(views, index, 0, 0)
+        self.trainer.train_step(views, index, 0, 0, mark)
 
     def flops(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode

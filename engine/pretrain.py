@@ -337,10 +337,6 @@ class StopRequests:
         self.last_save = time.monotonic()
 
 
-def _no_mark(phase: str) -> None:
-    """Default of Trainer.train_step's ``mark``: no phase timing."""
-
-
 class Trainer:
     """Optimizer steps of any method: forward under autocast, checks, backward, step, method hook.
 
@@ -367,9 +363,10 @@ class Trainer:
         return float(self.schedule[min(self.step, len(self.schedule) - 1)])
 
     def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int,
-                   mark: Callable[[str], None] = _no_mark) -> dict:
+                   mark: Callable[[str], None] | None = None) -> dict:
         """One optimizer step on a batch; returns its logs as device tensors (no host sync).
         ``mark(phase)`` is called as each phase ends (forward, backward, optimizer): the profiler's hook."""
+        mark = mark or (lambda phase: None)
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         index = index.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:

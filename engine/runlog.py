@@ -67,11 +67,17 @@ class Meter:
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            if k in self.sums:
+                self.sums[k].add_(v)  # in place: no new tensor per value and step
+            else:
+                self.sums[k] = v.clone()
         self.count += 1
 
     def means(self) -> dict[str, float]:
-        return {k: (v / self.count).item() for k, v in self.sums.items()}
+        if not self.sums:
+            return {}
+        means = (torch.stack(list(self.sums.values())) / self.count).tolist()  # one host sync, not one per value
+        return dict(zip(self.sums, means))
 
     def state(self) -> dict:
         """The sums (on the CPU) and count, for a mid-epoch checkpoint."""
