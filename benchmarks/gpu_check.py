@@ -466,6 +466,9 @@ def run(check: Check) -> dict:
     try:
         for i, (title, key, fn, cap, quick_cap) in enumerate(PARTS, 1):
             cap = quick_cap if check.quick else cap
+            if check.args.parts and key not in check.args.parts:
+                status[key] = {"status": "not asked", "why": f"--parts {','.join(check.args.parts)}"}
+                continue
             left = check.args.budget - (time.monotonic() - start)
             if cap > left:
                 status[key] = {"status": "skipped", "why": f"needs up to {cap} s, {left:.0f} s of the budget left"}
@@ -567,7 +570,14 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="toy sizes (a CPU run in under a minute)")
     p.add_argument("--data", default=os.path.join(ROOT, ".data", "cifar10-subset"),
                    help="the CIFAR-10 subset for part 4 (ImageFolder layout: train/, test/)")
+    p.add_argument("--parts", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="comma-separated part keys to run (default: all): " + ",".join(k for _, k, *_ in PARTS))
     args = p.parse_args()
+    unknown = sorted(set(args.parts) - {k for _, k, *_ in PARTS})
+    if unknown:
+        print(f"error: unknown --parts {','.join(unknown)}; choose from {','.join(k for _, k, *_ in PARTS)}",
+              file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
         return 2

@@ -127,12 +127,10 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             wd = group["weight_decay"]
             if group["lars_adapt"]:
-                w_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                trust = [
-                    torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w), torch.ones_like(w))
-                    for w, g in zip(w_norms, g_norms)
-                ]
+                # all layers' trust ratios in a handful of kernels (one per layer cost ~5 ms a step on an H100)
+                w = torch.stack(torch._foreach_norm(params))
+                g = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((w > 0) & (g > 0), group["eta"] * w / (g + wd * w), torch.ones_like(w)).unbind()
             if wd:
                 grads = torch._foreach_add(grads, params, alpha=wd)
             if group["lars_adapt"]:

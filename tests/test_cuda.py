@@ -44,26 +44,43 @@ def _batch(n=16, size=16):
     return [torch.randn(n, 3, size, size, generator=g) for _ in range(2)], torch.arange(n)
 
 
-def _loss_and_grads(method, views, index, device, autocast=None):
-    m = copy.deepcopy(method).to(device)
+def _loss_and_grads(method, views, index, device, autocast=None, dtype=torch.float32):
+    m = copy.deepcopy(method).to(device=device, dtype=dtype)
     with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
-        loss, _ = m([v.to(device) for v in views], index.to(device))
+        loss, _ = m([v.to(device=device, dtype=dtype) for v in views], index.to(device))
     loss.backward()
     return loss.detach().double().cpu(), {k: p.grad.double().cpu() for k, p in m.named_parameters()
                                           if p.grad is not None}
 
 
 @pytest.mark.parametrize("clr", list(METHODS))
-def test_fp32_loss_and_gradients_on_cuda_equal_the_cpu(clr, strict_fp32):
+def test_fp32_loss_and_gradients_on_cuda_are_as_exact_as_the_cpus(clr, strict_fp32):
+    """Against a float64 CPU reference, CUDA's fp32 gradients must be about as close as the CPU's fp32 ones.
+
+    Comparing CUDA with the CPU directly cannot work: at batch 16 the BN layers make fp32 gradients
+    ill-conditioned (the CPU's own fp32 gradient is ~1e-3 from float64 here), and a bias feeding a BN has a
+    true gradient of zero, so its fp32 value is pure rounding noise on either device (seen on an H100).
+    Measured on an H100 (torch 2.11, cuDNN, TF32 off): CUDA's error equals the CPU's except in the weight
+    gradients of layer2's first block (stride 2), up to 3e-4 of the whole gradient's norm for BYOL against the
+    CPU's 1e-6; the bounds below leave that room, and a real device bug is off by O(1), far beyond them."""
     method, (views, index) = _method(clr), _batch()
-    cpu_loss, cpu_grads = _loss_and_grads(method, views, index, "cpu")
-    gpu_loss, gpu_grads = _loss_and_grads(method, views, index, "cuda")
-    assert torch.allclose(gpu_loss, cpu_loss, rtol=1e-4, atol=0), (float(gpu_loss), float(cpu_loss))
-    assert cpu_grads.keys() == gpu_grads.keys() and len(cpu_grads) > 10
-    # relative to each tensor's norm (single tiny entries are rounding noise); report the worst tensor
-    ratio = {name: float((gpu_grads[name] - g).norm() / (g.norm() + 1e-12)) for name, g in cpu_grads.items()}
-    worst = max(ratio, key=ratio.get)
-    assert ratio[worst] <= 1e-4, (worst, ratio[worst])
+    ref_loss, ref = _loss_and_grads(method, views, index, "cpu", dtype=torch.float64)
+    cpu_loss, cpu = _loss_and_grads(method, views, index, "cpu")
+    gpu_loss, gpu = _loss_and_grads(method, views, index, "cuda")
+    assert abs(gpu_loss - ref_loss) <= 2 * abs(cpu_loss - ref_loss) + 1e-5 * abs(ref_loss), \
+        (float(gpu_loss), float(cpu_loss), float(ref_loss))
+    assert ref.keys() == cpu.keys() == gpu.keys() and len(ref) > 10
+    total = torch.cat([g.flatten() for g in ref.values()]).norm()
+
+    def err(grads):  # per tensor and over all, in units of the whole reference gradient's norm
+        per = {k: float((grads[k] - g).norm() / total) for k, g in ref.items()}
+        return per, float(torch.cat([(grads[k] - g).flatten() for k, g in ref.items()]).norm() / total)
+
+    (cpu_per, cpu_all), (gpu_per, gpu_all) = err(cpu), err(gpu)
+    assert gpu_all <= 3 * cpu_all + 1e-3, (gpu_all, cpu_all)
+    excess = {k: gpu_per[k] - 10 * cpu_per[k] for k in ref}  # a wrong tensor stands out against the CPU's error
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= 1e-3, (worst, gpu_per[worst], cpu_per[worst])
 
 
 @pytest.mark.parametrize("clr", list(METHODS))

@@ -39,9 +39,10 @@ class InsDis(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         z = self.embed(views)  # the networks run under autocast (bf16/fp16 when asked)
-        # bank logits, Z and the loss in fp32: logits of 1/t-scaled dot products lose too much in bf16
+        # bank logits, Z and the loss in the bank's precision (fp32; fp64 in the tests' reference): logits of
+        # 1/t-scaled dot products lose too much in bf16
         with torch.autocast(device_type=index.device.type, enabled=False):
-            return self._objective(F.normalize(z.float(), dim=1), index)
+            return self._objective(F.normalize(z.to(self.bank.dtype), dim=1), index)
 
     def _objective(self, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         """Loss of the fp32 normalised embeddings ``v`` (V*N, D) of images ``index`` against the bank."""
