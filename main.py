@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transfer_from_epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
     add_bool(g, "eval_all", False, "evaluate every checkpoint and plot accuracy against epoch")
     g.add_argument("--fc_epochs", type=int, default=100, help="epochs of linear eval / fine-tuning")
-    g.add_argument("--fc_batch_size", type=int, default=4096, help="global batch of linear eval / fine-tuning")
+    g.add_argument("--fc_batch_size", type=int, default=4096,
+                   help="global batch of linear eval / fine-tuning (one optimizer step; SimCLR's 4096)")
+    g.add_argument("--fc_micro_batch_size", type=int, default=None,
+                   help="per-device images per forward/backward when training through the backbone (finetune, "
+                        "--fc_augment); --fc_batch_size is reached by accumulating them (default: 256 for "
+                        "finetune, 1024 for --fc_augment linear eval)")
     g.add_argument("--fc_lr", type=float, default=None,
                    help="lr (default 0.1*fc_batch_size/256 for linear_eval, 0.05*fc_batch_size/256 for finetune)")
     g.add_argument("--fc_optimizer", default="sgd", choices=["sgd", "lars", "adamw"])
@@ -147,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_dir", default="results", help="root of new run directories")
     g.add_argument("--log_dir", default=None, help="run directory (to resume, or to name a new run)")
     g.add_argument("--train_from", default=None,
-                   help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'")
+                   help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'; in eval mode "
+                        "'latest' continues an interrupted finetune / --fc_augment linear eval")
     g.add_argument("--save_every_n_epochs", type=int, default=2)
     g.add_argument("--save_every_n_steps", type=int, default=0,
                    help="also save mid-epoch every N steps (0: off); SIGTERM/SIGUSR1 always save and stop")
@@ -266,8 +272,8 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
     if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:
         raise UserError(f"--semi_ratio must be a fraction in (0, 1), e.g. 0.01 or 0.1, got {cfg.semi_ratio}")
-    for name in ("fc_epochs", "fc_batch_size", "knn_k"):
-        if getattr(cfg, name) < 1:
+    for name in ("fc_epochs", "fc_batch_size", "knn_k", "fc_micro_batch_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eval_every_n_epochs", "save_every_n_steps", "save_every_n_minutes"):
         if getattr(cfg, name) < 0:
@@ -314,7 +320,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     resume = resume_path = None
     if cfg.train_from is not None and not cfg.train_from.strip():
         raise UserError("--train_from is empty (an unset shell variable?); pass a checkpoint file name or 'latest'")
-    if cfg.train_from:
+    if cfg.train_from and cfg.train_mode != "eval":  # eval mode: engine/evaluate.py continues its own fits
         if not cfg.log_dir:
             raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
         if not os.path.isdir(cfg.log_dir):
@@ -362,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         return report_error(worker_message(str(err)))
     except torch.cuda.OutOfMemoryError as err:
-        flag = "--fc_batch_size" if mode == "eval" else "--batch_size"
         first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
-        return report_error(f"CUDA ran out of memory ({first[:160]}); lower {flag} (it is the global batch, "
+        if mode == "eval":
+            return report_error(f"CUDA ran out of memory ({first[:160]}); lower --fc_micro_batch_size (images per "
+                                "device and pass; --fc_batch_size is still reached by accumulation)")
+        return report_error(f"CUDA ran out of memory ({first[:160]}); lower --batch_size (it is the global batch, "
                             "split over the GPUs) or use --precision bf16")
     except Preempted as stop:  # every rank stopped at the same step; rank 0 says so
         if os.environ.get("RANK", "0") == "0":

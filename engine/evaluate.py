@@ -18,6 +18,7 @@ import math
 import os
 import sys
 from argparse import Namespace
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,13 +32,14 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.distributed import DistInfo, barrier, broadcast_object, init_distributed
-from common.errors import UserError
+from common.errors import Preempted, UserError
 from data import load_split
 from data.datasets import Split
 from engine import checkpoint as ckpt_io
 from engine.knn import Transformed, extract_features, knn_scores, topk_correct
 from engine.optim import build_optimizer, lr_schedule
 from engine.runlog import new_run_dir, take_back
+from engine.stop import StopRequests
 from models.backbones import build_backbone
 
 
@@ -86,9 +88,73 @@ class _Standardise(nn.Module):
         return (x - self.mean) / self.std
 
 
+# Per-device images per forward/backward when training through the backbone; --fc_batch_size (SimCLR's 4096)
+# is reached by accumulation. Fine-tuning keeps the backbone's activations for the backward: ResNet-50 at
+# batch 4096 was killed at 24 GB on the CPU machine. A frozen backbone keeps none, so it takes more at once.
+FINETUNE_MICRO_BATCH = 256
+AUGMENTED_LINEAR_MICRO_BATCH = 1024
+
+
+def micro_batch(cfg: Namespace, finetune: bool) -> int:
+    return cfg.fc_micro_batch_size or (FINETUNE_MICRO_BATCH if finetune else AUGMENTED_LINEAR_MICRO_BATCH)
+
+
+def accumulate_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int) -> torch.Tensor:
+    """Gradients of the batch's mean cross-entropy, from forward/backward passes of at most ``micro`` images;
+    the sum of the pieces' gradients is the whole batch's (up to float rounding), except through BatchNorm,
+    whose statistics are the micro-batch's: as with one more GPU each, without SyncBN. Under DDP only the last
+    piece all-reduces. Returns the batch's mean loss (detached)."""
+    pieces = list(zip(x.split(micro), y.split(micro)))
+    total = x.new_zeros(())
+    for j, (xs, ys) in enumerate(pieces):
+        sync = j == len(pieces) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
+        with nullcontext() if sync else net.no_sync():
+            loss = F.cross_entropy(net(xs), ys, reduction="sum") / len(x)
+            loss.backward()
+        total += loss.detach()
+    return total
+
+
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start ``skip`` indices in (a resumed fit's position)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+# What a resumed fit must share with the interrupted one (besides the checkpoint and the data).
+FIT_SETTINGS = ("transfer_mode", "fc_augment", "fc_epochs", "fc_batch_size", "fc_lr", "fc_optimizer",
+                "fc_weight_decay", "fc_momentum", "fc_scheduler", "semi_ratio", "seed", "arch", "cifar_stem",
+                "image_size", "dataset_name")
+
+
+@dataclass
+class FitRun:
+    """Where a fit through the backbone saves its position on a signal (None for a random-init baseline, which
+    is not resumable), the requests (signals, timer) it obeys, and the saved state when it resumes."""
+
+    path: str | None
+    requests: Callable[[int], tuple[bool, bool]]
+    state: dict | None = None
+
+    def stop_message(self, received: str | None) -> str:
+        return f"stopped by {received or 'a signal on another rank'}"
+
+
 def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices: list[int] | None,
-                cfg: Namespace, dist: DistInfo, device: torch.device, finetune: bool) -> nn.Module:
-    """Linear probe through a frozen backbone (finetune=False) or full fine-tuning, with augmentation."""
+                cfg: Namespace, dist: DistInfo, device: torch.device, finetune: bool,
+                fit: FitRun | None = None) -> tuple[nn.Module, dict]:
+    """Linear probe through a frozen backbone (finetune=False) or full fine-tuning, with augmentation; returns
+    the model and its record fields. With ``fit``, a signal (or --save_every_n_steps/minutes) saves the exact
+    position to ``fit.path`` (weights, optimizer, step, the RNG streams) and a signal then raises ``Preempted``;
+    ``fit.state`` continues from such a save: with --workers 0 the result is bitwise the uninterrupted one
+    (with workers, the augmentations drawn after the resume differ)."""
+    fit = fit or FitRun(None, lambda next_step: (False, False))
     head = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), nn.Linear(feat_dim, split.num_classes))
     if not finetune:
         backbone.requires_grad_(False)
@@ -97,34 +163,96 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
     if train_indices is not None:
         dataset = Subset(dataset, train_indices)
     bs = min(cfg.fc_batch_size, len(dataset))
+    micro = micro_batch(cfg, finetune)
     local_bs = max(bs // dist.world_size, 1)
-    sampler = DistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    sampler = _ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", drop_last=len(dataset) > local_bs * dist.world_size)
+    steps = len(loader)
     trainable = model if finetune else head
     opt = build_optimizer(cfg.fc_optimizer, trainable, cfg.fc_lr, cfg.fc_weight_decay, cfg.fc_momentum)
-    sched = lr_schedule(cfg.fc_lr, cfg.fc_epochs * len(loader), 0, cfg.fc_scheduler)
+    sched = lr_schedule(cfg.fc_lr, cfg.fc_epochs * steps, 0, cfg.fc_scheduler)
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step = 0
-    for epoch in range(cfg.fc_epochs):
+    step, start_epoch, start_batch, loss_sum = 0, 0, 0, 0.0
+    if fit.state is not None:
+        model.load_state_dict(fit.state["model"])
+        opt.load_state_dict(fit.state["optimizer"])
+        step, start_epoch, start_batch = fit.state["step"], fit.state["fc_epoch"], fit.state["batch"]
+        loss_sum = fit.state["loss_sum"]
+    name = "finetune" if finetune else "linear"
+    for epoch in range(start_epoch, cfg.fc_epochs):
         sampler.set_epoch(epoch)
+        sampler.skip = start_batch * local_bs if epoch == start_epoch else 0
+        first = start_batch if epoch == start_epoch else 0
+        if first == 0:
+            loss_sum = 0.0
         model.train()
         if not finetune:
             backbone.eval()  # frozen: BN statistics stay those of pretraining
-        bar = tqdm(loader, desc=f"{'finetune' if finetune else 'linear'} {epoch + 1}/{cfg.fc_epochs}",
+        batches = iter(loader)  # draws the loader's base seed from the global stream
+        if fit.state is not None and epoch == start_epoch:
+            ckpt_io.restore_rng(fit.state, dist)  # after that draw, as it was when the position was saved
+        bar = tqdm(batches, desc=f"{name} {epoch + 1}/{cfg.fc_epochs}", initial=first, total=steps,
                    disable=not dist.is_main, leave=False, file=sys.stdout)
-        for x, y, _ in bar:
+        for i, (x, y, _) in enumerate(bar, start=first):
             for g in opt.param_groups:
                 g["lr"] = float(sched[step])
-            loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = accumulate_gradients(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True), micro)
             opt.step()
             step += 1
+            loss_sum += float(loss)  # a host sync per step: the price of the epoch's loss in the record
+            stop, save = _agree(fit.requests(step), dist, device)
+            if (stop or save) and step < cfg.fc_epochs * steps:
+                position = (epoch, i + 1) if i + 1 < steps else (epoch + 1, 0)
+                saved = _save_fit(fit, model, opt, step, position, loss_sum if i + 1 < steps else 0.0, cfg, dist)
+                if stop:
+                    bar.close()
+                    where = (f"after saving {saved}; continue with the same command and --train_from latest"
+                             if saved else "a random-init baseline is not resumable: run it again")
+                    raise Preempted(f"{fit.stop_message(getattr(fit.requests, 'received', None))} at {name} epoch "
+                                    f"{epoch + 1}, step {i + 1} of {steps}, {where}")
+        bar.close()
     model.eval()
-    return model
+    fields = {"fc_micro_batch_size": micro, "fc_train_loss": loss_sum / max(steps, 1)}
+    if fit.state is not None:
+        fields["resumed_at_step"] = fit.state["step"]
+    return model, fields
+
+
+def _agree(wishes: tuple[bool, bool], dist: DistInfo, device: torch.device) -> tuple[bool, bool]:
+    """(stop, save) when any rank wants it (one small all-reduce a step under torchrun)."""
+    if not dist.enabled:
+        return wishes
+    from common.distributed import all_reduce_sum
+
+    counts = all_reduce_sum(torch.tensor([float(w) for w in wishes], device=device)).tolist()
+    return counts[0] > 0, counts[1] > 0
+
+
+def _save_fit(fit: FitRun, model: nn.Module, opt: torch.optim.Optimizer, step: int, position: tuple[int, int],
+              loss_sum: float, cfg: Namespace, dist: DistInfo) -> str | None:
+    """The fit's exact position, written atomically (with its checksum) by rank 0; None without a path."""
+    from common.distributed import all_gather_object
+
+    rngs = all_gather_object(ckpt_io.rng_state())
+    if fit.path is None:
+        return None
+    if dist.is_main:
+        state = {"settings": fit_settings(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "step": step, "fc_epoch": position[0], "batch": position[1], "loss_sum": loss_sum, "rng": rngs}
+        ckpt_io.atomic_save(state, fit.path)
+        tqdm.write(f"saved {fit.path}")
+    barrier()
+    if hasattr(fit.requests, "saved"):
+        fit.requests.saved()
+    return fit.path
+
+
+def fit_settings(cfg: Namespace) -> dict:
+    return {k: getattr(cfg, k) for k in FIT_SETTINGS}
 
 
 # ----------------------------------------------------------------------------- semi-supervised subsets
@@ -264,6 +392,16 @@ class EvalJob:
     train: Split
     test: Split
     train_indices: list[int] | None
+    out_dir: str = ""
+    random_init: bool = False
+    requests: Callable[[int], tuple[bool, bool]] = lambda next_step: (False, False)
+    resume: dict | None = None  # the saved position of an interrupted fit (--train_from latest)
+    epoch: int = 0  # the checkpoint being evaluated
+
+    def fit_run(self) -> FitRun:
+        """Where the fit of this checkpoint saves its position, and the position it resumes from."""
+        path = None if self.random_init else partial_path(self.out_dir, self.cfg, self.epoch)
+        return FitRun(path, self.requests, self.resume)
 
     @property
     def batch(self) -> int:  # feature extraction batch
@@ -312,12 +450,13 @@ def finetune_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch
 
 def _train_through(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor, finetune: bool):
     """Train on augmented images through the backbone (frozen or not); fine-tuning plots its own features."""
-    model = fit_network(backbone, dim, job.train, job.train_indices, job.cfg, job.dist, job.device, finetune)
+    model, fit_fields = fit_network(backbone, dim, job.train, job.train_indices, job.cfg, job.dist, job.device,
+                                    finetune, job.fit_run())
     scores, _ = extract_features(model, job.test, job.device, job.batch, job.cfg.workers, "test logits",
                                  job.dist.is_main)
     if finetune:
         test_x, _ = extract_features(model[0], job.test, job.device, job.batch, job.cfg.workers, show=False)
-    return scores, dict(path="augmented", **job.fc_settings()), test_x
+    return scores, dict(path="augmented", **fit_fields, **job.fc_settings()), test_x
 
 
 PROTOCOLS: dict[str, Protocol] = {"linear_eval": linear_protocol, "finetune": finetune_protocol, "knn": knn_protocol}
@@ -335,13 +474,15 @@ def evaluate(cfg: Namespace) -> list[dict]:
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
                       skip_bad_images=skip)
     random_init = chosen[0][1] is None
+    resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)
     out_dir = _output_dir(cfg, dist, random_init)
     board = os.path.join(out_dir, "tensorboard")
     before = set(os.listdir(board)) if os.path.isdir(board) else set()
     try:
-        return _evaluate(cfg, dist, device, chosen, train, test, out_dir)
+        with StopRequests(cfg) as requests:
+            return _evaluate(cfg, dist, device, chosen, train, test, out_dir, requests, resume)
     except BaseException:
         if dist.is_main:  # results already written for earlier checkpoints stay; this run's events file goes
             take_back(board, before, created=not before)
@@ -351,8 +492,38 @@ def evaluate(cfg: Namespace) -> list[dict]:
         raise
 
 
+def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dict:
+    """The saved position that ``--train_from`` in eval mode continues (checked before anything is written)."""
+    if cfg.train_from != "latest":
+        raise UserError(f"--train_from {cfg.train_from}: in eval mode only 'latest' is understood (it continues "
+                        "the interrupted evaluation of the same command)")
+    if chosen[0][1] is None:
+        raise UserError("--train_from latest: a random-init baseline is not resumable; drop --train_from")
+    if cfg.transfer_mode != "finetune" and not (cfg.transfer_mode == "linear_eval" and cfg.fc_augment):
+        raise UserError(f"--train_from latest: --transfer_mode {cfg.transfer_mode} saves no position (only finetune "
+                        "and --fc_augment linear_eval do); drop --train_from")
+    if len(chosen) > 1:
+        raise UserError("--train_from latest continues one checkpoint's evaluation: pass --transfer_from_epoch "
+                        "instead of --eval_all")
+    path = partial_path(os.path.join(cfg.checkpoint_dir, "eval"), cfg, chosen[0][0])
+    if not os.path.exists(path):
+        raise UserError(f"--train_from latest: there is no interrupted evaluation to continue ({path} does not "
+                        "exist); drop --train_from to start it")
+    state = ckpt_io.load_checkpoint(path)
+    for key, value in state["settings"].items():
+        if getattr(cfg, key, None) != value:
+            raise UserError(f"{path} was saved with --{key}={value}, not {getattr(cfg, key, None)}; continue with "
+                            f"the same settings, or delete that file to start afresh")
+    return state
+
+
+def partial_path(out_dir: str, cfg: Namespace, epoch: int) -> str:
+    """Where a fit of checkpoint ``epoch`` saves its position (removed once its result is written)."""
+    return os.path.join(out_dir, f"{_tag(cfg)}_epoch{epoch:04d}.partial.pth.tar")
+
+
 def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list, train: Split, test: Split,
-              out_dir: str) -> list[dict]:
+              out_dir: str, requests: StopRequests, resume: dict | None) -> list[dict]:
     writer = None
     if dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -362,10 +533,11 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
     if cfg.semi_ratio is not None:
         train_indices = broadcast_object(semi_subset(train, cfg.semi_ratio, cfg.seed, cfg.data, cfg.dataset_name,
                                                      out_dir) if dist.is_main else None)
-    job = EvalJob(cfg, dist, device, train, test, train_indices)
+    job = EvalJob(cfg, dist, device, train, test, train_indices, out_dir, chosen[0][1] is None, requests, resume)
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else train.image_size <= 64
     results = []
     for epoch, path in chosen:
+        job.epoch = epoch
         torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
         backbone, dim = load_backbone(path, cfg.arch, cifar_stem)
         backbone = backbone.to(device)
@@ -381,6 +553,8 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
         results.append(record)
         if dist.is_main:
             _report(cfg, record, out_dir, writer)
+            if os.path.exists(partial_path(out_dir, cfg, epoch)):  # the result is written: the position is spent
+                ckpt_io.remove_checkpoint(partial_path(out_dir, cfg, epoch))
     if dist.is_main:
         _finish(cfg, results, out_dir, writer, test, test_x, test_y, chosen[-1][0])
     return results

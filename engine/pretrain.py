@@ -10,11 +10,10 @@ Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one
 from __future__ import annotations
 
 import fcntl
+import math
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from argparse import Namespace
 from contextlib import nullcontext
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                init_distributed)
+                                get_world_size, init_distributed)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, load_split
@@ -36,6 +35,7 @@ from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
+from engine.stop import StopRequests
 from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -261,20 +261,32 @@ def lock_run_dir(run_dir: str):
 
 
 # ----------------------------------------------------------------------------- one step
+# One optimizer step never grows the trainable weights' total norm this much in a sound run (LARS moves each
+# layer by lr * eta of its norm, SGD/AdamW by lr-sized steps); e.g. --lr 1e30 grows it ~1e27-fold and leaves a
+# finite loss behind (normalised embeddings hide the scale), so only this check stops it.
+MAX_STEP_GROWTH = 10.0
+
+
 class _StepCheck:
     """Once per step, every rank learns together whether any rank's loss is NaN or inf (then all stop before
-    the optimizer step), and whether any rank asks to stop (a signal) or to save (a timer) after it.
+    the optimizer step), whether the previous update was a runaway (non-finite weights, or their norm grown
+    more than ``MAX_STEP_GROWTH``-fold: ``Trainer.runaway``), and whether any rank asks to stop (a signal) or
+    to save (a timer) after it.
 
-    Made right after the forward: it queues one all-reduce of three numbers and their copy to the host
+    Made right after the forward: it queues one all-reduce of five numbers and their copy to the host
     without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
     forward while the device runs the backward, instead of draining the stream every step. The requests are
     filled on the device from host scalars (no host-to-device copy).
     """
 
-    def __init__(self, loss: torch.Tensor, stop: bool, save: bool) -> None:
+    def __init__(self, loss: torch.Tensor, stop: bool, save: bool,
+                 runaway: tuple[torch.Tensor, ...] | None = None, update_step: int = 0) -> None:
+        self.update_step = update_step  # the run's step count of the update ``runaway`` judges
+        zero = torch.zeros((), device=loss.device)
+        runaway = runaway if runaway is not None else (zero, zero, zero)
         flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
                              torch.full((), float(stop), device=loss.device),
-                             torch.full((), float(save), device=loss.device)])
+                             torch.full((), float(save), device=loss.device), *(t.float() for t in runaway)])
         flags = all_reduce_sum(flags)
         self.counts = flags.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
         self.ready = None
@@ -283,58 +295,28 @@ class _StepCheck:
             self.ready.record()
 
     def wait(self, epoch: int, step: int, last_ckpt: str | None) -> tuple[bool, bool]:
-        """Raises if any rank's loss is not finite; returns (stop requested, save requested) on any rank."""
+        """Raises if any rank's loss is not finite or the last update ran away; returns (stop requested, save
+        requested) on any rank."""
         if self.ready is not None:
             self.ready.synchronize()
-        bad, stop, save = (int(v) for v in self.counts.tolist())
+        bad, stop, save, runaway, growth, nonfinite = self.counts.tolist()
+        where = f"resume from {last_ckpt} " if last_ckpt else ""
+        if runaway:
+            raise UserError(runaway_message(growth / get_world_size(), nonfinite > 0,
+                                            f"step {self.update_step} of the run", where))
         if bad:
-            where = f"resume from {last_ckpt} " if last_ckpt else ""
-            raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {bad} rank(s); "
+            raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {int(bad)} rank(s); "
                             f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
                             "rerun")
         return stop > 0, save > 0
 
 
-class StopRequests:
-    """This rank's requests after each step: stop (SIGTERM or SIGUSR1 arrived: SLURM sends one before a
-    preemption or the time limit; torchrun passes SIGTERM on to its workers) and save (every
-    ``--save_every_n_steps`` steps or ``--save_every_n_minutes``). The handlers live as long as the run."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, cfg: Namespace) -> None:
-        self.every_steps = cfg.save_every_n_steps or 0
-        self.every_s = (cfg.save_every_n_minutes or 0) * 60
-        self.received: str | None = None
-        self.last_save = time.monotonic()
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.signal(sig, self._handle)
-                self._previous[sig] = previous if previous is not None else signal.SIG_DFL
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: the run is stuck, let the default action happen
-            self.__exit__()
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum).name
-
-    def __call__(self, next_step: int) -> tuple[bool, bool]:
-        """(stop, save) wanted after step ``next_step`` (1-based)."""
-        due = bool(self.every_steps and next_step % self.every_steps == 0)
-        due = due or bool(self.every_s and time.monotonic() - self.last_save >= self.every_s)
-        return self.received is not None, due
-
-    def saved(self) -> None:
-        self.last_save = time.monotonic()
+def runaway_message(growth: float, nonfinite: bool, where_step: str, resume: str) -> str:
+    what = ("made the weights not finite" if nonfinite
+            else f"grew the weights' norm {growth:.3g}-fold (more than {MAX_STEP_GROWTH:g}-fold is a runaway)"
+            if math.isfinite(growth) else "grew the weights' norm past the float32 range (a runaway)")
+    return (f"the update of {where_step} {what}; nothing was saved: lower --lr or use --precision fp32, then "
+            f"{resume}rerun")
 
 
 class Trainer:
@@ -356,6 +338,23 @@ class Trainer:
         self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
         self.requests = requests or (lambda next_step: (False, False))
         self.stop_now = self.save_now = False
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.norm = self._weights_norm()
+        # (flag, growth, weights not finite) of the last update, device scalars
+        self.runaway: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _weights_norm(self) -> torch.Tensor:
+        """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""
+        return torch.stack(torch._foreach_norm(self.params)).norm() if self.params else torch.ones(())
+
+    def _judge_update(self) -> None:
+        """After a step: ``runaway`` says on the device whether it grew the weights' norm more than
+        ``MAX_STEP_GROWTH``-fold or made them NaN/inf (their max-abs cannot overflow where the norm can)."""
+        norm = self._weights_norm()
+        growth = norm / self.norm
+        nonfinite = (~torch.isfinite(torch.stack(torch._foreach_norm(self.params, float("inf"))))).any()
+        self.runaway = (~(growth <= MAX_STEP_GROWTH) | nonfinite, growth, nonfinite)
+        self.norm = norm
 
     @property
     def lr(self) -> float:
@@ -373,7 +372,8 @@ class Trainer:
             group["lr"] = self.lr
         with self.autocast:
             loss, logs = self.model(views, index)
-        check = _StepCheck(loss, *self.requests(self.step + 1))
+        check = _StepCheck(loss, *self.requests(self.step + 1), runaway=self.runaway,
+                           update_step=self.step)
         mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -382,6 +382,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        self._judge_update()
         self.method.after_step(self.step, self.total_steps)
         mark("optimizer")
         return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
@@ -431,9 +432,15 @@ class RunFiles:
         """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it.
         Refused on every rank when any weight or buffer is NaN or inf: a poisoned checkpoint is never written."""
         tensors = [t for t in trainer.method.state_dict().values() if t.is_floating_point()]
-        bad = all_reduce_sum(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float().reshape(1))
-        if int(bad.item()):
-            where = f"resume from {trainer.last_ckpt} " if trainer.last_ckpt else ""
+        runaway = trainer.runaway if trainer.runaway is not None else (torch.zeros(()),) * 3
+        bad, runaway, growth, nonfinite = all_reduce_sum(torch.stack([
+            torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float(),
+            *(t.float().to(tensors[0].device) for t in runaway)])).tolist()
+        where = f"resume from {trainer.last_ckpt} " if trainer.last_ckpt else ""
+        if runaway:
+            raise UserError(runaway_message(growth / self.dist.world_size, nonfinite > 0,
+                                            f"step {trainer.step} of the run", where))
+        if bad:
             raise UserError(f"weights are not finite after epoch {epoch + (1 if batch else 0)}, step {trainer.step}; "
                             f"nothing was saved: lower --lr or use --precision fp32, then {where}rerun")
         ranks = all_gather_object((ckpt_io.rng_state(), self.setters[0].state()))

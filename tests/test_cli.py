@@ -97,7 +97,7 @@ def test_cuda_out_of_memory_is_one_line_naming_the_flag(monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith("error: CUDA ran out of memory (CUDA out of memory. Tried")
     assert "lower --batch_size" in err
     assert cli.main(["--train_mode=eval", "--checkpoint_dir=none", "--dataset_name=digits"]) == 2
-    assert "lower --fc_batch_size" in capsys.readouterr().err
+    assert "lower --fc_micro_batch_size (images per device and pass" in capsys.readouterr().err
 
 
 def test_only_a_recorded_schedule_mapping_is_skipped_in_yaml(tmp_path):

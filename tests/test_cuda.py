@@ -60,9 +60,10 @@ def test_fp32_loss_and_gradients_on_cuda_are_as_exact_as_the_cpus(clr, strict_fp
     Comparing CUDA with the CPU directly cannot work: at batch 16 the BN layers make fp32 gradients
     ill-conditioned (the CPU's own fp32 gradient is ~1e-3 from float64 here), and a bias feeding a BN has a
     true gradient of zero, so its fp32 value is pure rounding noise on either device (seen on an H100).
-    Measured on an H100 (torch 2.11, cuDNN, TF32 off): CUDA's error equals the CPU's except in the weight
-    gradients of layer2's first block (stride 2; the same with cuDNN disabled), up to 3e-4 of the whole gradient's norm for BYOL against the
-    CPU's 1e-6; the bounds below leave that room, and a real device bug is off by O(1), far beyond them."""
+    Measured on an H100 (torch 2.11, TF32 off): CUDA's error equals the CPU's except in the weight gradients
+    of layer2's first block (stride 2; the same with cuDNN disabled), up to 3e-4 of the whole gradient's norm
+    for BYOL against the CPU's 1e-6; the bounds below leave that room, and a real device bug is off by O(1),
+    far beyond them."""
     method, (views, index) = _method(clr), _batch()
     ref_loss, ref = _loss_and_grads(method, views, index, "cpu", dtype=torch.float64)
     cpu_loss, cpu = _loss_and_grads(method, views, index, "cpu")

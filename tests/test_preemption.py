@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from common.errors import EXIT_PREEMPTED
 from engine.checkpoint import all_checkpoints, prune_mid_epoch, resolve_checkpoint
 from engine.pretrain import Trainer
 from main import main
@@ -172,3 +173,71 @@ def test_the_slurm_script_passes_usr1_on_as_sigterm_saves_and_requeues(tmp_path)
     assert "preempted: stopped by SIGTERM" in err, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
     assert max(all_checkpoints(str(run_dir))) > (1, 0)  # the position inside epoch 2 was saved
+
+
+# ----------------------------------------------------------------------------- evaluations that train
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--log_dir={run}"]) == 0
+    return run
+
+
+def _signal_in_fit(monkeypatch, call: int, sig=signal.SIGTERM):
+    """Deliver ``sig`` while the fit's ``call``-th (1-based) optimizer step runs."""
+    import engine.evaluate as ev
+
+    real, calls = ev.accumulate_gradients, []
+
+    def accumulate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "accumulate_gradients", accumulate)
+
+
+@pytest.mark.parametrize("mode, tag, lr", [(["--transfer_mode=finetune"], "finetune_semi0.1", 0.00625),
+                                           (["--transfer_mode=linear_eval", "--fc_augment"], "linear_eval_semi0.1",
+                                            0.0125)])
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run, tmp_path, monkeypatch, capsys,
+                                                                       mode, tag, lr):
+    """144 labelled images at batch 32: 4 steps an epoch, 8 in all; SIGTERM during step 7 (epoch 2, step 3)."""
+    import shutil
+
+    runs = {name: shutil.copytree(eval_run, tmp_path / name) for name in ("whole", "cut")}
+    args = ["--train_mode=eval", "--workers=0", "--device=cpu", "--no-tsne", "--semi_ratio=0.1", "--fc_epochs=2",
+            "--fc_batch_size=32", "--fc_micro_batch_size=16"] + mode
+    assert main(args + [f"--checkpoint_dir={runs['whole']}"]) == 0
+    whole = json.load(open(runs["whole"] / "eval" / f"{tag}_epoch0001.json"))
+
+    cut = [f"--checkpoint_dir={runs['cut']}"]
+    partial = runs["cut"] / "eval" / f"{tag}_epoch0001.partial.pth.tar"
+    _signal_in_fit(monkeypatch, call=7)
+    assert main(args + cut) == EXIT_PREEMPTED
+    name = "finetune" if "finetune" in tag else "linear"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"preempted: stopped by SIGTERM at {name} epoch 2, step 3 of 4, after saving {partial}; continue with the "
+        "same command and --train_from latest")
+    assert partial.exists() and not (runs["cut"] / "eval" / f"{tag}_epoch0001.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.undo()
+
+    assert main(args + cut + ["--train_from=latest", "--fc_lr=0.5"]) == 2  # another setting: refused, kept
+    assert capsys.readouterr().err.strip() == (
+        f"error: {partial} was saved with --fc_lr={lr}, not 0.5; continue with the same settings, or delete that "
+        "file to start afresh")
+    assert partial.exists()
+
+    assert main(args + cut + ["--train_from=latest"]) == 0
+    resumed = json.load(open(runs["cut"] / "eval" / f"{tag}_epoch0001.json"))
+    assert resumed.pop("resumed_at_step") == 7
+    assert resumed.pop("checkpoint") != whole.pop("checkpoint")  # the two copies of the run
+    assert resumed == whole  # accuracy and the last epoch's training loss, bitwise
+    assert not partial.exists()
+
+    assert main(args + cut + ["--train_from=latest"]) == 2  # nothing left to continue
+    assert capsys.readouterr().err.strip() == (
+        f"error: --train_from latest: there is no interrupted evaluation to continue ({partial} does not exist); "
+        "drop --train_from to start it")

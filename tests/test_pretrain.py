@@ -151,13 +151,26 @@ def test_a_short_run_with_the_default_warmup_reaches_the_peak_lr(tiny, tmp_path,
     assert (again.warmup_epochs, again.epochs, again.train_from) == (10, 2, None)
 
 
-def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys):
+def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 0
     before = open(run / "checkpoint_0001.pth.tar", "rb").read()
-    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=2", "--lr=1e30",
-                 "--learning_rate_scaling=none"]) == 2
-    assert "loss is not finite" in capsys.readouterr().err
+    from engine.pretrain import Trainer
+
+    stepped = []
+    monkeypatch.setattr(Trainer, "_judge_update", lambda self: stepped.append(self.step))
+    from models.methods.contrastive import ContrastiveMethod
+
+    real = ContrastiveMethod.forward
+
+    def nan_loss(self, views, index):
+        loss, logs = real(self, views, index)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(ContrastiveMethod, "forward", nan_loss)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=2"]) == 2
+    assert "loss is not finite at epoch 2, step 1 on 1 rank(s); nothing was stepped" in capsys.readouterr().err
+    assert stepped == []  # no optimizer step was taken
     assert open(run / "checkpoint_0001.pth.tar", "rb").read() == before
     assert sorted(list_checkpoints(str(run))) == [1]
 

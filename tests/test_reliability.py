@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 
 import pytest
@@ -129,6 +130,21 @@ def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     assert main(TINY + ["--clr=simclr", "--epochs=1", f"--log_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err.startswith("error: weights are not finite after epoch 1, step 2; nothing was saved")
     assert all_checkpoints(str(tmp_path / "run")) == {}
+
+
+@pytest.mark.parametrize("limit, caught_by", [("2", "the next step's check"), ("1", "the save")])
+def test_a_runaway_update_stops_the_run_before_anything_is_saved(tmp_path, capsys, limit, caught_by):
+    """--lr 1e30 leaves a finite loss (normalised embeddings hide the weights' scale), so only the growth of
+    the weights' norm stops it: at the next step's check, or at the save when the update was the last."""
+    for lr, what in [("1e12", r"grew the weights' norm \d\.\d+e\+\d\d-fold \(more than 10-fold is a runaway\)"),
+                     ("1e30", r"grew the weights' norm past the float32 range \(a runaway\)")]:
+        run = tmp_path / f"run{lr}"
+        assert main(TINY + ["--clr=simclr", "--epochs=1", f"--lr={lr}", "--learning_rate_scaling=none",
+                            f"--limit_train_batches={limit}", f"--log_dir={run}"]) == 2, caught_by
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"error: the update of step 1 of the run {what}; nothing was saved: lower --lr or "
+                            r"use --precision fp32, then rerun\n", err), err
+        assert not run.exists()  # nothing saved, and the run directory taken back
 
 
 @pytest.mark.parametrize("args, message", [

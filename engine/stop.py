@@ -1,0 +1,53 @@
+"""Stopping on request: SIGTERM/SIGUSR1 (SLURM's warning before a preemption or the time limit) and timed saves.
+
+Used by pretraining (engine/pretrain.py) and by the evaluations that train through the backbone
+(engine/evaluate.py); both save their exact position and raise ``common.errors.Preempted``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from argparse import Namespace
+
+
+class StopRequests:
+    """This rank's requests after each step: stop (SIGTERM or SIGUSR1 arrived: SLURM sends one before a
+    preemption or the time limit; torchrun passes SIGTERM on to its workers) and save (every
+    ``--save_every_n_steps`` steps or ``--save_every_n_minutes``). The handlers live as long as the run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, cfg: Namespace) -> None:
+        self.every_steps = cfg.save_every_n_steps or 0
+        self.every_s = (cfg.save_every_n_minutes or 0) * 60
+        self.received: str | None = None
+        self.last_save = time.monotonic()
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.signal(sig, self._handle)
+                self._previous[sig] = previous if previous is not None else signal.SIG_DFL
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: the run is stuck, let the default action happen
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum).name
+
+    def __call__(self, next_step: int) -> tuple[bool, bool]:
+        """(stop, save) wanted after step ``next_step`` (1-based)."""
+        due = bool(self.every_steps and next_step % self.every_steps == 0)
+        due = due or bool(self.every_s and time.monotonic() - self.last_save >= self.every_s)
+        return self.received is not None, due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
