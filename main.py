@@ -29,7 +29,7 @@ TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 # Each method adds its own (MethodSpec.identity).
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
-                 "image_size", "optimizer")
+                 "width_multiplier", "image_size", "optimizer")
 # What an evaluation takes from the run it evaluates, unless given on the command line.
 EVAL_INHERITED_KEYS = ("dataset_name", "data", "image_size", "arch")
 
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", "--arch", dest="arch", default="resnet50",
                    choices=list(BACKBONES) + list(ARCH_ALIASES), help="ResNet backbone")
     add_bool(g, "cifar_stem", None, "3x3 stride-1 stem without max-pool (default: images <= 64 px)")
+    g.add_argument("--width_multiplier", type=float, default=1.0,
+                   help="channel widths x this (0.25: 16-32-64-128, feature dim 128 for resnet18); 1.0 is "
+                        "torchvision's ResNet")
     g.add_argument("--proj_head_mode", default="nonlinear", choices=["nonlinear", "linear", "none"])
     g.add_argument("--num_proj_layers", type=int, default=2, help="Linear layers in the nonlinear head")
     g.add_argument("--proj_hidden_dim", type=int, default=None, help="default: the backbone's feature dim")
@@ -268,6 +271,8 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.workers < 0 or cfg.warmup_epochs < 0:
         raise UserError("--workers and --warmup_epochs must not be negative")
+    if not cfg.width_multiplier > 0:
+        raise UserError(f"--width_multiplier must be positive, got {cfg.width_multiplier}")
     if not 0 < cfg.min_crop_scale <= 1:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
     if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:

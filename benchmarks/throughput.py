@@ -90,13 +90,16 @@ def step_rows(args, device: torch.device) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = []
+    pipelines = {"both": (False, True), "faster": (True,), "standard": (False,)}[args.pipelines]
     for clr in args.methods.split(","):
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
-            for faster in (False, True):
-                cfg, _, _ = resolve([f"--clr={clr}", f"--arch={args.arch}", "--dataset_name=digits",
-                                     f"--batch_size={bs}", f"--precision={args.precision}", f"--workers={args.workers}",
-                                     f"--faster_version={faster}", "--device=" + device.type])
-                rows.append(measure_step(cfg, device, args.steps, FlopCounterMode, build_method, build_optimizer))
+        for width in (float(w) for w in args.widths.split(",")):
+            for bs in (int(b) for b in args.batch_sizes.split(",")):
+                for faster in pipelines:
+                    cfg, _, _ = resolve([f"--clr={clr}", f"--arch={args.arch}", "--dataset_name=digits",
+                                         f"--batch_size={bs}", f"--precision={args.precision}",
+                                         f"--workers={args.workers}", f"--faster_version={faster}",
+                                         f"--width_multiplier={width}", "--device=" + device.type])
+                    rows.append(measure_step(cfg, device, args.steps, FlopCounterMode, build_method, build_optimizer))
     return rows
 
 
@@ -144,8 +147,9 @@ def measure_step(cfg, device, steps: int, flop_counter, build_method, build_opti
     flops = counter.get_total_flops()
     sec = timed(step, steps, sync)
     img_s = cfg.batch_size / sec
-    row = {"method": cfg.clr, "pipeline": "faster" if cfg.faster_version else f"standard ({cfg.workers} workers)",
-           "batch": cfg.batch_size, "img_s": img_s, "step_ms": sec * 1e3, "gflop_per_img": flops / cfg.batch_size / 1e9}
+    row = {"method": cfg.clr, "width": cfg.width_multiplier,
+           "pipeline": "faster" if cfg.faster_version else f"standard ({cfg.workers} workers)", "batch": cfg.batch_size,
+           "img_s": img_s, "step_ms": sec * 1e3, "gflop_per_img": flops / cfg.batch_size / 1e9}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
@@ -172,6 +176,9 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch_sizes", default=None, help="comma-separated (default: 16,32 quick, else 256,512)")
     p.add_argument("--arch", default="resnet18")
+    p.add_argument("--widths", default="1.0", help="comma-separated --width_multiplier values, e.g. 0.25,0.5,1.0")
+    p.add_argument("--pipelines", default="both", choices=["both", "faster", "standard"])
+    p.add_argument("--skip_augment", action="store_true", help="only the training-step table")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--workers", type=int, default=None, help="standard pipeline workers (default: cores)")
@@ -192,14 +199,16 @@ def main() -> None:
     images = split.dataset.images
     print(f"# device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({os.cpu_count()} cores), "
           f"torch {torch.__version__}\n")
-    print("## Augmentation alone, one CPU thread, 2 views per image, 32x32\n")
-    aug = augment_rows(images, 32, split.mean, split.std, n_aug, args.quick)
-    print(table(aug) + "\n")
+    aug = None
+    if not args.skip_augment:
+        print("## Augmentation alone, one CPU thread, 2 views per image, 32x32\n")
+        aug = augment_rows(images, 32, split.mean, split.std, n_aug, args.quick)
+        print(table(aug) + "\n")
     print(f"## Full training step, {args.arch}, {args.precision}, 32x32 digits\n")
     print(table(step_rows(args, device)) + "\n")
-    pil = next(r["img_s"] for r in aug if r["pipeline"].endswith("PIL"))
-    print(f"augment_speedup_vs_pil: {aug[0]['img_s'] / pil:.1f}")
-
+    if aug is not None:
+        pil = next(r["img_s"] for r in aug if r["pipeline"].endswith("PIL"))
+        print(f"augment_speedup_vs_pil: {aug[0]['img_s'] / pil:.1f}")
 
 if __name__ == "__main__":
     main()

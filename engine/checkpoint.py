@@ -221,6 +221,8 @@ def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch
     sums of the logged values (``meter``), so its metrics record ends as the uninterrupted one would.
     """
     return {"epoch": epoch, "batch": batch, "global_step": step, "clr": args["clr"], "arch": args["arch"],
+            "width_multiplier": args.get("width_multiplier", 1.0),
+            "feat_dim": getattr(getattr(method, "backbone", None), "feat_dim", None),
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
             "scaler": scaler.state_dict(), "rng": [rng for rng, _ in ranks], "loader": [lo for _, lo in ranks],
             "meter": meter, "args": args}

@@ -360,10 +360,11 @@ def select_checkpoints(cfg: Namespace) -> list[tuple[int, str | None]]:
     return [(last, available[last])]
 
 
-def load_backbone(path: str | None, arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
-    """The pretrained backbone of a checkpoint (or a random one for ``path=None``)."""
+def load_backbone(path: str | None, arch: str, cifar_stem: bool, width: float = 1.0) -> tuple[nn.Module, int]:
+    """The pretrained backbone of a checkpoint (or a random one of ``width`` for ``path=None``); the stem is
+    read from the weights, the width from the checkpoint's record (1.0 before there was one)."""
     if path is None:
-        return build_backbone(arch, cifar_stem)
+        return build_backbone(arch, cifar_stem, width)
     state = ckpt_io.load_checkpoint(path)
     weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
     if not weights:
@@ -373,7 +374,7 @@ def load_backbone(path: str | None, arch: str, cifar_stem: bool) -> tuple[nn.Mod
         raise UserError(f"{path} holds a {trained_arch} backbone, not {arch}; drop --model (or pass "
                         f"--model {trained_arch})")
     stem = weights["conv1.weight"].shape[-1] == 3
-    backbone, dim = build_backbone(arch, stem)
+    backbone, dim = build_backbone(arch, stem, state.get("width_multiplier", 1.0))
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as err:
@@ -539,7 +540,7 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
     for epoch, path in chosen:
         job.epoch = epoch
         torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
-        backbone, dim = load_backbone(path, cfg.arch, cifar_stem)
+        backbone, dim = load_backbone(path, cfg.arch, cifar_stem, cfg.width_multiplier)
         backbone = backbone.to(device)
         test_x, test_y = extract_features(backbone, test, device, job.batch, cfg.workers, "test features",
                                           dist.is_main)

@@ -65,14 +65,32 @@ class Transformed(Dataset):
         return self.transform(image), label, i
 
 
+class CentreView(nn.Module):
+    """The test view of one image, decided by its own size against the training size ``size``: an image whose
+    shorter side is already ``size`` (CIFAR, in memory or as 32x32 files) keeps every pixel; a larger one is
+    resized to 8/7 of ``size`` and centre-cropped (ImageNet's 256 -> 224); a smaller one is resized up."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.crop = v2.CenterCrop(size)
+        self.larger = v2.Resize(int(round(size * 8 / 7)), antialias=True)
+        self.smaller = v2.Resize(size, antialias=True)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        side = min(image.shape[-2:])
+        if side > self.size:
+            image = self.larger(image)
+        elif side < self.size:
+            image = self.smaller(image)
+        return self.crop(image) if image.shape[-2:] != (self.size, self.size) else image
+
+
 def test_transform(split: Split) -> v2.Compose:
-    """Centre view: images at the training size pass through; larger ones resize to 8/7 and crop."""
-    ops: list = [v2.ToImage()]
-    if not split.in_memory or split.image_size > 64:
-        ops += [v2.Resize(int(round(split.image_size * 8 / 7)), antialias=True), v2.CenterCrop(split.image_size)]
-    elif split.dataset[0][0].shape[-1] != split.image_size:
-        ops += [v2.Resize(split.image_size, antialias=True)]
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(split.mean, split.std)])
+    """Centre view of every image (``CentreView``), then the split's normalisation; used by every protocol
+    and by the online kNN monitor."""
+    return v2.Compose([v2.ToImage(), CentreView(split.image_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(split.mean, split.std)])
 
 
 @torch.no_grad()

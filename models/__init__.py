@@ -10,7 +10,7 @@ from models.methods import METHODS, MethodSpec, SSLMethod
 
 def build_method(cfg: Namespace, num_data: int, cifar_stem: bool) -> SSLMethod:
     """Backbone and projection head from the shared flags, then the method's own ``build``."""
-    backbone, feat_dim = build_backbone(cfg.arch, cifar_stem=cifar_stem)
+    backbone, feat_dim = build_backbone(cfg.arch, cifar_stem=cifar_stem, width=getattr(cfg, "width_multiplier", 1.0))
     projector, dim = projection_head(
         cfg.proj_head_mode, feat_dim, cfg.proj_hidden_dim or feat_dim, cfg.proj_out_dim, cfg.num_proj_layers,
         hidden_bn=cfg.proj_bn, out_bn=cfg.proj_out_bn, out_bn_affine=cfg.proj_out_bn_affine,

@@ -212,3 +212,45 @@ def test_finetuning_resnet50_with_the_default_batch_fits_a_small_machine(tmp_pat
     assert peak_gib < 6, peak_gib
     record = json.load(open(next((tmp_path / "digits").rglob("finetune_epoch0000.json"))))
     assert record["fc_batch_size"] == 4096 and record["fc_micro_batch_size"] == 256
+
+
+def test_a_narrow_network_records_its_width_evaluates_and_keeps_it_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--width_multiplier=0.25", f"--log_dir={run}"]) == 0
+    ckpt = torch.load(run / "checkpoint_0001.pth.tar", weights_only=True)
+    assert ckpt["width_multiplier"] == 0.25 and ckpt["feat_dim"] == 128
+    assert ckpt["model"]["backbone.layer4.1.conv2.weight"].shape[0] == 128
+    assert main(EVAL + ["--transfer_mode=knn", f"--checkpoint_dir={run}", "--no-tsne"]) == 0
+    assert json.load(open(run / "eval" / "knn_epoch0001.json"))["top1"] > 20  # 10 classes: learned something
+    capsys.readouterr()
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=2", "--width_multiplier=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {run / 'checkpoint_0001.pth.tar'} was trained with "
+                                               "--width_multiplier=0.25, not 0.5; drop --width_multiplier to "
+                                               "resume, or start a new run")
+
+
+@pytest.mark.parametrize("side, size, expect", [(32, 32, "every pixel"), (64, 32, "8/7 then centre"),
+                                                (20, 32, "resized up"), (48, 32, "8/7 then centre")])
+def test_the_test_view_of_a_folder_keeps_images_already_at_the_training_size(tmp_path, side, size, expect):
+    """A folder of 32x32 PNGs (CIFAR as files) was resized to 8/7 and cropped, losing a quarter of each image."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from data import load_split
+    from engine.knn import test_transform
+
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / split / "a" / "0.png")
+    test = load_split("folder", str(tmp_path), train=False, image_size=size)
+    got = test_transform(test)(test.dataset[0][0])
+    image = torch.from_numpy(pixels).permute(2, 0, 1)
+    if expect == "resized up":
+        image = v2.functional.resize(image, [size], antialias=True)
+    elif expect == "8/7 then centre":
+        image = v2.functional.center_crop(v2.functional.resize(image, [round(size * 8 / 7)], antialias=True), [size])
+    mean, std = torch.tensor(test.mean).view(3, 1, 1), torch.tensor(test.std).view(3, 1, 1)
+    assert got.shape == (3, size, size)
+    torch.testing.assert_close(got, (image.float() / 255 - mean) / std, rtol=0, atol=1e-5)

@@ -19,6 +19,32 @@ def test_cifar_stem_keeps_resolution_and_drops_maxpool():
     assert imagenet.conv1.kernel_size == (7, 7)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_width_1_is_torchvisions_resnet_weight_for_weight(arch):
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(weights=None)  # what this project built before the multiplier
+    reference.fc = nn.Identity()
+    torch.manual_seed(0)
+    ours, dim = build_backbone(arch, cifar_stem=False)
+    assert dim == (512 if arch == "resnet18" else 2048)
+    theirs = reference.state_dict()
+    assert list(ours.state_dict()) == list(theirs)
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("arch, width, dim", [("resnet18", 0.25, 128), ("resnet18", 0.5, 256), ("resnet50", 0.25, 512)])
+def test_width_multiplier_scales_every_stage_and_the_feature_dim(arch, width, dim):
+    net, feat_dim = build_backbone(arch, cifar_stem=True, width=width)
+    assert feat_dim == dim and net(torch.zeros(2, 3, 16, 16)).shape == (2, dim)
+    assert net.conv1.out_channels == round(64 * width)
+    assert [layer[0].conv1.in_channels for layer in (net.layer2, net.layer3, net.layer4)] == \
+        [round(c * width) * (4 if arch == "resnet50" else 1) for c in (64, 128, 256)]
+    full = sum(p.numel() for p in build_backbone(arch, cifar_stem=True)[0].parameters())
+    assert sum(p.numel() for p in net.parameters()) < full * width  # roughly width^2 of the weights
+
+
 def _bns(module):
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm1d)]
 
