@@ -18,6 +18,7 @@ from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
 from engine.evaluate import PROTOCOLS, evaluate
+from engine.optim import default_lr
 from engine.pretrain import pretrain
 from engine.runlog import PER_INVOCATION_KEYS
 from models import ARCH_ALIASES, BACKBONES, METHODS
@@ -104,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=512, help="global batch size (all ranks)")
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--lr", type=float, default=None,
-                   help="base lr, scaled by --learning_rate_scaling (default 0.3 for lars/sgd, 1e-3 adamw)")
+                   help="base lr, scaled by --learning_rate_scaling (default for lars/sgd: 0.3 with linear "
+                        "or none, 0.075 with sqrt, as FlatCLR's README; 1e-3 for adamw)")
     g.add_argument("--learning_rate_scaling", default="linear", choices=["linear", "sqrt", "none"],
                    help="lr = base*bs/256 (linear), base*sqrt(bs) (sqrt) or base (none)")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"])
     g.add_argument("--weight_decay", type=float, default=1e-6)
+    add_bool(g, "wd_bias_and_norm", False, "also decay biases and normalisation parameters (default: only "
+                                           "weights, as SimCLR; other libraries decay all under SGD)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--warmup_epochs", type=int, default=10,
                    help="linear warmup; one as long as the run or longer is capped at 10%% of the run's steps")
@@ -168,7 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop_after_epoch", type=int, default=None,
                    help="end this job after that epoch (checkpointed), keeping the --epochs schedule; "
                         "for time-limited jobs that resume with --train_from latest")
+    g.add_argument("--final_eval", type=protocol_list, default=[], metavar="PROTOCOLS",
+                   help="when pretraining reaches --epochs, evaluate the last checkpoint with these protocols "
+                        f"(comma-separated: {','.join(PROTOCOLS)}) into RUN/eval/, as --train_mode eval would")
+    add_bool(g, "final_eval_baseline", False, "with --final_eval, also evaluate a random-init backbone of the same "
+                                              "architecture and print it beside each result")
     return p
+
+
+def protocol_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in PROTOCOLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    return names
 
 
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +272,11 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if cfg.n_views < spec.min_views:
         raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
     spec.validate(cfg)
+    if isinstance(cfg.final_eval, str):  # a yaml list written as one string
+        cfg.final_eval = [v.strip() for v in cfg.final_eval.split(",") if v.strip()]
+    unknown = [p for p in cfg.final_eval if p not in PROTOCOLS]
+    if unknown:
+        raise UserError(f"--final_eval: unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
     for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -265,7 +287,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "fc_lr", "fc_weight_decay", "momentum", "fc_momentum"):
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
@@ -353,11 +375,39 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     if cfg.fp16_precision:
         cfg.precision = "fp16"
     if cfg.lr is None:
-        cfg.lr = 1e-3 if cfg.optimizer == "adamw" else 0.3
+        cfg.lr = default_lr(cfg.optimizer, cfg.learning_rate_scaling)
+    validate(cfg, parser)
+    if cfg.train_mode == "eval":
+        eval_defaults(cfg)
+    return cfg, resume, resume_path
+
+
+def eval_defaults(cfg: argparse.Namespace) -> None:
+    """Settings of an evaluation that depend on its protocol."""
     if cfg.fc_lr is None:
         cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
-    validate(cfg, parser)
-    return cfg, resume, resume_path
+
+
+def final_evaluations(cfg: argparse.Namespace, run_dir: str) -> None:
+    """``--final_eval``: each protocol on the run's last checkpoint (and a random-init baseline with
+    ``--final_eval_baseline``), then one summary line per protocol."""
+    epoch = max(list_checkpoints(run_dir))
+    lines = []
+    for protocol in cfg.final_eval:
+        ev = argparse.Namespace(**{**vars(cfg), "train_mode": "eval", "checkpoint_dir": run_dir, "eval_all": False,
+                                   "transfer_mode": protocol, "transfer_from_epoch": epoch, "train_from": None})
+        eval_defaults(ev)
+        record = evaluate(ev)[-1]
+        line = f"{protocol}: top-1 {record['top1']:.2f}% (epoch {epoch})"
+        if cfg.final_eval_baseline:
+            base = argparse.Namespace(**{**vars(ev), "checkpoint_dir": "none", "transfer_from_epoch": None,
+                                         "results_dir": os.path.join(run_dir, "eval", "random_init")})
+            baseline = evaluate(base)[-1]
+            line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
+                     "pretraining)")
+        lines.append(line)
+    if os.environ.get("RANK", "0") == "0":
+        print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "eval":
             evaluate(cfg)
         else:
-            pretrain(cfg, resume, resume_path)
+            run_dir, finished = pretrain(cfg, resume, resume_path)
+            if finished and cfg.final_eval:
+                final_evaluations(cfg, run_dir)
     except UserError as err:
         return report_error(worker_message(str(err)))
     except torch.cuda.OutOfMemoryError as err:

@@ -16,6 +16,16 @@ import torch
 import torch.nn as nn
 
 
+# The base lr when --lr is not given: FlatCLR README's table (0.3 x bs/256, or 0.075 x sqrt(bs) for small
+# batches); AdamW's own scale.
+DEFAULT_BASE_LR = {"linear": 0.3, "sqrt": 0.075, "none": 0.3}
+ADAMW_BASE_LR = 1e-3
+
+
+def default_lr(optimizer: str, scaling: str) -> float:
+    return ADAMW_BASE_LR if optimizer == "adamw" else DEFAULT_BASE_LR[scaling]
+
+
 def scaled_lr(base_lr: float, batch_size: int, scaling: str) -> float:
     """FlatCLR / SimCLR learning-rate scaling with the *global* batch size."""
     if scaling == "linear":
@@ -94,15 +104,16 @@ def plan_schedule(*, peak_lr: float, kind: str, epochs: int, steps_per_epoch: in
     return schedule, note
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weights get decay and LARS adaptation; biases and norm parameters (1-D tensors) get neither."""
+def param_groups(model: nn.Module, weight_decay: float, decay_bias_and_norm: bool = False) -> list[dict]:
+    """Weights get decay and LARS adaptation; biases and norm parameters (1-D tensors) get neither (SimCLR's
+    rule), or decay too with ``decay_bias_and_norm`` (plain SGD/AdamW in other libraries)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars_adapt": True},
-        {"params": no_decay, "weight_decay": 0.0, "lars_adapt": False},
+        {"params": no_decay, "weight_decay": weight_decay if decay_bias_and_norm else 0.0, "lars_adapt": False},
     ]
 
 
@@ -145,8 +156,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float):
-    groups = param_groups(model, weight_decay)
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float,
+                    decay_bias_and_norm: bool = False):
+    groups = param_groups(model, weight_decay, decay_bias_and_norm)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for g in groups:

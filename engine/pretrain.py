@@ -42,9 +42,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
 
 
-def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> str:
-    """Run (or continue) pretraining; returns the run directory. Raises ``Preempted`` after saving the exact
-    position when SIGTERM or SIGUSR1 arrives."""
+def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> tuple[str, bool]:
+    """Run (or continue) pretraining; returns the run directory and whether this call trained up to --epochs
+    (then ``--final_eval`` follows). Raises ``Preempted`` after saving the exact position when SIGTERM or
+    SIGUSR1 arrives."""
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
@@ -56,7 +57,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
         if dist.is_main:
             print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
-        return cfg.log_dir
+        return cfg.log_dir, False
     check_setup(cfg, dist, device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
@@ -69,7 +70,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                                    kind=cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                    warmup_epochs=cfg.warmup_epochs, cap_warmup=cfg.cap_warmup is not False,
                                    saved=resume.get("scheduler") if resume is not None else None)
-    optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum,
+                                cfg.wd_bias_and_norm)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start_epoch, start_batch, step = 0, 0, 0
     if resume is not None:
@@ -111,7 +113,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         barrier()
         run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
                   f"TensorBoard events are in {run.dir}")
-    return run_dir
+    return run_dir, last_epoch == cfg.epochs
 
 
 # ----------------------------------------------------------------------------- set-up

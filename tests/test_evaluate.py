@@ -254,3 +254,37 @@ def test_the_test_view_of_a_folder_keeps_images_already_at_the_training_size(tmp
     mean, std = torch.tensor(test.mean).view(3, 1, 1), torch.tensor(test.std).view(3, 1, 1)
     assert got.shape == (3, size, size)
     torch.testing.assert_close(got, (image.float() / 255 - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_final_eval_follows_pretraining_when_it_reaches_its_epochs(tmp_path, capsys):
+    """--final_eval runs when a run reaches --epochs (also when a resume gets there), not before, and a resume
+    with nothing left writes nothing; its record is the one --train_mode eval writes."""
+    from tests.test_reliability import _snapshot
+
+    run = tmp_path / "run"
+    first = TINY + ["--clr=simclr", "--epochs=2", "--stop_after_epoch=1", "--final_eval=knn,linear_eval",
+                    "--final_eval_baseline", "--fc_epochs=2", "--no-tsne", f"--log_dir={run}"]
+    assert main(first) == 0
+    assert not (run / "eval").exists() and "final evaluation" not in capsys.readouterr().out
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # the run's --final_eval is kept
+    out = capsys.readouterr().out
+    summary = out[out.index("final evaluation of"):].strip().splitlines()
+    knn = json.load(open(run / "eval" / "knn_epoch0002.json"))
+    linear = json.load(open(run / "eval" / "linear_eval_epoch0002.json"))
+    assert summary[1].startswith(f"  knn: top-1 {knn['top1']:.2f}% (epoch 2), random init ")
+    assert summary[2].startswith(f"  linear_eval: top-1 {linear['top1']:.2f}% (epoch 2), random init ")
+    baselines = sorted((run / "eval" / "random_init").rglob("*_epoch0000.json"))
+    assert [p.name for p in baselines] == ["knn_epoch0000.json", "linear_eval_epoch0000.json"]
+
+    before = _snapshot(run)
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # nothing to do: no evaluation either
+    assert _snapshot(run) == before
+    assert main(EVAL + ["--transfer_mode=knn", f"--checkpoint_dir={run}", "--no-tsne"]) == 0
+    assert json.load(open(run / "eval" / "knn_epoch0002.json"))["top1"] == knn["top1"]
+
+
+def test_an_unknown_final_eval_protocol_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(TINY + ["--final_eval=knn,probe"])
+    assert stop.value.code == 2
+    assert "unknown protocol probe; choose from linear_eval, finetune, knn" in capsys.readouterr().err

@@ -21,6 +21,17 @@ def test_lr_scaling_reproduces_flatclr_quick_lookup(bs):
     assert scaled_lr(0.6, bs, "none") == 0.6
 
 
+@pytest.mark.parametrize("scaling, bs", [("linear", 4096), ("sqrt", 4096), ("sqrt", 256), ("none", 512)])
+def test_the_default_lr_follows_the_scaling(scaling, bs):
+    from main import resolve
+
+    cfg, _, _ = resolve([f"--learning_rate_scaling={scaling}", f"--batch_size={bs}"])
+    expected = {("linear", 4096): 4.8, ("sqrt", 4096): 4.8, ("sqrt", 256): 1.2, ("none", 512): 0.3}[scaling, bs]
+    assert scaled_lr(cfg.lr, bs, scaling) == pytest.approx(expected)
+    adamw, _, _ = resolve(["--optimizer=adamw", f"--learning_rate_scaling={scaling}"])
+    assert adamw.lr == 1e-3
+
+
 def test_schedule_warmup_then_cosine_to_zero():
     s = lr_schedule(1.0, total_steps=100, warmup_steps=10, kind="cosine")
     assert s[0] == pytest.approx(0.1) and s[9] == pytest.approx(1.0)
@@ -35,6 +46,19 @@ def test_bias_and_norm_parameters_get_no_decay_and_no_adaptation():
     decay, no_decay = param_groups(net, 1e-4)
     assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0 and not no_decay["lars_adapt"]
+    _, decayed = param_groups(net, 1e-4, decay_bias_and_norm=True)  # --wd_bias_and_norm
+    assert decayed["weight_decay"] == 1e-4 and not decayed["lars_adapt"]
+
+
+@pytest.mark.parametrize("flag, expected", [([], 0.0), (["--wd_bias_and_norm"], 1e-4)])
+def test_wd_bias_and_norm_reaches_the_run(tmp_path, flag, expected):
+    from main import main
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    assert main(TINY + ["--epochs=1", "--optimizer=sgd", "--weight_decay=1e-4", f"--log_dir={run}"] + flag) == 0
+    groups = torch.load(run / "checkpoint_0001.pth.tar", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, expected]
 
 
 def test_lars_matches_reference_formula():
