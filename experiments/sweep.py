@@ -1,0 +1,428 @@
+"""Sweeps: a grid of ordinary runs (pretraining + final evaluation) and the table they make.
+
+    python -m experiments.sweep experiments/small_batch_cpu.yaml            # one cell after another
+    python -m experiments.sweep experiments/seeds.yaml --parallel 4         # four at a time (one per GPU)
+
+The yaml names a base configuration, a grid and the evaluations::
+
+    name: small_batch_cpu
+    config: configs/quickstart.yaml     # optional: a preset to start from (any --config file)
+    base: {dataset_name: folder, epochs: 20, ...}   # flags of every cell, as in a --config yaml
+    grid: {clr: [simclr, flatclr], batch_size: [16, 64, 256], seed: [0, 1, 2]}   # or a list of such maps
+    eval: [knn]                         # --final_eval of every cell (default: knn)
+    table: {rows: batch_size, columns: clr}   # optional; by default the first two axes that are not seed
+
+Each cell is ``main.py`` in its own process and run directory, ``<out>/cells/<axis>-<value>__...``, with
+its output in ``<out>/cells/<cell>.log``: nothing but the sweep directory is shared. Rerunning the same
+command continues an interrupted sweep: finished cells are skipped, a cell with checkpoints resumes from its
+latest one (``--train_from latest``), a cell whose training ended but whose evaluation did not is evaluated.
+At the end (and after every cell) the sweep directory holds ``results.csv`` (one row per cell),
+``table.md`` (mean +- std over the seed axis, n per cell, one table per evaluation) and ``<metric>.png``
+(accuracy against the rows axis, one line per column value, error bars over seeds).
+
+The runner lives under ``experiments/`` beside its presets: a sweep is an experiment, while ``scripts/``
+holds cluster job scripts that wrap single runs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import product
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+
+SEED_AXIS = "seed"
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: dict
+    grids: list[dict[str, list]]  # the cells are the union of each grid's product
+    evals: list[str]
+    rows: str | None
+    columns: str | None
+    out: str
+
+    @property
+    def axes(self) -> list[str]:
+        return list(dict.fromkeys(a for g in self.grids for a in g))
+
+    @property
+    def grid(self) -> dict[str, list]:
+        """Every axis with the values it takes in any grid, in order of appearance."""
+        return {a: list(dict.fromkeys(v for g in self.grids for v in g.get(a, []))) for a in self.axes}
+
+    def cells(self) -> list["Cell"]:
+        return [Cell(self, {a: dict(zip(g, values)).get(a) for a in self.axes if a in g})
+                for g in self.grids for values in product(*g.values())]
+
+
+@dataclass
+class Cell:
+    sweep: Sweep
+    values: dict
+    status: str = "pending"
+    returncode: int | None = None
+    records: dict = field(default_factory=dict)  # protocol -> the evaluation's json record
+
+    @property
+    def name(self) -> str:
+        return "__".join(f"{k}-{_slug(v)}" for k, v in self.values.items())
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.sweep.out, "cells", self.name)
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.sweep.out, "cells", self.name + ".log")
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.sweep.out, "cells", self.name + ".yaml")
+
+    def settings(self) -> dict:
+        return {**self.sweep.base, **self.values, "final_eval": list(self.sweep.evals)}
+
+
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"
+
+
+# ----------------------------------------------------------------------------- reading the yaml
+def load_sweep(path: str, out: str | None) -> Sweep:
+    if not os.path.isfile(path):
+        raise UserError(f"sweep file {path} not found; pass one of experiments/*.yaml")
+    with open(path) as f:
+        try:
+            spec = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid yaml ({str(err).splitlines()[0]})") from err
+    if not isinstance(spec, dict):
+        raise UserError(f"{path} must be a mapping with name, base, grid and eval")
+    unknown = sorted(set(spec) - {"name", "config", "base", "grid", "eval", "table"})
+    if unknown:
+        raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; use name, config, base, grid, eval, table")
+    name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+    base: dict = {}
+    if spec.get("config"):
+        preset = os.path.join(ROOT, spec["config"]) if not os.path.isabs(spec["config"]) else spec["config"]
+        if not os.path.isfile(preset):
+            raise UserError(f"{path}: config {spec['config']} not found")
+        with open(preset) as f:
+            base.update(yaml.safe_load(f) or {})
+    base.update(spec.get("base") or {})
+    grids = spec.get("grid") or {}
+    grids = grids if isinstance(grids, list) else [grids]
+    if not grids or not all(isinstance(g, dict) and g and all(isinstance(v, list) and v for v in g.values())
+                            for g in grids):
+        raise UserError(f"{path}: grid must map each swept flag to a non-empty list of values (or be a list of "
+                        "such maps, whose cells are joined)")
+    grid = {a: [v for g in grids for v in g.get(a, [])] for g in grids for a in g}
+    evals = spec.get("eval", ["knn"])
+    evals = [evals] if isinstance(evals, str) else list(evals)
+    table = spec.get("table") or {}
+    axes = [a for a in grid if a != SEED_AXIS]
+    rows = table.get("rows", axes[0] if axes else None)
+    columns = table.get("columns", axes[1] if len(axes) > 1 else None)
+    for key, axis in (("rows", rows), ("columns", columns)):
+        if axis is not None and axis not in grid:
+            raise UserError(f"{path}: table {key} {axis!r} is not an axis of the grid ({', '.join(grid)})")
+    sweep = Sweep(name, base, grids, evals, rows, columns, out or os.path.join(ROOT, "results", "sweeps", name))
+    _check_cells(sweep, path)
+    return sweep
+
+
+def _check_cells(sweep: Sweep, path: str) -> None:
+    """Every cell's settings must be accepted by main.py, read as its run will read them (a --config yaml),
+    before anything runs (one line if not)."""
+    import tempfile
+
+    from main import resolve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = os.path.join(tmp, "cell.yaml")
+        for cell in sweep.cells():
+            with open(config, "w") as f:
+                yaml.safe_dump(cell.settings(), f, sort_keys=False)
+            try:
+                resolve([f"--config={config}", f"--log_dir={os.path.join(tmp, 'run')}"])
+            except UserError as err:
+                raise UserError(f"{path}: cell {cell.name}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- state of a cell on disk
+def _epochs(run_dir: str) -> int | None:
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return int((yaml.safe_load(f) or {}).get("epochs", 0)) or None
+
+
+def cell_state(cell: Cell) -> str:
+    """'done', 'evaluate' (trained, evaluation missing), 'resume' (has checkpoints) or 'start'."""
+    from engine.checkpoint import all_checkpoints, list_checkpoints
+
+    if not os.path.isdir(cell.run_dir) or not all_checkpoints(cell.run_dir):
+        return "start"
+    epochs, done = _epochs(cell.run_dir), list_checkpoints(cell.run_dir)
+    if epochs is None or not done or max(done) < epochs:
+        return "resume"
+    cell.records = {}
+    for protocol in cell.sweep.evals:
+        record = os.path.join(cell.run_dir, "eval", f"{protocol}_epoch{epochs:04d}.json")
+        if not os.path.isfile(record):
+            return "evaluate"
+        with open(record) as f:
+            cell.records[protocol] = yaml.safe_load(f)
+    return "done"
+
+
+def command(cell: Cell, state: str) -> list[list[str]]:
+    """The main.py invocations that bring ``cell`` from ``state`` to done."""
+    main = [sys.executable, os.path.join(ROOT, "main.py")]
+    if state == "start":
+        if os.path.isdir(cell.run_dir):  # killed before its first checkpoint: the sweep's own directory
+            shutil.rmtree(cell.run_dir)
+        with open(cell.config_path, "w") as f:
+            yaml.safe_dump(cell.settings(), f, sort_keys=False)
+        return [main + [f"--config={cell.config_path}", f"--log_dir={cell.run_dir}"]]
+    if state == "resume":
+        return [main + [f"--log_dir={cell.run_dir}", "--train_from=latest"]]
+    evals = [p for p in cell.sweep.evals
+             if not os.path.isfile(os.path.join(cell.run_dir, "eval", f"{p}_epoch{_epochs(cell.run_dir):04d}.json"))]
+    return [main + [f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
+                    f"--transfer_mode={p}", "--final_eval=", "--no-tsne"] for p in evals]
+
+
+# ----------------------------------------------------------------------------- running
+def _die_with_parent() -> None:
+    """In a cell's process (Linux): SIGTERM when the sweep dies, even by SIGKILL, so the cell saves its
+    position and frees its run directory instead of running on unseen."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Runner:
+    """Runs cells as subprocesses, ``parallel`` at a time; on CUDA nodes each gets its own GPU. SIGTERM or
+    SIGINT is passed on to the running cells (they save and exit 3) and the sweep stops with status 3."""
+
+    def __init__(self, sweep: Sweep, parallel: int, gpus: int) -> None:
+        self.sweep, self.parallel, self.gpus = sweep, parallel, gpus
+        self.stopping: str | None = None
+        self.running: dict[subprocess.Popen, tuple[Cell, list[list[str]], int | None, object]] = {}
+
+    def _stop(self, signum, frame) -> None:
+        self.stopping = signal.Signals(signum).name
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def _start(self, cell: Cell, commands: list[list[str]], gpu: int | None) -> None:
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        elif self.parallel > 1:  # share the cores instead of oversubscribing them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
+        log = open(cell.log, "a")
+        log.write(f"$ {' '.join(commands[0])}\n")
+        log.flush()
+        proc = subprocess.Popen(commands[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                preexec_fn=_die_with_parent)
+        self.running[proc] = (cell, commands[1:], gpu, log)
+
+    def run(self, cells: list[Cell], bar) -> None:
+        pending = list(cells)
+        handlers = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while (pending and not self.stopping) or self.running:
+                while pending and len(self.running) < self.parallel and not self.stopping:
+                    cell = pending.pop(0)
+                    used = {g for _, _, g, _ in self.running.values()}
+                    gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
+                    self._start(cell, command(cell, cell.status), gpu)
+                time.sleep(0.2)
+                for proc in [p for p in self.running if p.poll() is not None]:
+                    cell, rest, gpu, log = self.running.pop(proc)
+                    if proc.returncode == 0 and rest and not self.stopping:
+                        log.close()
+                        self._start(cell, rest, gpu)
+                        continue
+                    log.close()
+                    cell.returncode = proc.returncode
+                    cell.status = cell_state(cell) if proc.returncode == 0 else (
+                        "stopped" if proc.returncode == EXIT_PREEMPTED else "failed")
+                    bar.update(1)
+                    bar.set_postfix_str(f"{cell.name}: {cell.status}")
+                    write_results(self.sweep)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- results
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def write_results(sweep: Sweep) -> list[Cell]:
+    """results.csv, table.md and the PNGs from whatever cells are done (rewritten after each cell)."""
+    cells = sweep.cells()
+    for cell in cells:
+        cell.status = cell_state(cell)
+    done = [c for c in cells if c.status == "done"]
+    with open(os.path.join(sweep.out, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(sweep.axes + [f"{p}_top1" for p in sweep.evals] + ["run_dir"])
+        for c in done:
+            top1 = [f"{c.records[p]['top1']:.4f}" for p in sweep.evals]
+            writer.writerow([c.values.get(a, "") for a in sweep.axes] + top1 + [os.path.relpath(c.run_dir, sweep.out)])
+    lines = [f"# Sweep {sweep.name}", "", f"{len(done)} of {len(cells)} cells done. Top-1 (%) on the test split, "
+             f"mean ± std over {SEED_AXIS} (n runs per cell)." if SEED_AXIS in sweep.grid else
+             f"{len(done)} of {len(cells)} cells done. Top-1 (%) on the test split."]
+    fixed = [a for a in sweep.axes if a not in (sweep.rows, sweep.columns, SEED_AXIS)]
+    for protocol in sweep.evals:
+        groups: dict[tuple, list[float]] = {}
+        for c in done:
+            key = tuple(c.values.get(a) for a in fixed + [sweep.rows, sweep.columns])
+            groups.setdefault(key, []).append(c.records[protocol]["top1"])
+        for fixed_values in dict.fromkeys(k[:len(fixed)] for k in product(*(sweep.grid[a] for a in fixed))):
+            title = ", ".join(f"{a}={v}" for a, v in zip(fixed, fixed_values))
+            lines += ["", f"## {protocol}" + (f" ({title})" if title else ""), ""]
+            cols = sweep.grid[sweep.columns] if sweep.columns else [None]
+            rows = sweep.grid[sweep.rows] if sweep.rows else [None]
+            lines.append(f"| {sweep.rows or ''} | " + " | ".join(
+                f"{sweep.columns}={c}" if sweep.columns else "top-1" for c in cols) + " |")
+            lines.append("|---|" + "---|" * len(cols))
+            for r in rows:
+                cells_text = []
+                for c in cols:
+                    values = groups.get(tuple(fixed_values) + (r, c))
+                    if not values:
+                        cells_text.append("-")
+                    else:
+                        mean, std = _mean_std(values)
+                        cells_text.append(f"{mean:.2f} ± {std:.2f} (n={len(values)})")
+                lines.append(f"| {r if r is not None else ''} | " + " | ".join(cells_text) + " |")
+        _plot(sweep, protocol, groups, fixed)
+    with open(os.path.join(sweep.out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return cells
+
+
+def _plot(sweep: Sweep, protocol: str, groups: dict, fixed: list[str]) -> None:
+    if not sweep.rows or not groups:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sweep.grid[sweep.rows]
+    numeric = all(isinstance(x, (int, float)) for x in xs)
+    for fixed_values in dict.fromkeys(k[:len(fixed)] for k in groups):
+        for col in (sweep.grid[sweep.columns] if sweep.columns else [None]):
+            points = [(i, x, _mean_std(groups[key])) for i, x in enumerate(xs)
+                      if (key := tuple(fixed_values) + (x, col)) in groups]
+            if not points:
+                continue
+            label = ", ".join([f"{sweep.columns}={col}"] * bool(sweep.columns)
+                              + [f"{a}={v}" for a, v in zip(fixed, fixed_values)]) or protocol
+            ax.errorbar([x if numeric else i for i, x, _ in points], [m for _, _, (m, _) in points],
+                        yerr=[s for _, _, (_, s) in points], marker="o", capsize=3, label=label)
+    if numeric and all(x > 0 for x in xs) and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log", base=2)
+    if not numeric:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(sweep.rows)
+    ax.set_ylabel(f"{protocol} top-1 (%)")
+    ax.set_title(f"{sweep.name}: {protocol}" + (f", mean ± std over {SEED_AXIS}" if SEED_AXIS in sweep.grid else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(sweep.out, f"{protocol}.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _claim(sweep: Sweep, path: str) -> None:
+    """The sweep directory belongs to one sweep: its yaml is kept there and must match on a rerun."""
+    os.makedirs(os.path.join(sweep.out, "cells"), exist_ok=True)
+    kept = os.path.join(sweep.out, "sweep.yaml")
+    with open(path) as f:
+        text = f.read()
+    if os.path.isfile(kept):
+        with open(kept) as f:
+            if f.read() != text:
+                raise UserError(f"{sweep.out} holds another sweep (its sweep.yaml differs from {path}); pass "
+                                "--out elsewhere, or delete that directory")
+    else:
+        with open(kept, "w") as f:
+            f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="the sweep's yaml, e.g. experiments/small_batch_cpu.yaml")
+    p.add_argument("--out", default=None, help="sweep directory (default: results/sweeps/<name>)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="cells at a time (default: the number of GPUs, else 1); each gets its own GPU")
+    args = p.parse_args(argv)
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        parallel = args.parallel or max(gpus, 1)
+        if parallel < 1:
+            raise UserError(f"--parallel must be at least 1, got {parallel}")
+        sweep = load_sweep(args.sweep, args.out)
+        _claim(sweep, args.sweep)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    cells = write_results(sweep)
+    todo = [c for c in cells if c.status != "done"]
+    print(f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
+          f"({parallel} at a time) in {sweep.out}", flush=True)
+    runner = Runner(sweep, parallel, gpus if gpus and parallel <= gpus else 0)
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {sweep.name}", file=sys.stdout) as bar:
+        runner.run(todo, bar)
+    cells = write_results(sweep)
+    failed = [c for c in cells if c.status != "done"]
+    print(f"table: {os.path.join(sweep.out, 'table.md')}; results.csv and " +
+          ", ".join(f"{p}.png" for p in sweep.evals) + " beside it", flush=True)
+    if runner.stopping:
+        print(f"sweep stopped by {runner.stopping}; run the same command again to continue", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if failed:
+        print(f"error: {len(failed)} cell(s) did not finish, e.g. {failed[0].name} (see {failed[0].log}); run the "
+              "same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

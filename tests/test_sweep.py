@@ -1,0 +1,101 @@
+"""Sweeps: a grid of ordinary runs, their table, and an interrupted sweep that finishes as an uninterrupted one."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from experiments.sweep import main as sweep_main
+from tests.conftest import ROOT
+
+BASE = {"dataset_name": "digits", "arch": "resnet18", "width_multiplier": 0.25, "image_size": 16, "epochs": 2,
+        "limit_train_batches": 2, "save_every_n_epochs": 1, "warmup_epochs": 1, "log_every_n_steps": 1,
+        "workers": 0, "device": "cpu", "proj_hidden_dim": 32, "proj_out_dim": 16, "tsne": False,
+        "knn_k": 20}
+
+
+def _write(tmp_path, grid, name="tiny"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": BASE, "grid": grid, "eval": ["knn"],
+                                    "table": {"rows": "batch_size", "columns": "clr"}}, sort_keys=False))
+    return path
+
+
+def _rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_sweep_writes_a_table_of_means_over_seeds_and_skips_done_cells(tmp_path, capsys):
+    spec = _write(tmp_path, {"clr": ["simclr", "flatclr"], "batch_size": [16], "seed": [0, 1]})
+    out = tmp_path / "out"
+    assert sweep_main([str(spec), f"--out={out}"]) == 0
+    rows = _rows(out)
+    assert [(r["clr"], r["seed"]) for r in rows] == [("simclr", "0"), ("simclr", "1"), ("flatclr", "0"),
+                                                      ("flatclr", "1")]
+    table = (out / "table.md").read_text()
+    for clr in ("simclr", "flatclr"):  # the table's cell is the mean and sample std of the csv's two seeds
+        top1 = [float(r["knn_top1"]) for r in rows if r["clr"] == clr]
+        mean, std = sum(top1) / 2, abs(top1[0] - top1[1]) / 2 ** 0.5
+        assert f"{mean:.2f} ± {std:.2f} (n=2)" in table, table
+    assert (out / "knn.png").stat().st_size > 5_000
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint_*.pth.tar")}
+    assert sweep_main([str(spec), f"--out={out}"]) == 0  # everything done: nothing runs again
+    assert "4 cells, 4 done, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint_*.pth.tar")} == before
+
+
+def test_sweep_mistakes_are_one_line(tmp_path, capsys):
+    bad = _write(tmp_path, {"clr": ["simclr", "nosuch"], "batch_size": [16]}, name="bad")
+    assert sweep_main([str(bad), f"--out={tmp_path / 'o1'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad}: cell clr-nosuch__batch_size-16: clr='nosuch' is not "
+                                               "one of simclr, flatclr, byol, insdis")
+    assert not (tmp_path / "o1").exists()
+    good = _write(tmp_path, {"clr": ["simclr"], "batch_size": [16]}, name="good")
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "sweep.yaml").write_text("name: other\n")
+    assert sweep_main([str(good), f"--out={tmp_path / 'o2'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'o2'} holds another sweep (its sweep.yaml "
+                                               f"differs from {good}); pass --out elsewhere, or delete that directory")
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one(tmp_path):
+    """2x2 grid x 2 seeds on digits; the sweep and its cell are killed (SIGKILL to the process group, as a
+    lost node) while a cell is half-trained; the rerun resumes that cell from its checkpoint."""
+    spec = _write(tmp_path, {"clr": ["simclr", "flatclr"], "batch_size": [16, 32], "seed": [0, 1]})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    cmd = [sys.executable, "-m", "experiments.sweep", str(spec)]
+    subprocess.run(cmd + [f"--out={whole}"], cwd=ROOT, check=True, capture_output=True, timeout=1200)
+    proc = subprocess.Popen(cmd + [f"--out={cut}"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    third = cut / "cells" / "clr-simclr__batch_size-32__seed-0"
+    deadline = time.monotonic() + 600
+    while not (third / "checkpoint_0001.pth.tar").exists():  # mid-cell: one epoch of two saved
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (third / "eval").exists()
+    rerun = subprocess.run(cmd + [f"--out={cut}"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "8 cells, 2 done, 6 to run" in rerun.stdout
+    assert "--train_from=latest" in (cut / "cells" / "clr-simclr__batch_size-32__seed-0.log").read_text()
+    assert (cut / "table.md").read_text() == (whole / "table.md").read_text()
+    assert _rows(cut) == _rows(whole)
+
+
+@pytest.mark.parametrize("preset", sorted(p for p in os.listdir(os.path.join(ROOT, "experiments"))
+                                          if p.endswith(".yaml")))
+def test_every_preset_is_a_valid_sweep(preset, tmp_path):
+    from experiments.sweep import load_sweep
+
+    sweep = load_sweep(os.path.join(ROOT, "experiments", preset), str(tmp_path))  # main.py accepts every cell
+    assert sweep.cells() and set(sweep.evals) <= {"knn", "linear_eval", "finetune"}
+    if preset.endswith("_cpu.yaml"):
+        assert all(c.settings()["device"] == "cpu" and c.settings()["width_multiplier"] < 1 for c in sweep.cells())
