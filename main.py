@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_mid_epoch_checkpoints", type=int, default=2,
                    help="mid-epoch checkpoints kept (none older than the last epoch-end one)")
     g.add_argument("--log_every_n_steps", type=int, default=50)
+    add_bool(g, "diagnostics", True, "on each logging step: log S, FlatNCE/InfoNCE gradient ratio, MI bound, "
+                                     "alignment, uniformity, embedding std and effective rank, gradient norm")
     g.add_argument("--limit_train_batches", type=int, default=None, help="cap on steps per epoch")
     g.add_argument("--stop_after_epoch", type=int, default=None,
                    help="end this job after that epoch (checkpointed), keeping the --epochs schedule; "

@@ -466,8 +466,9 @@ def run(check: Check) -> dict:
     try:
         for i, (title, key, fn, cap, quick_cap) in enumerate(PARTS, 1):
             cap = quick_cap if check.quick else cap
-            if check.args.parts and key not in check.args.parts:
-                status[key] = {"status": "not asked", "why": f"--parts {','.join(check.args.parts)}"}
+            parts = getattr(check.args, "parts", None)
+            if parts and key not in parts:
+                status[key] = {"status": "not asked", "why": f"--parts {','.join(parts)}"}
                 continue
             left = check.args.budget - (time.monotonic() - start)
             if cap > left:

@@ -36,6 +36,7 @@ from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
 from engine.stop import StopRequests
+from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
 from models import METHODS, build_method
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -344,10 +345,31 @@ class Trainer:
         self.norm = self._weights_norm()
         # (flag, growth, weights not finite) of the last update, device scalars
         self.runaway: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.low_rank_windows, self.warned_collapse = 0, False
 
     def _weights_norm(self) -> torch.Tensor:
         """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""
         return torch.stack(torch._foreach_norm(self.params)).norm() if self.params else torch.ones(())
+
+    def watch_collapse(self, values: dict, say: bool) -> None:
+        """One warning when the effective rank of the embeddings stays under COLLAPSE_RANK for
+        COLLAPSE_WINDOWS logging windows in a row."""
+        if "erank" not in values:
+            return
+        self.low_rank_windows = self.low_rank_windows + 1 if values["erank"] < COLLAPSE_RANK else 0
+        if self.low_rank_windows == COLLAPSE_WINDOWS and not self.warned_collapse:
+            self.warned_collapse = True
+            if say:
+                tqdm.write(f"warning: the embeddings look collapsed: effective rank {values['erank']:.2f} (under "
+                           f"{COLLAPSE_RANK:g}) for {COLLAPSE_WINDOWS} logging windows by step {self.step}; check the "
+                           "BN switches, the learning rate and the EMA momentum", file=sys.stderr)
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The trainable weights' gradient norm (unscaled first under fp16), a device scalar."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # scaler.step then uses these unscaled gradients
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=self.device)
 
     def _judge_update(self) -> None:
         """After a step: ``runaway`` says on the device whether it grew the weights' norm more than
@@ -364,16 +386,21 @@ class Trainer:
         return float(self.schedule[min(self.step, len(self.schedule) - 1)])
 
     def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int,
-                   mark: Callable[[str], None] | None = None) -> dict:
+                   mark: Callable[[str], None] | None = None, diagnose: bool = False) -> dict:
         """One optimizer step on a batch; returns its logs as device tensors (no host sync).
-        ``mark(phase)`` is called as each phase ends (forward, backward, optimizer): the profiler's hook."""
+        ``mark(phase)`` is called as each phase ends (forward, backward, optimizer): the profiler's hook.
+        ``diagnose`` (the logging steps) adds the diagnostics of losses/diagnostics.py and the gradient norm."""
         mark = mark or (lambda phase: None)
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         index = index.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        with self.autocast:
-            loss, logs = self.model(views, index)
+        self.method.diagnose = diagnose
+        try:
+            with self.autocast:
+                loss, logs = self.model(views, index)
+        finally:
+            self.method.diagnose = False
         check = _StepCheck(loss, *self.requests(self.step + 1), runaway=self.runaway,
                            update_step=self.step)
         mark("forward")
@@ -381,6 +408,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         mark("backward")
         self.stop_now, self.save_now = check.wait(epoch, i, self.last_ckpt)
+        if diagnose:
+            logs["grad_norm"] = self._grad_norm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
@@ -489,14 +518,16 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles,
         if i >= steps:
             break
         lr = trainer.lr
-        logs = trainer.train_step(views, index, epoch, i)
+        logging_step = window.count + 1 == cfg.log_every_n_steps or i == steps - 1
+        logs = trainer.train_step(views, index, epoch, i, diagnose=logging_step and cfg.diagnostics)
         epoch_meter.add(logs)
         window.add(logs)
         bar.update(1)
-        if window.count == cfg.log_every_n_steps or i == steps - 1:
+        if logging_step:
             now = time.perf_counter()
             ips = window.count * cfg.batch_size / max(now - t_window, 1e-9)
             values = window.means()
+            trainer.watch_collapse(values, run.dist.is_main)
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
             run.scalars({**values, "lr": lr, "images_per_s": ips}, trainer.step)
             window = Meter()

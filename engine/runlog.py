@@ -59,10 +59,12 @@ def write_config(run_dir: str, cfg: dict) -> None:
 
 
 class Meter:
-    """Running means of scalar tensors, summed on their device; reading them is the one host sync."""
+    """Running means of scalar tensors, summed on their device; reading them is the one host sync. A value
+    logged on some steps only (the diagnostics of logging steps) is averaged over the steps that had it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
@@ -71,17 +73,19 @@ class Meter:
                 self.sums[k].add_(v)  # in place: no new tensor per value and step
             else:
                 self.sums[k] = v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
 
     def means(self) -> dict[str, float]:
         if not self.sums:
             return {}
-        means = (torch.stack(list(self.sums.values())) / self.count).tolist()  # one host sync, not one per value
-        return dict(zip(self.sums, means))
+        sums = torch.stack(list(self.sums.values())).tolist()  # one host sync, not one per value
+        return {k: total / self.counts[k] for k, total in zip(self.sums, sums)}
 
     def state(self) -> dict:
-        """The sums (on the CPU) and count, for a mid-epoch checkpoint."""
-        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count}
+        """The sums (on the CPU) and counts, for a mid-epoch checkpoint."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()}, "count": self.count,
+                "counts": dict(self.counts)}
 
     @classmethod
     def from_state(cls, state: dict | None, device: torch.device) -> "Meter":
@@ -89,6 +93,7 @@ class Meter:
         if state:
             meter.sums = {k: v.to(device) for k, v in state["sums"].items()}
             meter.count = int(state["count"])
+            meter.counts = {k: int(state.get("counts", {}).get(k, meter.count)) for k in meter.sums}
         return meter
 
 
@@ -124,7 +129,9 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
 
     epochs = [r["epoch"] for r in records]
     monitored = [r for r in records if "knn_top1" in r]
-    fig, axes = plt.subplots(1, 3 if monitored else 2, figsize=(15 if monitored else 10, 3.6))
+    diagnosed = [r for r in records if "erank" in r]
+    panels = 2 + bool(monitored) + 2 * bool(diagnosed)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
     ax1, ax2 = axes[0], axes[1]
     if monitored:
         axes[2].plot([r["epoch"] for r in monitored], [r["knn_top1"] for r in monitored], marker="o")
@@ -133,14 +140,32 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     ax1.plot(epochs, [r["loss"] for r in records], marker="o", label="loss")
     if all("infonce" in r for r in records):
         ax1.plot(epochs, [r["infonce"] for r in records], marker=".", label="InfoNCE")
+    if all("mi_bound" in r for r in records):
+        ax1.plot(epochs, [r["mi_bound"] for r in records], marker="x", label="MI bound log K - InfoNCE")
+        ax1.axhline(records[-1]["log_k"], color="grey", linestyle=":", label="log K (its ceiling)")
     ax1.set_xlabel("epoch")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     for key in ("pos_sim", "neg_sim"):
         if all(key in r for r in records):
             ax2.plot(epochs, [r[key] for r in records], marker="o", label=key.replace("_", " "))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("cosine similarity")
     ax2.legend()
+    if diagnosed:  # alignment/uniformity (Wang & Isola), then rank and, for contrastive methods, log S
+        ax3, ax4 = axes[-2], axes[-1]
+        x = [r["epoch"] for r in diagnosed]
+        for key in ("alignment", "uniformity"):
+            if all(key in r for r in diagnosed):
+                ax3.plot(x, [r[key] for r in diagnosed], marker="o", label=key)
+        ax3.set_xlabel("epoch")
+        ax3.legend(fontsize=8)
+        ax4.plot(x, [r["erank"] for r in diagnosed], marker="o", color="C3", label="effective rank")
+        ax4.set_xlabel("epoch")
+        ax4.set_ylabel("effective rank", color="C3")
+        if all("log_s" in r for r in diagnosed):
+            twin = ax4.twinx()
+            twin.plot(x, [r["log_s"] for r in diagnosed], marker=".", color="C0", label="mean log S")
+            twin.set_ylabel("mean log S", color="C0")
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

@@ -102,8 +102,8 @@ def test_every_mode_runs_end_to_end_and_writes_json_and_png(mode, extra, pretrai
     record = json.load(open(pretrained / "eval" / f"{tag}_epoch0002.json"))
     assert record["mode"] == mode and record["dataset"] == "digits" and record["checkpoint_epoch"] == 2
     assert 0 <= record["top1"] <= record["top5"] <= 100 and record["test_images"] == 360
-    if mode == "finetune":  # 179 images, fc_batch_size 256: one step of three accumulated pieces per epoch
-        assert record["fc_micro_batch_size"] == 64 and record["train_images"] == 179
+    if mode == "finetune":  # 142 images, fc_batch_size 256: one step of three accumulated pieces per epoch
+        assert record["fc_micro_batch_size"] == 64 and record["train_images"] == 142
     assert (pretrained / "eval" / f"tsne_{mode}_epoch0002.png").stat().st_size > 10_000
     assert any(f.startswith("events.out") for f in os.listdir(pretrained / "eval" / "tensorboard"))
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from data.augment import ViewSpec, symmetric_views
+from losses.diagnostics import embedding_stats
 
 Logs = dict[str, torch.Tensor]
 
@@ -33,6 +34,11 @@ class SSLMethod(nn.Module):
         self.backbone = backbone
         self.projector = projector
         self.n_views = n_views
+        self.diagnose = False  # set by the training loop on logging steps: add losses/diagnostics.py's figures
+
+    def diagnostics(self, z: torch.Tensor) -> Logs:
+        """The embedding diagnostics of projections ``z`` on a logging step, else nothing."""
+        return embedding_stats(z, self.n_views) if self.diagnose else {}
 
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Projections of all views, view-major: (V*N, D)."""

@@ -41,7 +41,7 @@ class BYOL(SSLMethod):
         with torch.no_grad():  # collapse monitor: InfoNCE and similarities of the online projections
             logits = contrastive_logits(z.detach(), self.n_views, self.temperature)
             logs = {"infonce": infonce_loss(logits), **logits.similarity_stats(),
-                    "momentum": self.target.momentum.float()}
+                    "momentum": self.target.momentum.float(), **self.diagnostics(z)}
         return loss, logs
 
     def after_step(self, step: int, total_steps: int) -> None:

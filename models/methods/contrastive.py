@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from common.distributed import gather_with_grad, get_rank
 from losses import LOSSES, contrastive_logits, infonce_loss
+from losses.diagnostics import contrastive_stats
 from models.methods.base import Logs, MethodSpec, SSLMethod
 
 
@@ -26,7 +27,10 @@ class ContrastiveMethod(SSLMethod):
         keys = gather_with_grad(z)  # (W*V*N, D): negatives from every rank
         logits = contrastive_logits(z, self.n_views, self.temperature, keys, offset=get_rank() * z.shape[0])
         loss = self.loss_fn(logits)
-        logs = {"infonce": infonce_loss(logits).detach(), **logits.similarity_stats()}
+        infonce = infonce_loss(logits).detach()
+        logs = {"infonce": infonce, **logits.similarity_stats(), **self.diagnostics(z)}
+        if self.diagnose:
+            logs.update(contrastive_stats(logits, infonce))
         return loss, logs
 
 

@@ -61,7 +61,7 @@ class InsDis(SSLMethod):
             neg_sim = logits.detach().mean() * self.temperature
         new = v.detach().view(self.n_views, -1, v.shape[1]).mean(dim=0)  # (N, D) mean over views
         self._pending = (gather_no_grad(index), gather_no_grad(new))
-        logs = {"pos_sim": pos_logit.detach().mean() * self.temperature, "neg_sim": neg_sim}
+        logs = {"pos_sim": pos_logit.detach().mean() * self.temperature, "neg_sim": neg_sim, **self.diagnostics(v)}
         return loss, logs
 
     def _set_log_z_once(self, neg_logits: torch.Tensor) -> None:
