@@ -163,7 +163,8 @@ def measure_step(cfg, device, steps: int, flop_counter, build_method, build_opti
 
 def table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:,.1f}" if isinstance(v, float) and abs(v) >= 10 else  # noqa: E731
+                                          f"{v:.3g}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
