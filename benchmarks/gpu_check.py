@@ -161,12 +161,13 @@ def synthetic_split(n: int, side: int, crop: int) -> Split:
 class Bench:
     """A training step of one configuration, run exactly as pretraining runs it."""
 
-    def __init__(self, check: Check, clr: str, arch: str, crop: int, batch: int, compiled: bool) -> None:
+    def __init__(self, check: Check, clr: str, arch: str, crop: int, batch: int, compiled: bool,
+                 extra: list[str] | None = None) -> None:
         side = crop if crop <= 64 else crop + crop // 7  # ImageNet-like: crops from larger images
         cfg, _, _ = resolve([f"--clr={clr}", f"--arch={arch}", f"--image_size={crop}", f"--batch_size={batch}",
                              "--faster_version", f"--precision={check.precision}", "--channels_last",
                              f"--device={check.device.type}", f"--cifar_stem={crop <= 64}", f"--compile={compiled}",
-                             "--workers=0"])
+                             "--workers=0"] + (extra or []))
         torch.manual_seed(0)
         split = synthetic_split(16 * batch, side, crop)  # epochs long enough that their starts do not skew timings
         loader, self.setters = build_loader(cfg, split, DistInfo(), check.device)
@@ -196,11 +197,11 @@ class Bench:
             yield from self.loader
             epoch += 1
 
-    def step(self, mark=None) -> None:
+    def step(self, mark=None, diagnose: bool = False) -> None:
         views, index = next(self.batches)  # the views are made here, on the device
         if mark is not None:
             mark("augmentation")
-        self.trainer.train_step(views, index, 0, 0, mark)
+        self.trainer.train_step(views, index, 0, 0, mark, diagnose=diagnose)
 
     def flops(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
@@ -292,6 +293,15 @@ def measure_row(check: Check, clr: str, arch: str, crop: int, batch: int, compil
         row = {"img_s": batch / sec, "ms_step": sec * 1e3, "steps_timed": len(times)}
         if compiled:
             row["compile_s"] = first_s
+        elif not any("diag_ms" in r for r in rows):  # the first eager row: what a logging step's diagnostics add
+            diag = []
+            for _ in range(3 if check.quick else 7):
+                check.sync()
+                t1 = time.perf_counter()
+                bench.step(diagnose=True)
+                check.sync()
+                diag.append(time.perf_counter() - t1)
+            row["diag_ms"] = (statistics.median(diag) - sec) * 1e3
         if flops:
             row.update(gflop_step=flops / 1e9, tflop_s=flops / sec / 1e12)
             row["frac_bf16_peak"] = row["tflop_s"] / peak if peak and check.cuda else None
@@ -507,7 +517,7 @@ def write_report(check: Check) -> str:
 
 
 COLUMNS = ["method", "arch", "px", "batch", "mode", "img_s", "ms_step", "steps_timed", "gflop_step", "tflop_s",
-           "frac_bf16_peak", "peak_mem_gib", "compile_s", "note", "kernel", "calls", "ms_total", "share"]
+           "frac_bf16_peak", "peak_mem_gib", "compile_s", "diag_ms", "note", "kernel", "calls", "ms_total", "share"]
 
 
 def _fmt(key: str, v) -> str:
