@@ -128,9 +128,9 @@ class _ResumableSampler(DistributedSampler):
 
 
 # What a resumed fit must share with the interrupted one (besides the checkpoint and the data).
-FIT_SETTINGS = ("transfer_mode", "fc_augment", "fc_epochs", "fc_batch_size", "fc_lr", "fc_optimizer",
-                "fc_weight_decay", "fc_momentum", "fc_scheduler", "semi_ratio", "seed", "arch", "cifar_stem",
-                "image_size", "dataset_name")
+FIT_SETTINGS = ("transfer_mode", "fc_augment", "fc_epochs", "fc_batch_size", "fc_micro_batch_size", "fc_lr",
+                "fc_optimizer", "fc_weight_decay", "fc_momentum", "fc_scheduler", "semi_ratio", "seed", "arch",
+                "cifar_stem", "image_size", "dataset_name")
 
 
 @dataclass
@@ -175,19 +175,20 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step, start_epoch, start_batch, loss_sum = 0, 0, 0, 0.0
+    step, start_epoch, start_batch = 0, 0, 0
+    loss_sum = torch.zeros((), device=device)  # the epoch's summed loss, on the device: no host sync a step
     if fit.state is not None:
         model.load_state_dict(fit.state["model"])
         opt.load_state_dict(fit.state["optimizer"])
         step, start_epoch, start_batch = fit.state["step"], fit.state["fc_epoch"], fit.state["batch"]
-        loss_sum = fit.state["loss_sum"]
+        loss_sum += fit.state["loss_sum"]
     name = "finetune" if finetune else "linear"
     for epoch in range(start_epoch, cfg.fc_epochs):
         sampler.set_epoch(epoch)
         sampler.skip = start_batch * local_bs if epoch == start_epoch else 0
         first = start_batch if epoch == start_epoch else 0
         if first == 0:
-            loss_sum = 0.0
+            loss_sum.zero_()
         model.train()
         if not finetune:
             backbone.eval()  # frozen: BN statistics stay those of pretraining
@@ -203,11 +204,12 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
             loss = accumulate_gradients(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True), micro)
             opt.step()
             step += 1
-            loss_sum += float(loss)  # a host sync per step: the price of the epoch's loss in the record
+            loss_sum += loss
             stop, save = _agree(fit.requests(step), dist, device)
             if (stop or save) and step < cfg.fc_epochs * steps:
                 position = (epoch, i + 1) if i + 1 < steps else (epoch + 1, 0)
-                saved = _save_fit(fit, model, opt, step, position, loss_sum if i + 1 < steps else 0.0, cfg, dist)
+                saved = _save_fit(fit, model, opt, step, position, float(loss_sum) if i + 1 < steps else 0.0, cfg,
+                                  dist)
                 if stop:
                     bar.close()
                     where = (f"after saving {saved}; continue with the same command and --train_from latest"
@@ -216,7 +218,7 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
                                     f"{epoch + 1}, step {i + 1} of {steps}, {where}")
         bar.close()
     model.eval()
-    fields = {"fc_micro_batch_size": micro, "fc_train_loss": loss_sum / max(steps, 1)}
+    fields = {"fc_micro_batch_size": micro, "fc_train_loss": float(loss_sum) / max(steps, 1)}
     if fit.state is not None:
         fields["resumed_at_step"] = fit.state["step"]
     return model, fields

@@ -51,10 +51,14 @@ def embedding_stats(z: torch.Tensor, n_views: int) -> dict[str, torch.Tensor]:
 
 
 def effective_rank(m: torch.Tensor) -> torch.Tensor:
-    """exp(entropy of the singular values of ``m`` normalised to sum 1)."""
-    s = torch.linalg.svdvals(m.float())
+    """exp(entropy of the singular values of ``m`` normalised to sum 1); NaN when ``m`` is not finite (the
+    SVD would raise, and the step's own check names the problem)."""
+    m = m.float()
+    finite = torch.isfinite(m).all()
+    s = torch.linalg.svdvals(torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0))
     p = s / s.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    erank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    return torch.where(finite, erank, torch.full_like(erank, float("nan")))
 
 
 @torch.no_grad()

