@@ -17,9 +17,9 @@ from common.distributed import cleanup
 from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
-from engine.evaluate import PROTOCOLS, evaluate
+from engine.evaluate import PROTOCOLS, evaluate, record_tag
 from engine.optim import default_lr
-from engine.pretrain import pretrain
+from engine.pretrain import PREEMPTED_MARK, pretrain
 from engine.runlog import PER_INVOCATION_KEYS
 from models import ARCH_ALIASES, BACKBONES, METHODS
 from models.methods import Flag
@@ -390,25 +390,45 @@ def eval_defaults(cfg: argparse.Namespace) -> None:
         cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
 
 
-def final_evaluations(cfg: argparse.Namespace, run_dir: str) -> None:
+def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool = False) -> None:
     """``--final_eval``: each protocol on the run's last checkpoint (and a random-init baseline with
-    ``--final_eval_baseline``), then one summary line per protocol."""
+    ``--final_eval_baseline``), then one summary line per protocol. ``only_missing`` (a resume): the
+    protocols whose record is not written yet, an interrupted fine-tuning continuing from its saved position;
+    nothing when all are written."""
     epoch = max(list_checkpoints(run_dir))
+    if epoch < cfg.epochs:  # the run has not reached --epochs (--stop_after_epoch)
+        return
+    mark = os.path.join(run_dir, PREEMPTED_MARK)
+    if os.path.exists(mark) and os.environ.get("RANK", "0") == "0":
+        os.remove(mark)  # this invocation continues what the mark stood for
     lines = []
     for protocol in cfg.final_eval:
         ev = argparse.Namespace(**{**vars(cfg), "train_mode": "eval", "checkpoint_dir": run_dir, "eval_all": False,
                                    "transfer_mode": protocol, "transfer_from_epoch": epoch, "train_from": None})
+        stem = os.path.join(run_dir, "eval", f"{record_tag(protocol, cfg.semi_ratio)}_epoch{epoch:04d}")
+        if only_missing and os.path.isfile(stem + ".json"):
+            continue
+        if os.path.isfile(stem + ".partial.pth.tar"):
+            ev.train_from = "latest"
         eval_defaults(ev)
-        record = evaluate(ev)[-1]
+        try:
+            record = evaluate(ev)[-1]
+        except Preempted as stop:  # the job script requeues on the mark; the resume finishes this evaluation
+            if os.environ.get("RANK", "0") == "0":
+                with open(mark, "w") as f:
+                    f.write(f"{stop}\n")
+            raise Preempted(f"{str(stop).split('; continue')[0]}; continue with --log_dir {run_dir} "
+                            "--train_from latest") from stop
         line = f"{protocol}: top-1 {record['top1']:.2f}% (epoch {epoch})"
         if cfg.final_eval_baseline:
             base = argparse.Namespace(**{**vars(ev), "checkpoint_dir": "none", "transfer_from_epoch": None,
+                                         "train_from": None,
                                          "results_dir": os.path.join(run_dir, "eval", "random_init")})
             baseline = evaluate(base)[-1]
             line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
                      "pretraining)")
         lines.append(line)
-    if os.environ.get("RANK", "0") == "0":
+    if lines and os.environ.get("RANK", "0") == "0":
         print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
 
 
@@ -422,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(cfg)
         else:
             run_dir, finished = pretrain(cfg, resume, resume_path)
-            if finished and cfg.final_eval:
-                final_evaluations(cfg, run_dir)
+            if cfg.final_eval and (finished or resume is not None):
+                final_evaluations(cfg, run_dir, only_missing=not finished)
     except UserError as err:
         return report_error(worker_message(str(err)))
     except torch.cuda.OutOfMemoryError as err:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -128,3 +131,22 @@ def all_gather_object(obj) -> list:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main_only(work: Callable[[], object]) -> object:
+    """Rank 0's file work, whose failure must reach every rank (see ``shared_outcome``) instead of leaving
+    the others waiting in a collective: returns the result, or the exception."""
+    try:
+        return work()
+    except Exception as err:  # noqa: BLE001 - handed to every rank by shared_outcome
+        return err
+
+
+def shared_outcome(outcome: object) -> object:
+    """Rank 0's result on every rank; when it is an exception, every rank raises it (a user error as itself,
+    anything else as the one-line error it would have been on rank 0 alone)."""
+    outcome = broadcast_object(outcome if not isinstance(outcome, Exception) or isinstance(outcome, UserError)
+                               else UserError(f"rank 0 failed writing the run: {type(outcome).__name__}: {outcome}"))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome

@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common.device import pick_device
-from common.distributed import DistInfo, barrier, broadcast_object, init_distributed
+from common.distributed import DistInfo, barrier, broadcast_object, init_distributed, on_main_only, shared_outcome
 from common.errors import Preempted, UserError
 from data import load_split
 from data.datasets import Split
@@ -104,7 +104,8 @@ def accumulate_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, micro
     the sum of the pieces' gradients is the whole batch's (up to float rounding), except through BatchNorm,
     whose statistics are the micro-batch's: as with one more GPU each, without SyncBN. Under DDP only the last
     piece all-reduces. Returns the batch's mean loss (detached)."""
-    pieces = list(zip(x.split(micro), y.split(micro)))
+    n = -(-len(x) // micro)  # pieces as even as possible: no 1-image remainder for BatchNorm
+    pieces = list(zip(x.tensor_split(n), y.tensor_split(n)))
     total = x.new_zeros(())
     for j, (xs, ys) in enumerate(pieces):
         sync = j == len(pieces) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
@@ -192,9 +193,12 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
         model.train()
         if not finetune:
             backbone.eval()  # frozen: BN statistics stay those of pretraining
+        resuming = fit.state is not None and epoch == start_epoch
+        if resuming and first == 0:  # saved at an epoch's end: before this epoch's loader drew its seed
+            ckpt_io.restore_rng(fit.state, dist)
         batches = iter(loader)  # draws the loader's base seed from the global stream
-        if fit.state is not None and epoch == start_epoch:
-            ckpt_io.restore_rng(fit.state, dist)  # after that draw, as it was when the position was saved
+        if resuming and first > 0:  # saved inside the epoch: after that draw, as it was then
+            ckpt_io.restore_rng(fit.state, dist)
         bar = tqdm(batches, desc=f"{name} {epoch + 1}/{cfg.fc_epochs}", initial=first, total=steps,
                    disable=not dist.is_main, leave=False, file=sys.stdout)
         for i, (x, y, _) in enumerate(bar, start=first):
@@ -245,9 +249,12 @@ def _save_fit(fit: FitRun, model: nn.Module, opt: torch.optim.Optimizer, step: i
     if dist.is_main:
         state = {"settings": fit_settings(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "step": step, "fc_epoch": position[0], "batch": position[1], "loss_sum": loss_sum, "rng": rngs}
-        ckpt_io.atomic_save(state, fit.path)
-        tqdm.write(f"saved {fit.path}")
-    barrier()
+
+        def write() -> None:
+            ckpt_io.atomic_save(state, fit.path)
+            tqdm.write(f"saved {fit.path}")
+
+    shared_outcome(on_main_only(write) if dist.is_main else None)  # a failed save reaches every rank
     if hasattr(fit.requests, "saved"):
         fit.requests.saved()
     return fit.path
@@ -502,7 +509,7 @@ def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dic
                         "the interrupted evaluation of the same command)")
     if chosen[0][1] is None:
         raise UserError("--train_from latest: a random-init baseline is not resumable; drop --train_from")
-    if cfg.transfer_mode != "finetune" and not (cfg.transfer_mode == "linear_eval" and cfg.fc_augment):
+    if not trains_through(cfg):
         raise UserError(f"--train_from latest: --transfer_mode {cfg.transfer_mode} saves no position (only finetune "
                         "and --fc_augment linear_eval do); drop --train_from")
     if len(chosen) > 1:
@@ -518,6 +525,11 @@ def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dic
             raise UserError(f"{path} was saved with --{key}={value}, not {getattr(cfg, key, None)}; continue with "
                             f"the same settings, or delete that file to start afresh")
     return state
+
+
+def trains_through(cfg: Namespace) -> bool:
+    """Whether the evaluation trains through the backbone (and so saves a position on a signal)."""
+    return cfg.transfer_mode == "finetune" or (cfg.transfer_mode == "linear_eval" and bool(cfg.fc_augment))
 
 
 def partial_path(out_dir: str, cfg: Namespace, epoch: int) -> str:
@@ -556,7 +568,7 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
         results.append(record)
         if dist.is_main:
             _report(cfg, record, out_dir, writer)
-            if os.path.exists(partial_path(out_dir, cfg, epoch)):  # the result is written: the position is spent
+            if trains_through(cfg) and os.path.exists(partial_path(out_dir, cfg, epoch)):  # spent once written
                 ckpt_io.remove_checkpoint(partial_path(out_dir, cfg, epoch))
     if dist.is_main:
         _finish(cfg, results, out_dir, writer, test, test_x, test_y, chosen[-1][0])
@@ -579,8 +591,13 @@ def _output_dir(cfg: Namespace, dist: DistInfo, random_init: bool) -> str:
     return out_dir
 
 
+def record_tag(transfer_mode: str, semi_ratio: float | None) -> str:
+    """The name of an evaluation's records: ``<mode>[_semi<ratio>]`` (its json is ``<tag>_epoch<N>.json``)."""
+    return f"{transfer_mode}{'' if semi_ratio is None else f'_semi{semi_ratio:g}'}"
+
+
 def _tag(cfg: Namespace) -> str:
-    return f"{cfg.transfer_mode}{'' if cfg.semi_ratio is None else f'_semi{cfg.semi_ratio:g}'}"
+    return record_tag(cfg.transfer_mode, cfg.semi_ratio)
 
 
 def _report(cfg: Namespace, record: dict, out_dir: str, writer) -> None:

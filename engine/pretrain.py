@@ -25,8 +25,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common.device import pick_device
-from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                get_world_size, init_distributed)
+from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
+                                init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, load_split
@@ -276,7 +276,7 @@ class _StepCheck:
     more than ``MAX_STEP_GROWTH``-fold: ``Trainer.runaway``), and whether any rank asks to stop (a signal) or
     to save (a timer) after it.
 
-    Made right after the forward: it queues one all-reduce of five numbers and their copy to the host
+    Made right after the forward: it queues one all-reduce of six numbers and their copy to the host
     without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
     forward while the device runs the backward, instead of draining the stream every step. The requests are
     filled on the device from host scalars (no host-to-device copy).
@@ -420,25 +420,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- one epoch
-def on_main_only(work: Callable[[], object]) -> object:
-    """Rank 0's file work, whose failure must reach every rank (see ``shared_outcome``) instead of leaving
-    the others waiting in a collective: returns the result, or the exception."""
-    try:
-        return work()
-    except Exception as err:  # noqa: BLE001 - handed to every rank by shared_outcome
-        return err
-
-
-def shared_outcome(outcome: object) -> object:
-    """Rank 0's result on every rank; when it is an exception, every rank raises it (a user error as itself,
-    anything else as the one-line error it would have been on rank 0 alone)."""
-    outcome = broadcast_object(outcome if not isinstance(outcome, Exception) or isinstance(outcome, UserError)
-                               else UserError(f"rank 0 failed writing the run: {type(outcome).__name__}: {outcome}"))
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
 class RunFiles:
     """The run directory and what rank 0 writes into it (TensorBoard, metrics.jsonl, curves, checkpoints)."""
 

@@ -17,11 +17,13 @@ class StopRequests:
     ``--save_every_n_steps`` steps or ``--save_every_n_minutes``). The handlers live as long as the run."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SAME_SIGNAL_S = 2.0  # signals this close together are one request
 
     def __init__(self, cfg: Namespace) -> None:
         self.every_steps = cfg.save_every_n_steps or 0
         self.every_s = (cfg.save_every_n_minutes or 0) * 60
         self.received: str | None = None
+        self.received_at = 0.0
         self.last_save = time.monotonic()
         self._previous: dict = {}
 
@@ -37,11 +39,14 @@ class StopRequests:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: the run is stuck, let the default action happen
+        now = time.monotonic()
+        if self.received is not None and now - self.received_at < self.SAME_SIGNAL_S:
+            return  # the same stop twice (e.g. to the process group and passed on by a parent): one request
+        if self.received is not None:  # a later second signal: the run is stuck, let the default action happen
             self.__exit__()
             signal.raise_signal(signum)
             return
-        self.received = signal.Signals(signum).name
+        self.received, self.received_at = signal.Signals(signum).name, now
 
     def __call__(self, next_step: int) -> tuple[bool, bool]:
         """(stop, save) wanted after step ``next_step`` (1-based)."""

@@ -64,12 +64,16 @@ class Sweep:
 
     @property
     def grid(self) -> dict[str, list]:
-        """Every axis with the values it takes in any grid, in order of appearance."""
-        return {a: list(dict.fromkeys(v for g in self.grids for v in g.get(a, []))) for a in self.axes}
+        """Every axis with the values it takes in any grid, in order of appearance; None where a grid lacks
+        the axis (its cells keep that flag's base value)."""
+        return {a: list(dict.fromkeys([v for g in self.grids for v in g.get(a, [])]
+                                      + [None] * any(a not in g for g in self.grids))) for a in self.axes}
 
     def cells(self) -> list["Cell"]:
-        return [Cell(self, {a: dict(zip(g, values)).get(a) for a in self.axes if a in g})
-                for g in self.grids for values in product(*g.values())]
+        """The union of the grids' products; a cell that two grids both produce is run once."""
+        cells = [Cell(self, {a: dict(zip(g, values)).get(a) for a in self.axes if a in g})
+                 for g in self.grids for values in product(*g.values())]
+        return list({c.name: c for c in reversed(cells)}.values())[::-1]
 
 
 @dataclass
@@ -144,6 +148,13 @@ def load_sweep(path: str, out: str | None) -> Sweep:
         if axis is not None and axis not in grid:
             raise UserError(f"{path}: table {key} {axis!r} is not an axis of the grid ({', '.join(grid)})")
     sweep = Sweep(name, base, grids, evals, rows, columns, out or os.path.join(ROOT, "results", "sweeps", name))
+    seen: dict[str, dict] = {}
+    for g in grids:
+        for values in product(*g.values()):
+            cell = Cell(sweep, dict(zip(g, values)))
+            if seen.setdefault(cell.name, cell.values) != cell.values:
+                raise UserError(f"{path}: the cells {seen[cell.name]} and {cell.values} would share the directory "
+                                f"{cell.name}; make the values differ in letters, digits, '.', '+' or '-'")
     _check_cells(sweep, path)
     return sweep
 
@@ -186,7 +197,7 @@ def cell_state(cell: Cell) -> str:
         return "resume"
     cell.records = {}
     for protocol in cell.sweep.evals:
-        record = os.path.join(cell.run_dir, "eval", f"{protocol}_epoch{epochs:04d}.json")
+        record = _record(cell, protocol, epochs)
         if not os.path.isfile(record):
             return "evaluate"
         with open(record) as f:
@@ -194,9 +205,18 @@ def cell_state(cell: Cell) -> str:
     return "done"
 
 
+def _record(cell: Cell, protocol: str, epoch: int, suffix: str = ".json") -> str:
+    """Where the cell's evaluation ``protocol`` of checkpoint ``epoch`` writes its record (or, with
+    ``.partial.pth.tar``, its saved position)."""
+    from engine.evaluate import record_tag
+
+    tag = record_tag(protocol, cell.settings().get("semi_ratio"))
+    return os.path.join(cell.run_dir, "eval", f"{tag}_epoch{epoch:04d}{suffix}")
+
+
 def command(cell: Cell, state: str) -> list[list[str]]:
-    """The main.py invocations that bring ``cell`` from ``state`` to done."""
-    main = [sys.executable, os.path.join(ROOT, "main.py")]
+    """The main.py arguments of the invocations that bring ``cell`` from ``state`` to done."""
+    main: list[str] = []
     if state == "start":
         if os.path.isdir(cell.run_dir):  # killed before its first checkpoint: the sweep's own directory
             shutil.rmtree(cell.run_dir)
@@ -205,22 +225,14 @@ def command(cell: Cell, state: str) -> list[list[str]]:
         return [main + [f"--config={cell.config_path}", f"--log_dir={cell.run_dir}"]]
     if state == "resume":
         return [main + [f"--log_dir={cell.run_dir}", "--train_from=latest"]]
-    evals = [p for p in cell.sweep.evals
-             if not os.path.isfile(os.path.join(cell.run_dir, "eval", f"{p}_epoch{_epochs(cell.run_dir):04d}.json"))]
+    epochs = _epochs(cell.run_dir)
+    evals = [p for p in cell.sweep.evals if not os.path.isfile(_record(cell, p, epochs))]
     return [main + [f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
-                    f"--transfer_mode={p}", "--final_eval=", "--no-tsne"] for p in evals]
+                    f"--transfer_mode={p}", "--final_eval=", "--no-tsne"]
+            + ["--train_from=latest"] * os.path.isfile(_record(cell, p, epochs, ".partial.pth.tar")) for p in evals]
 
 
 # ----------------------------------------------------------------------------- running
-def _die_with_parent() -> None:
-    """In a cell's process (Linux): SIGTERM when the sweep dies, even by SIGKILL, so the cell saves its
-    position and frees its run directory instead of running on unseen."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Runner:
     """Runs cells as subprocesses, ``parallel`` at a time; on CUDA nodes each gets its own GPU. SIGTERM or
     SIGINT is passed on to the running cells (they save and exit 3) and the sweep stops with status 3."""
@@ -243,11 +255,13 @@ class Runner:
         elif self.parallel > 1:  # share the cores instead of oversubscribing them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
         log = open(cell.log, "a")
-        log.write(f"$ {' '.join(commands[0])}\n")
+        log.write(f"$ python main.py {' '.join(commands[0])}\n")
         log.flush()
-        proc = subprocess.Popen(commands[0], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.cell"] + commands[0], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.running[proc] = (cell, commands[1:], gpu, log)
+        if self.stopping:  # the signal came while this cell was starting: it stops too
+            proc.send_signal(signal.SIGTERM)
 
     def run(self, cells: list[Cell], bar) -> None:
         pending = list(cells)
@@ -256,8 +270,8 @@ class Runner:
             while (pending and not self.stopping) or self.running:
                 while pending and len(self.running) < self.parallel and not self.stopping:
                     cell = pending.pop(0)
-                    used = {g for _, _, g, _ in self.running.values()}
-                    gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
+                    load = [sum(g == d for _, _, g, _ in self.running.values()) for d in range(self.gpus)]
+                    gpu = load.index(min(load)) if self.gpus else None  # the least busy GPU
                     self._start(cell, command(cell, cell.status), gpu)
                 time.sleep(0.2)
                 for proc in [p for p in self.running if p.poll() is not None]:
@@ -312,7 +326,7 @@ def write_results(sweep: Sweep) -> list[Cell]:
             cols = sweep.grid[sweep.columns] if sweep.columns else [None]
             rows = sweep.grid[sweep.rows] if sweep.rows else [None]
             lines.append(f"| {sweep.rows or ''} | " + " | ".join(
-                f"{sweep.columns}={c}" if sweep.columns else "top-1" for c in cols) + " |")
+                f"{sweep.columns}={c if c is not None else '-'}" if sweep.columns else "top-1" for c in cols) + " |")
             lines.append("|---|" + "---|" * len(cols))
             for r in rows:
                 cells_text = []
@@ -323,7 +337,7 @@ def write_results(sweep: Sweep) -> list[Cell]:
                     else:
                         mean, std = _mean_std(values)
                         cells_text.append(f"{mean:.2f} ± {std:.2f} (n={len(values)})")
-                lines.append(f"| {r if r is not None else ''} | " + " | ".join(cells_text) + " |")
+                lines.append(f"| {r if r is not None else '-'} | " + " | ".join(cells_text) + " |")
         _plot(sweep, protocol, groups, fixed)
     with open(os.path.join(sweep.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -339,7 +353,7 @@ def _plot(sweep: Sweep, protocol: str, groups: dict, fixed: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = sweep.grid[sweep.rows]
+    xs = [x for x in sweep.grid[sweep.rows] if x is not None]  # cells without the axis: in the table only
     numeric = all(isinstance(x, (int, float)) for x in xs)
     for fixed_values in dict.fromkeys(k[:len(fixed)] for k in groups):
         for col in (sweep.grid[sweep.columns] if sweep.columns else [None]):
@@ -393,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = torch.cuda.device_count()
-        parallel = args.parallel or max(gpus, 1)
+        parallel = args.parallel if args.parallel is not None else max(gpus, 1)
         if parallel < 1:
             raise UserError(f"--parallel must be at least 1, got {parallel}")
         sweep = load_sweep(args.sweep, args.out)
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in cells if c.status != "done"]
     print(f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
           f"({parallel} at a time) in {sweep.out}", flush=True)
-    runner = Runner(sweep, parallel, gpus if gpus and parallel <= gpus else 0)
+    runner = Runner(sweep, parallel, gpus)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {sweep.name}", file=sys.stdout) as bar:
         runner.run(todo, bar)
     cells = write_results(sweep)

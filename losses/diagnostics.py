@@ -4,8 +4,9 @@ on the logging steps only (``SSLMethod.diagnose``), detached, as device tensors 
 For every method, of the L2-normalised projections of one batch (Wang & Isola 2020 for the first two):
 
 - ``alignment``: mean squared distance between two views of an image, E||f(x) - f(x+)||^2 (0 is perfect);
-- ``uniformity``: log E exp(-2 ||f(x) - f(y)||^2) over pairs of different rows (lower is more uniform; -4 is
-  the floor of the sphere in high dimension, 0 a collapse to one point);
+- ``uniformity``: log E exp(-2 ||f(x) - f(y)||^2) over pairs of different images within a view, averaged
+  over the views (lower is more uniform; -4 is the floor of the sphere in high dimension, 0 a collapse to
+  one point);
 - ``emb_std``: per-dimension standard deviation, averaged (1/sqrt(D) for points spread on the sphere,
   0 for a collapse);
 - ``erank``: effective rank (Roy & Vetterli 2007) of the (uncentred) normalised embedding matrix,
@@ -41,10 +42,16 @@ def embedding_stats(z: torch.Tensor, n_views: int) -> dict[str, torch.Tensor]:
     if n_views > 1:
         pairs = [(i, j) for i in range(n_views) for j in range(i + 1, n_views)]
         stats["alignment"] = torch.stack([(views[i] - views[j]).pow(2).sum(1).mean() for i, j in pairs]).mean()
-    rows = v[:MAX_ROWS]
-    sq = (2 - 2 * rows @ rows.T).clamp_min(0)  # squared distances of unit vectors
-    off = ~torch.eye(len(rows), dtype=torch.bool, device=v.device)
-    stats["uniformity"] = torch.logsumexp(-2 * sq[off], dim=0) - math.log(max(int(off.sum()), 1))
+    per_view = []
+    for view in views:  # within each view, as Wang & Isola: the other view of an image is no "other point"
+        rows = view[:MAX_ROWS]
+        if len(rows) > 1:
+            sq = (2 - 2 * rows @ rows.T).clamp_min(0)  # squared distances of unit vectors
+            diagonal = torch.eye(len(rows), dtype=torch.bool, device=v.device)
+            logits = (-2 * sq).masked_fill(diagonal, float("-inf"))  # a mask, not an index: no host sync
+            per_view.append(torch.logsumexp(logits.flatten(), dim=0) - math.log(len(rows) * (len(rows) - 1)))
+    if per_view:
+        stats["uniformity"] = torch.stack(per_view).mean()
     stats["emb_std"] = v.std(dim=0).mean()
     stats["erank"] = effective_rank(v)
     return stats

@@ -17,8 +17,8 @@ def test_uniformity_and_alignment_of_known_sets():
     square = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
     z = torch.cat([square, square])  # two identical views: alignment 0
     stats = embedding_stats(z, n_views=2)
-    # over the 8 rows, ordered pairs of different rows: 8 at distance 0 (a row and its copy), 32 at 2, 16 at 4
-    expected = math.log((8 * 1 + 32 * math.exp(-4) + 16 * math.exp(-8)) / 56)
+    # within a view, ordered pairs of different images: 8 at squared distance 2, 4 at 4 (the two views agree)
+    expected = math.log((8 * math.exp(-4) + 4 * math.exp(-8)) / 12)
     assert stats["uniformity"].item() == pytest.approx(expected, rel=1e-6)
     assert stats["alignment"].item() == pytest.approx(0.0, abs=1e-7)
     shifted = torch.cat([square, square.roll(1, dims=0)])  # each image's second view a quarter turn away

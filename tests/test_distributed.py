@@ -190,9 +190,10 @@ def test_torchrun_two_processes_write_one_run_directory(clr, extra, tmp_path):
         assert main(knn + ["--transfer_mode=knn"]) == 0
         one = json.load(open(parent / run / "eval" / "knn_epoch0003.json"))
         assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
-        proc = _torchrun(knn + ["--transfer_mode=finetune", "--fc_epochs=1", "--fc_batch_size=64"], cwd=tmp_path)
+        proc = _torchrun(knn + ["--transfer_mode=finetune", "--fc_epochs=1", "--fc_batch_size=64",
+                                "--semi_ratio=0.1"], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("finetune epoch 3: top-1") == 1
+        assert proc.stdout.count("finetune_semi0.1 epoch 3: top-1") == 1
 
 
 def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):

@@ -169,11 +169,12 @@ def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seed
 
 
 def test_short_pretraining_beats_random_init_on_digits(tmp_path):
-    # ResNet-18 at width 0.5 for 60 steps (half the time of width 1.0 for 40 steps in the default suite), against
-    # the same network untrained. Measured: 69.28% against 57.83% (+11.5), ahead on each of the five seeds.
+    # ResNet-18 at width 0.5 for 60 steps (less than half the time of width 1.0 for 40 steps), against the same
+    # network untrained, three probe seeds. Measured with five: 69.28% against 57.83% (+11.5), ahead on each;
+    # seeds 0-2 of those: 67.60% against 56.67% (+10.9).
     pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=digits"], "linear_eval", 0.02,
                                       ["--min_crop_scale=0.3", "--width_multiplier=0.5", "--epochs=12"],
-                                      probe_seeds=(0, 1, 2, 3, 4))
+                                      probe_seeds=(0, 1, 2))
     assert pre >= base + 5.0
 
 
@@ -292,3 +293,25 @@ def test_an_unknown_final_eval_protocol_is_one_line(capsys):
         main(TINY + ["--final_eval=knn,probe"])
     assert stop.value.code == 2
     assert "unknown protocol probe; choose from linear_eval, finetune, knn" in capsys.readouterr().err
+
+
+def test_a_preempted_final_finetune_is_finished_by_the_resume(tmp_path, capsys, monkeypatch):
+    """SIGTERM during --final_eval's fine-tuning: its position is saved, RUN/.preempted asks the job script to
+    requeue, and the resume (nothing left to pretrain) continues that fine-tuning and clears the mark."""
+    from tests.test_preemption import _signal_in_fit
+
+    run = tmp_path / "run"
+    _signal_in_fit(monkeypatch, call=3)
+    args = TINY + ["--clr=simclr", "--epochs=1", "--final_eval=finetune", "--semi_ratio=0.1", "--fc_epochs=2",
+                   "--fc_batch_size=32", "--no-tsne", f"--log_dir={run}"]
+    assert main(args) == 3
+    partial = run / "eval" / "finetune_semi0.1_epoch0001.partial.pth.tar"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"preempted: stopped by SIGTERM at finetune epoch 1, step 3 of 4, after saving {partial}; continue with "
+        f"--log_dir {run} --train_from latest")
+    assert partial.exists() and (run / ".preempted").exists()
+    monkeypatch.undo()
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0
+    record = json.load(open(run / "eval" / "finetune_semi0.1_epoch0001.json"))
+    assert record["resumed_at_step"] == 3 and not partial.exists() and not (run / ".preempted").exists()
+    assert "  finetune: top-1" in capsys.readouterr().out

@@ -198,12 +198,14 @@ def _signal_in_fit(monkeypatch, call: int, sig=signal.SIGTERM):
     monkeypatch.setattr(ev, "accumulate_gradients", accumulate)
 
 
-@pytest.mark.parametrize("mode, tag, lr", [(["--transfer_mode=finetune"], "finetune_semi0.1", 0.00625),
-                                           (["--transfer_mode=linear_eval", "--fc_augment"], "linear_eval_semi0.1",
-                                            0.0125)])
+@pytest.mark.parametrize("mode, tag, lr, call", [
+    (["--transfer_mode=finetune"], "finetune_semi0.1", 0.00625, 7),
+    (["--transfer_mode=finetune"], "finetune_semi0.1", 0.00625, 4),  # at the end of epoch 1
+    (["--transfer_mode=linear_eval", "--fc_augment"], "linear_eval_semi0.1", 0.0125, 7)])
 def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run, tmp_path, monkeypatch, capsys,
-                                                                       mode, tag, lr):
-    """144 labelled images at batch 32: 4 steps an epoch, 8 in all; SIGTERM during step 7 (epoch 2, step 3)."""
+                                                                       mode, tag, lr, call):
+    """144 labelled images at batch 32: 4 steps an epoch, 8 in all; SIGTERM during step 7 (epoch 2, step 3)
+    or step 4 (the last of epoch 1: the position is the start of epoch 2)."""
     import shutil
 
     runs = {name: shutil.copytree(eval_run, tmp_path / name) for name in ("whole", "cut")}
@@ -214,12 +216,13 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run,
 
     cut = [f"--checkpoint_dir={runs['cut']}"]
     partial = runs["cut"] / "eval" / f"{tag}_epoch0001.partial.pth.tar"
-    _signal_in_fit(monkeypatch, call=7)
+    _signal_in_fit(monkeypatch, call=call)
     assert main(args + cut) == EXIT_PREEMPTED
     name = "finetune" if "finetune" in tag else "linear"
+    epoch, step = (call - 1) // 4 + 1, (call - 1) % 4 + 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"preempted: stopped by SIGTERM at {name} epoch 2, step 3 of 4, after saving {partial}; continue with the "
-        "same command and --train_from latest")
+        f"preempted: stopped by SIGTERM at {name} epoch {epoch}, step {step} of 4, after saving {partial}; continue "
+        "with the same command and --train_from latest")
     assert partial.exists() and not (runs["cut"] / "eval" / f"{tag}_epoch0001.json").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     monkeypatch.undo()
@@ -232,7 +235,7 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run,
 
     assert main(args + cut + ["--train_from=latest"]) == 0
     resumed = json.load(open(runs["cut"] / "eval" / f"{tag}_epoch0001.json"))
-    assert resumed.pop("resumed_at_step") == 7
+    assert resumed.pop("resumed_at_step") == call
     assert resumed.pop("checkpoint") != whole.pop("checkpoint")  # the two copies of the run
     assert resumed == whole  # accuracy and the last epoch's training loss, bitwise
     assert not partial.exists()
