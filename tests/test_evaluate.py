@@ -147,7 +147,7 @@ def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seed
     network and of the random-init one."""
     run = tmp_path / "run"
     assert main(data + SHORT + list(extra) + [f"--log_dir={run}"]) == 0
-    probe = ["--train_mode=eval", f"--transfer_mode={mode}", "--workers=1", "--no-tsne", "--device=cpu"]
+    probe = ["--train_mode=eval", f"--transfer_mode={mode}", "--workers=0", "--no-tsne", "--device=cpu"]
     if semi_ratio:
         probe.append(f"--semi_ratio={semi_ratio}")
     pre, base = [], []
@@ -169,12 +169,11 @@ def _pretrained_vs_random(tmp_path, data, mode, semi_ratio, extra=(), probe_seed
 
 
 def test_short_pretraining_beats_random_init_on_digits(tmp_path):
-    # ResNet-18 at width 0.5 for 60 steps (less than half the time of width 1.0 for 40 steps), against the same
-    # network untrained, three probe seeds. Measured with five: 69.28% against 57.83% (+11.5), ahead on each;
-    # seeds 0-2 of those: 67.60% against 56.67% (+10.9).
+    # ResNet-18 at width 0.25, 60 steps of batch 256 with the batched augmentation (30 s), against the same
+    # network untrained, three probe seeds. Measured: 66.94% against 51.57% (+15.4), ahead on each seed.
     pre, base = _pretrained_vs_random(tmp_path, ["--dataset_name=digits"], "linear_eval", 0.02,
-                                      ["--min_crop_scale=0.3", "--width_multiplier=0.5", "--epochs=12"],
-                                      probe_seeds=(0, 1, 2))
+                                      ["--min_crop_scale=0.3", "--width_multiplier=0.25", "--epochs=12",
+                                       "--faster_version"], probe_seeds=(0, 1, 2))
     assert pre >= base + 5.0
 
 
