@@ -234,8 +234,9 @@ def command(cell: Cell, state: str) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------- running
 class Runner:
-    """Runs cells as subprocesses, ``parallel`` at a time; on CUDA nodes each gets its own GPU. SIGTERM or
-    SIGINT is passed on to the running cells (they save and exit 3) and the sweep stops with status 3."""
+    """Runs cells as subprocesses, ``parallel`` at a time; on CUDA nodes each on the least busy GPU. SIGTERM
+    (or SIGINT) to the sweep is passed on to the running cells as SIGTERM: they save their position and exit 3
+    (a cell that also got the signal from its process group counts the two as one), and the sweep exits 3."""
 
     def __init__(self, sweep: Sweep, parallel: int, gpus: int) -> None:
         self.sweep, self.parallel, self.gpus = sweep, parallel, gpus
