@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default="./datasets", help="dataset root")
-    g.add_argument("--dataset_name", default="cifar10", choices=list(DATASETS))
+    g.add_argument("--dataset_name", "--dataset", dest="dataset_name", default="cifar10", choices=list(DATASETS))
     add_bool(g, "download", False, "download the torchvision datasets into --data if missing")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the dataset's)")
     g.add_argument("--n_views", type=int, default=2, help="augmented views per image")
@@ -96,9 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "proj_bn", True, "BN in the projection's hidden layers (BN1 of the seed-001 ablation)")
     add_bool(g, "proj_out_bn", False, "BN on the projection output (BN3)")
     add_bool(g, "proj_out_bn_affine", True, "affine parameters of that output BN")
+    g = p.add_argument_group("seed 001 (UnsupervisedLearningCodes) spellings, mapped onto the flags above")
+    g.add_argument("--network", default=None, choices=sorted(ULC_NETWORKS),
+                   help="resnetNN_cifar = --arch resnetNN --cifar_stem; resnetNN = --arch resnetNN --no-cifar_stem")
+    g.add_argument("--mlpbn", type=int, default=None, choices=[0, 1], help="= --proj_bn (1) / --no-proj_bn (0)")
+    g.add_argument("--loss", default=None, choices=["insd"],
+                   help="insd = InsDis's non-parametric softmax over the memory bank (--clr insdis "
+                        "--insdis_loss softmax)")
+    for name in ("--cudaenv", "--gpus"):
+        g.add_argument(name, default=None, help="accepted and not used: choose devices with CUDA_VISIBLE_DEVICES "
+                                                "and torchrun")
 
     g = p.add_argument_group("objective")
-    g.add_argument("--temperature", type=float, default=0.1, help="SimCLR/FlatCLR/InsDis temperature")
+    g.add_argument("--temperature", "--t", dest="temperature", type=float, default=0.1,
+                   help="SimCLR/FlatCLR/InsDis temperature (--t: seed 001's spelling)")
     add_method_flags(p)
 
     g = p.add_argument_group("optimisation")
@@ -157,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--results_dir", default="results", help="root of new run directories")
-    g.add_argument("--log_dir", default=None, help="run directory (to resume, or to name a new run)")
+    g.add_argument("--log_dir", "--exp", dest="log_dir", default=None,
+                   help="run directory (to resume, or to name a new run); --exp: seed 001's spelling")
     g.add_argument("--train_from", default=None,
                    help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'; in eval mode "
                         "'latest' continues an interrupted finetune / --fc_augment linear eval")
@@ -227,6 +239,36 @@ def refuse_foreign_checkpoint(run_dir: str, path: str, saved: dict) -> None:
         if key in mine and key in saved and mine[key] != saved[key]:
             raise UserError(f"{path} comes from another kind of run (--{key}={saved[key]}) than {run_dir} "
                             f"(--{key}={mine[key]}); resume a run from its own checkpoints or start a new one")
+
+
+# Seed 001's --network values: (our --arch, CIFAR stem).
+ULC_NETWORKS = {f"resnet{d}{suffix}": (f"resnet{d}", suffix == "_cifar") for d in (18, 34, 50, 101, 152)
+                for suffix in ("", "_cifar")}
+
+
+def map_seed_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """Seed 001's --network, --mlpbn, --loss onto this tool's flags (a contradiction is one line), and a note
+    for its --cudaenv/--gpus."""
+    if cfg.network is not None:
+        arch, stem = ULC_NETWORKS[cfg.network]
+        given = {"arch": ARCH_ALIASES.get(cfg.arch, cfg.arch), "cifar_stem": cfg.cifar_stem}
+        for key, value in (("arch", arch), ("cifar_stem", stem)):
+            if key in explicit and given[key] != value:
+                raise UserError(f"--network {cfg.network} means --{key}={value}, not {given[key]}; pass one of them")
+            setattr(cfg, key, value)
+    if cfg.mlpbn is not None:
+        if "proj_bn" in explicit and cfg.proj_bn != bool(cfg.mlpbn):
+            raise UserError(f"--mlpbn {cfg.mlpbn} contradicts --proj_bn={cfg.proj_bn}; pass one of them")
+        cfg.proj_bn = bool(cfg.mlpbn)
+    if cfg.loss == "insd":
+        if cfg.clr != "insdis":
+            raise UserError(f"--loss insd is InsDis's loss, not {cfg.clr}'s; pass --clr insdis")
+        if "insdis_loss" in explicit and cfg.insdis_loss != "softmax":
+            raise UserError(f"--loss insd is --insdis_loss softmax, not {cfg.insdis_loss}; pass one of them")
+        cfg.insdis_loss = "softmax"
+    if (cfg.cudaenv is not None or cfg.gpus is not None) and os.environ.get("RANK", "0") == "0":
+        print("note: --cudaenv/--gpus are accepted for seed 001's commands and not used: choose devices with "
+              "CUDA_VISIBLE_DEVICES and run several with torchrun --nproc_per_node", file=sys.stderr)
 
 
 def explicit_dests(argv: list[str]) -> set[str]:
@@ -371,6 +413,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
 
     if cfg.train_mode == "ssl":
         cfg.train_mode = "pretrain"
+    map_seed_spellings(cfg, explicit)
     if cfg.train_mode == "eval":
         inherit_from_run(cfg, explicit)
     cfg.arch = ARCH_ALIASES.get(cfg.arch, cfg.arch)

@@ -443,7 +443,8 @@ class RunFiles:
     def save(self, trainer: "Trainer", epoch: int, batch: int = 0, meter: Meter | None = None) -> str:
         """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it.
         Refused on every rank when any weight or buffer is NaN or inf: a poisoned checkpoint is never written."""
-        tensors = [t for t in trainer.method.state_dict().values() if t.is_floating_point()]
+        unset = getattr(trainer.method, "MAY_BE_UNSET", ())  # NaN by design until set (InsDis's NCE normaliser)
+        tensors = [t for k, t in trainer.method.state_dict().items() if t.is_floating_point() and k not in unset]
         runaway = trainer.runaway if trainer.runaway is not None else (torch.zeros(()),) * 3
         bad, runaway, growth, nonfinite = all_reduce_sum(torch.stack([
             torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float(),

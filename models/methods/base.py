@@ -28,6 +28,9 @@ class SSLMethod(nn.Module):
     """
 
     LEGACY_KEYS: dict[str, str] = {}
+    # Buffers that are NaN by design until the method sets them: the check for poisoned weights before a save
+    # skips them.
+    MAY_BE_UNSET: tuple[str, ...] = ()
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, n_views: int) -> None:
         super().__init__()

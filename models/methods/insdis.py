@@ -24,6 +24,8 @@ class InsDis(SSLMethod):
     cost B*m*D memory for the same estimator in expectation).
     """
 
+    MAY_BE_UNSET = ("log_z",)  # NaN until the first NCE batch sets it; never set with the softmax loss
+
     def __init__(self, backbone: nn.Module, projector: nn.Module, n_views: int, num_data: int, dim: int,
                  temperature: float, num_negatives: int, bank_momentum: float, loss: str) -> None:
         super().__init__(backbone, projector, n_views)
