@@ -63,3 +63,23 @@ def test_contradicting_seed_spellings_are_one_line(argv, message):
 
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         resolve(argv)
+
+
+@pytest.mark.parametrize("preset, index, extra", [("insdis", 0, []), ("simclr", 1, []), ("byol", 2, []),
+                                                  ("byol_aug", 2, ["--blur"])])
+def test_the_ulc_presets_hold_what_the_seeds_command_lines_set(preset, index, extra):
+    """configs/ulc_cifar100_*.yaml against the seed's line read through main.py (its lr taken as the rate)."""
+    import shlex
+
+    _, clr, line = SEED_001[index]
+    cfg, _, _ = resolve([f"--config={os.path.join(ROOT, 'configs', f'ulc_cifar100_{preset}.yaml')}"])
+    seed, _, _ = resolve([f"--clr={clr}", "--learning_rate_scaling=none"] + shlex.split(line) + extra)
+    for key in ("clr", "arch", "cifar_stem", "batch_size", "lr", "learning_rate_scaling", "temperature",
+                "insdis_loss", "proj_bn", "blur"):
+        if key == "temperature" and clr == "byol":
+            continue  # not BYOL's
+        mine, theirs = getattr(cfg, key), getattr(seed, key)
+        if key == "blur":  # unset means off at 32 px (default_blur)
+            mine, theirs = bool(mine), bool(theirs)
+        assert mine == theirs, key
+    assert cfg.dataset_name == seed.dataset_name == "cifar100"
