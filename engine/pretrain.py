@@ -276,17 +276,19 @@ class _StepCheck:
     more than ``MAX_STEP_GROWTH``-fold: ``Trainer.runaway``), and whether any rank asks to stop (a signal) or
     to save (a timer) after it.
 
-    Made right after the forward: it queues one all-reduce of six numbers and their copy to the host
+    Made right after the forward: it queues one all-reduce of five numbers and their copy to the host
     without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
     forward while the device runs the backward, instead of draining the stream every step. The requests are
     filled on the device from host scalars (no host-to-device copy).
     """
 
     def __init__(self, loss: torch.Tensor, stop: bool, save: bool,
-                 runaway: tuple[torch.Tensor, ...] | None = None, update_step: int = 0) -> None:
+                 runaway: tuple[torch.Tensor, torch.Tensor] | None = None, update_step: int = 0,
+                 weights_finite: Callable[[], bool] = lambda: True) -> None:
         self.update_step = update_step  # the run's step count of the update ``runaway`` judges
+        self.weights_finite = weights_finite  # asked only to word the error (a host sync on that path alone)
         zero = torch.zeros((), device=loss.device)
-        runaway = runaway if runaway is not None else (zero, zero, zero)
+        runaway = runaway if runaway is not None else (zero, zero)
         flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
                              torch.full((), float(stop), device=loss.device),
                              torch.full((), float(save), device=loss.device), *(t.float() for t in runaway)])
@@ -302,10 +304,10 @@ class _StepCheck:
         requested) on any rank."""
         if self.ready is not None:
             self.ready.synchronize()
-        bad, stop, save, runaway, growth, nonfinite = self.counts.tolist()
+        bad, stop, save, runaway, growth = self.counts.tolist()
         where = f"resume from {last_ckpt} " if last_ckpt else ""
         if runaway:
-            raise UserError(runaway_message(growth / get_world_size(), nonfinite > 0,
+            raise UserError(runaway_message(growth / get_world_size(), not self.weights_finite(),
                                             f"step {self.update_step} of the run", where))
         if bad:
             raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {int(bad)} rank(s); "
@@ -343,8 +345,8 @@ class Trainer:
         self.stop_now = self.save_now = False
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.norm = self._weights_norm()
-        # (flag, growth, weights not finite) of the last update, device scalars
-        self.runaway: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # (flag, growth) of the last update, device scalars
+        self.runaway: tuple[torch.Tensor, torch.Tensor] | None = None
         self.low_rank_windows, self.warned_collapse = 0, False
 
     def _weights_norm(self) -> torch.Tensor:
@@ -373,12 +375,17 @@ class Trainer:
 
     def _judge_update(self) -> None:
         """After a step: ``runaway`` says on the device whether it grew the weights' norm more than
-        ``MAX_STEP_GROWTH``-fold or made them NaN/inf (their max-abs cannot overflow where the norm can)."""
+        ``MAX_STEP_GROWTH``-fold or made them NaN/inf (a NaN or inf weight makes the norm NaN or inf, which fails
+        the comparison): one pass over the weights a step."""
         norm = self._weights_norm()
         growth = norm / self.norm
-        nonfinite = (~torch.isfinite(torch.stack(torch._foreach_norm(self.params, float("inf"))))).any()
-        self.runaway = (~(growth <= MAX_STEP_GROWTH) | nonfinite, growth, nonfinite)
+        self.runaway = (~(growth <= MAX_STEP_GROWTH), growth)
         self.norm = norm
+
+    def weights_finite(self) -> bool:
+        """Whether every trainable weight is finite: words a runaway's error (the norm can overflow while the
+        weights stay finite); a host sync, on that path only."""
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
 
     @property
     def lr(self) -> float:
@@ -402,7 +409,7 @@ class Trainer:
         finally:
             self.method.diagnose = False
         check = _StepCheck(loss, *self.requests(self.step + 1), runaway=self.runaway,
-                           update_step=self.step)
+                           update_step=self.step, weights_finite=self.weights_finite)
         mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -445,13 +452,13 @@ class RunFiles:
         Refused on every rank when any weight or buffer is NaN or inf: a poisoned checkpoint is never written."""
         unset = getattr(trainer.method, "MAY_BE_UNSET", ())  # NaN by design until set (InsDis's NCE normaliser)
         tensors = [t for k, t in trainer.method.state_dict().items() if t.is_floating_point() and k not in unset]
-        runaway = trainer.runaway if trainer.runaway is not None else (torch.zeros(()),) * 3
-        bad, runaway, growth, nonfinite = all_reduce_sum(torch.stack([
+        runaway = trainer.runaway if trainer.runaway is not None else (torch.zeros(()),) * 2
+        bad, runaway, growth = all_reduce_sum(torch.stack([
             torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float(),
             *(t.float().to(tensors[0].device) for t in runaway)])).tolist()
         where = f"resume from {trainer.last_ckpt} " if trainer.last_ckpt else ""
         if runaway:
-            raise UserError(runaway_message(growth / self.dist.world_size, nonfinite > 0,
+            raise UserError(runaway_message(growth / self.dist.world_size, not trainer.weights_finite(),
                                             f"step {trainer.step} of the run", where))
         if bad:
             raise UserError(f"weights are not finite after epoch {epoch + (1 if batch else 0)}, step {trainer.step}; "
