@@ -7,6 +7,7 @@ run's saved settings, validates, and dispatches. Launch with ``python main.py`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -17,7 +18,7 @@ from common.distributed import cleanup
 from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
-from engine.evaluate import PROTOCOLS, evaluate, record_tag
+from engine.evaluate import PARTIAL, PROTOCOLS, evaluate, record_path
 from engine.optim import default_lr
 from engine.pretrain import PREEMPTED_MARK, pretrain
 from engine.runlog import PER_INVOCATION_KEYS
@@ -194,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def protocol_list(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
+    names = split_list(value)
     unknown = [n for n in names if n not in PROTOCOLS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
@@ -317,7 +322,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
     spec.validate(cfg)
     if isinstance(cfg.final_eval, str):  # a yaml list written as one string
-        cfg.final_eval = [v.strip() for v in cfg.final_eval.split(",") if v.strip()]
+        cfg.final_eval = split_list(cfg.final_eval)
     unknown = [p for p in cfg.final_eval if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"--final_eval: unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
@@ -448,10 +453,10 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
     for protocol in cfg.final_eval:
         ev = argparse.Namespace(**{**vars(cfg), "train_mode": "eval", "checkpoint_dir": run_dir, "eval_all": False,
                                    "transfer_mode": protocol, "transfer_from_epoch": epoch, "train_from": None})
-        stem = os.path.join(run_dir, "eval", f"{record_tag(protocol, cfg.semi_ratio)}_epoch{epoch:04d}")
-        if only_missing and os.path.isfile(stem + ".json"):
+        path_of = functools.partial(record_path, os.path.join(run_dir, "eval"), protocol, cfg.semi_ratio, epoch)
+        if only_missing and os.path.isfile(path_of()):
             continue
-        if os.path.isfile(stem + ".partial.pth.tar"):
+        if os.path.isfile(path_of(PARTIAL)):
             ev.train_from = "latest"
         eval_defaults(ev)
         try:

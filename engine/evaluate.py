@@ -534,7 +534,7 @@ def trains_through(cfg: Namespace) -> bool:
 
 def partial_path(out_dir: str, cfg: Namespace, epoch: int) -> str:
     """Where a fit of checkpoint ``epoch`` saves its position (removed once its result is written)."""
-    return os.path.join(out_dir, f"{_tag(cfg)}_epoch{epoch:04d}.partial.pth.tar")
+    return record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch, PARTIAL)
 
 
 def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list, train: Split, test: Split,
@@ -596,13 +596,23 @@ def record_tag(transfer_mode: str, semi_ratio: float | None) -> str:
     return f"{transfer_mode}{'' if semi_ratio is None else f'_semi{semi_ratio:g}'}"
 
 
+def record_path(out_dir: str, transfer_mode: str, semi_ratio: float | None, epoch: int,
+                suffix: str = ".json") -> str:
+    """``<out_dir>/<tag>_epoch<N><suffix>``: an evaluation's json record, or with ``PARTIAL`` the saved
+    position of its fit (what --final_eval and the sweeps look for too)."""
+    return os.path.join(out_dir, f"{record_tag(transfer_mode, semi_ratio)}_epoch{epoch:04d}{suffix}")
+
+
+PARTIAL = ".partial.pth.tar"
+
+
 def _tag(cfg: Namespace) -> str:
     return record_tag(cfg.transfer_mode, cfg.semi_ratio)
 
 
 def _report(cfg: Namespace, record: dict, out_dir: str, writer) -> None:
     tag, epoch = _tag(cfg), record["checkpoint_epoch"]
-    with open(os.path.join(out_dir, f"{tag}_epoch{epoch:04d}.json"), "w") as f:
+    with open(record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch), "w") as f:
         json.dump(record, f, indent=1)
     writer.add_scalar(f"eval/{tag}_top1", record["top1"], epoch)
     writer.add_scalar(f"eval/{tag}_top5", record["top5"], epoch)

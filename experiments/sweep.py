@@ -208,28 +208,28 @@ def cell_state(cell: Cell) -> str:
 def _record(cell: Cell, protocol: str, epoch: int, suffix: str = ".json") -> str:
     """Where the cell's evaluation ``protocol`` of checkpoint ``epoch`` writes its record (or, with
     ``.partial.pth.tar``, its saved position)."""
-    from engine.evaluate import record_tag
+    from engine.evaluate import record_path
 
-    tag = record_tag(protocol, cell.settings().get("semi_ratio"))
-    return os.path.join(cell.run_dir, "eval", f"{tag}_epoch{epoch:04d}{suffix}")
+    return record_path(os.path.join(cell.run_dir, "eval"), protocol, cell.settings().get("semi_ratio"), epoch, suffix)
 
 
 def command(cell: Cell, state: str) -> list[list[str]]:
     """The main.py arguments of the invocations that bring ``cell`` from ``state`` to done."""
-    main: list[str] = []
+    from engine.evaluate import PARTIAL
+
     if state == "start":
         if os.path.isdir(cell.run_dir):  # killed before its first checkpoint: the sweep's own directory
             shutil.rmtree(cell.run_dir)
         with open(cell.config_path, "w") as f:
             yaml.safe_dump(cell.settings(), f, sort_keys=False)
-        return [main + [f"--config={cell.config_path}", f"--log_dir={cell.run_dir}"]]
+        return [[f"--config={cell.config_path}", f"--log_dir={cell.run_dir}"]]
     if state == "resume":
-        return [main + [f"--log_dir={cell.run_dir}", "--train_from=latest"]]
+        return [[f"--log_dir={cell.run_dir}", "--train_from=latest"]]
     epochs = _epochs(cell.run_dir)
     evals = [p for p in cell.sweep.evals if not os.path.isfile(_record(cell, p, epochs))]
-    return [main + [f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
-                    f"--transfer_mode={p}", "--final_eval=", "--no-tsne"]
-            + ["--train_from=latest"] * os.path.isfile(_record(cell, p, epochs, ".partial.pth.tar")) for p in evals]
+    return [[f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
+             f"--transfer_mode={p}", "--final_eval=", "--no-tsne"]
+            + ["--train_from=latest"] * os.path.isfile(_record(cell, p, epochs, PARTIAL)) for p in evals]
 
 
 # ----------------------------------------------------------------------------- running
