@@ -52,8 +52,8 @@ def add_bool(group, name: str, default: bool | None, help: str) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit status 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+    def error(self, message: str):  # one line "error: ...", exit status 2, no usage dump (main reports it)
+        raise UserError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
     python -m experiments.sweep experiments/small_batch_cpu.yaml            # one cell after another
     python -m experiments.sweep experiments/seeds.yaml --parallel 4         # four at a time (one per GPU)
+    python -m experiments.sweep experiments/small_batch_cpu.yaml --set device=cuda --set data=/data/cifar
+                                                                            # a preset elsewhere: base flags replaced
 
 The yaml names a base configuration, a grid and the evaluations::
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
@@ -109,7 +112,21 @@ def _slug(value) -> str:
 
 
 # ----------------------------------------------------------------------------- reading the yaml
-def load_sweep(path: str, out: str | None) -> Sweep:
+def parse_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as a mapping, each value read as yaml (``epochs=5`` is an int)."""
+    sets = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--set {item}: write it as KEY=VALUE, e.g. --set device=cuda")
+        try:
+            sets[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {item}: the value is not valid yaml ({str(err).splitlines()[0]})") from err
+    return sets
+
+
+def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     if not os.path.isfile(path):
         raise UserError(f"sweep file {path} not found; pass one of experiments/*.yaml")
     with open(path) as f:
@@ -138,6 +155,10 @@ def load_sweep(path: str, out: str | None) -> Sweep:
         raise UserError(f"{path}: grid must map each swept flag to a non-empty list of values (or be a list of "
                         "such maps, whose cells are joined)")
     grid = {a: [v for g in grids for v in g.get(a, [])] for g in grids for a in g}
+    swept = sorted(set(sets or {}) & set(grid))
+    if swept:
+        raise UserError(f"--set {swept[0]}: {swept[0]} is an axis of the grid of {path}; edit the grid instead")
+    base.update(sets or {})
     evals = spec.get("eval", ["knn"])
     evals = [evals] if isinstance(evals, str) else list(evals)
     table = spec.get("table") or {}
@@ -381,18 +402,21 @@ def _plot(sweep: Sweep, protocol: str, groups: dict, fixed: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def _claim(sweep: Sweep, path: str) -> None:
-    """The sweep directory belongs to one sweep: its yaml is kept there and must match on a rerun."""
-    os.makedirs(os.path.join(sweep.out, "cells"), exist_ok=True)
+def _claim(sweep: Sweep, path: str, sets: dict | None = None) -> None:
+    """The sweep directory belongs to one sweep: its yaml (and ``--set`` replacements, appended as a comment)
+    is kept there and must match on a rerun."""
     kept = os.path.join(sweep.out, "sweep.yaml")
     with open(path) as f:
         text = f.read()
+    if sets:
+        text += f"\n# python -m experiments.sweep --set: {json.dumps(sets, sort_keys=True)}\n"
     if os.path.isfile(kept):
         with open(kept) as f:
             if f.read() != text:
-                raise UserError(f"{sweep.out} holds another sweep (its sweep.yaml differs from {path}); pass "
-                                "--out elsewhere, or delete that directory")
-    else:
+                raise UserError(f"{sweep.out} holds another sweep (its sweep.yaml and --set values differ from "
+                                f"{path} and these); pass --out elsewhere, or delete that directory")
+    os.makedirs(os.path.join(sweep.out, "cells"), exist_ok=True)
+    if not os.path.isfile(kept):
         with open(kept, "w") as f:
             f.write(text)
 
@@ -403,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="sweep directory (default: results/sweeps/<name>)")
     p.add_argument("--parallel", type=int, default=None,
                    help="cells at a time (default: the number of GPUs, else 1); each gets its own GPU")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace a base flag of every cell, e.g. --set device=cuda (repeatable; not a grid axis); "
+                        "kept with the sweep, so a rerun must pass the same")
     args = p.parse_args(argv)
     try:
         import torch
@@ -411,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         parallel = args.parallel if args.parallel is not None else max(gpus, 1)
         if parallel < 1:
             raise UserError(f"--parallel must be at least 1, got {parallel}")
-        sweep = load_sweep(args.sweep, args.out)
-        _claim(sweep, args.sweep)
+        sets = parse_sets(args.set)
+        sweep = load_sweep(args.sweep, args.out, sets)
+        _claim(sweep, args.sweep, sets)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

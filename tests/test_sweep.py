@@ -58,8 +58,33 @@ def test_sweep_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "o2").mkdir()
     (tmp_path / "o2" / "sweep.yaml").write_text("name: other\n")
     assert sweep_main([str(good), f"--out={tmp_path / 'o2'}"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'o2'} holds another sweep (its sweep.yaml "
-                                               f"differs from {good}); pass --out elsewhere, or delete that directory")
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'o2'} holds another sweep (its sweep.yaml and "
+                                               f"--set values differ from {good} and these); pass --out elsewhere, "
+                                               "or delete that directory")
+    assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "batch_size=8"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --set batch_size: batch_size is an axis of the grid of {good}; "
+                                               "edit the grid instead")
+    assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --set epochs: write it as KEY=VALUE, e.g. --set device=cuda"
+    assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs=zero"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: good.yaml: cell clr-simclr__batch_size-16: argument --epochs: "
+                                               "invalid int value: 'zero' (see --help)").replace("good.yaml", str(good))
+    assert not (tmp_path / "o3").exists()
+
+
+def test_set_replaces_a_base_flag_of_every_cell_and_is_kept_with_the_sweep(tmp_path, capsys):
+    spec = _write(tmp_path, {"clr": ["flatclr"], "batch_size": [16]})
+    out = tmp_path / "out"
+    assert sweep_main([str(spec), f"--out={out}", "--set", "epochs=1", "--set", "temperature=0.3"]) == 0
+    cell = out / "cells" / "clr-flatclr__batch_size-16"
+    settings = yaml.safe_load((cell / "config.yaml").read_text())
+    assert (settings["epochs"], settings["temperature"]) == (1, 0.3)
+    assert sorted(p.name for p in cell.glob("checkpoint_*.pth.tar")) == ["checkpoint_0001.pth.tar"]
+    capsys.readouterr()
+    assert sweep_main([str(spec), f"--out={out}"]) == 2  # the same yaml without the same --set: another sweep
+    assert "holds another sweep" in capsys.readouterr().err
+    assert sweep_main([str(spec), f"--out={out}", "--set", "temperature=0.3", "--set", "epochs=1"]) == 0
+    assert "1 cells, 1 done, 0 to run" in capsys.readouterr().out
 
 
 @pytest.mark.slow
