@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset_name", "--dataset", dest="dataset_name", default="cifar10", choices=list(DATASETS))
     add_bool(g, "download", False, "download the torchvision datasets into --data if missing")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the dataset's)")
-    g.add_argument("--n_views", type=int, default=2, help="augmented views per image")
+    g.add_argument("--n_views", "--multiplier", dest="n_views", type=int, default=None,
+                   help="augmented views per image (default 2; with --head PN/R2D2, --n_supp + --n_query; "
+                        "--multiplier: MetaContrastive's spelling)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
     g.add_argument("--color_jitter_strength", type=float, default=None,
                    help="SimCLR colour strength s (default 0.5 for <=64 px images, else 1.0)")
@@ -318,6 +320,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if cfg.batch_size < 2:
         raise UserError(f"--batch_size must be at least 2 (contrastive losses need negatives), got {cfg.batch_size}")
     spec = METHODS[cfg.clr]
+    spec.settle(cfg)
     if cfg.n_views < spec.min_views:
         raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
     spec.validate(cfg)
@@ -427,9 +430,21 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     if cfg.lr is None:
         cfg.lr = default_lr(cfg.optimizer, cfg.learning_rate_scaling)
     validate(cfg, parser)
+    refuse_other_methods_flags(cfg, explicit)
     if cfg.train_mode == "eval":
         eval_defaults(cfg)
     return cfg, resume, resume_path
+
+
+def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """A method's exclusive flag given on the command line of another method would do nothing: one line."""
+    own = {f.name for f in METHODS[cfg.clr].flags}
+    for spec in METHODS.values():
+        for flag in spec.flags:
+            if flag.exclusive and flag.name in explicit and flag.name not in own and cfg.train_mode != "eval":
+                users = [n for n, s in METHODS.items() if any(f.name == flag.name for f in s.flags)]
+                raise UserError(f"--{flag.name} is a setting of --clr {' or '.join(users)}, not of {cfg.clr}; drop "
+                                f"it or pass --clr {users[0]}")
 
 
 def eval_defaults(cfg: argparse.Namespace) -> None:

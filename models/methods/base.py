@@ -75,17 +75,26 @@ def _renamed(state_dict, renames: dict[str, str]) -> OrderedDict:
 @dataclass(frozen=True)
 class Flag:
     """A method's own command-line flag: ``--name``, its default and help. Booleans (default True/False)
-    accept --name, --no-name and --name=True/False; ``type`` defaults to the type of ``default``."""
+    accept --name, --no-name and --name=True/False; ``type`` defaults to the type of ``default``.
+    ``exclusive``: given on the command line of a method that does not declare it, it is refused (a flag that
+    would do nothing there); otherwise it is ignored, so one list of flags can serve several methods."""
 
     name: str
     default: Any
     help: str
     type: Callable | None = None
     choices: tuple | None = None
+    exclusive: bool = False
 
 
 def no_checks(cfg: Namespace) -> None:
     """A method without settings of its own to check."""
+
+
+def two_views_by_default(cfg: Namespace) -> None:
+    """--n_views when not given: 2."""
+    if cfg.n_views is None:
+        cfg.n_views = 2
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class MethodSpec:
     * ``identity``: its settings that define a run (a resume that changes one is refused).
     * ``min_views``: the fewest augmented views per image it can train on.
     * ``views(n_views, blur)``: the view recipe (blur/solarize probabilities of each view).
+    * ``settle(cfg)``: fills settings that follow from others (e.g. --n_views from --n_supp + --n_query),
+      before ``validate``.
     * ``validate(cfg)``: raises ``UserError`` for settings it cannot train with.
     """
 
@@ -109,4 +120,5 @@ class MethodSpec:
     identity: tuple[str, ...] = ()
     min_views: int = 2
     views: Callable[[int, bool], list[ViewSpec]] = symmetric_views
+    settle: Callable[[Namespace], None] = two_views_by_default
     validate: Callable[[Namespace], None] = no_checks
