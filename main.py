@@ -31,7 +31,7 @@ TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 # Each method adds its own (MethodSpec.identity).
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
-                 "width_multiplier", "image_size", "optimizer")
+                 "width_multiplier", "image_size", "optimizer", "rot_pred_weight")
 # What an evaluation takes from the run it evaluates, unless given on the command line.
 EVAL_INHERITED_KEYS = ("dataset_name", "data", "image_size", "arch")
 
@@ -45,9 +45,10 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0), got {value!r}")
 
 
-def add_bool(group, name: str, default: bool | None, help: str) -> None:
+def add_bool(group, name: str, default: bool | None, help: str, aliases: tuple[str, ...] = ()) -> None:
     """``--name``, ``--name=True/False/1/0`` and ``--no-name``; ``None`` default means 'auto'."""
-    group.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, help=help)
+    group.add_argument(f"--{name}", *(f"--{a}" for a in aliases), dest=name, type=str2bool, nargs="?", const=True,
+                       default=default, help=help)
     group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "blur", None, "Gaussian blur in the views (default: on for images of 96 px or more)")
     add_bool(g, "skip_bad_images", False, "replace an unreadable image of a folder dataset by the next readable "
                                           "one (pretraining, evaluation) or leave it out (--faster_version)")
+    g.add_argument("--rot_task_p", "--rottlr_p", dest="rot_task_p", type=float, default=0.0,
+                   help="rotation as task augmentation (MetaContrastive): each image picked with this probability "
+                        "has all its views turned by one k*90 degrees, k uniform in {0,1,2,3} as the authors' code "
+                        "(so 3p/4 are turned); --rottlr_p: their spelling")
     add_bool(g, "faster_version", False, "dataset held as uint8 on the training device, views made there in "
                                          "batches with per-sample parameters (in-memory datasets)")
 
@@ -113,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective")
     g.add_argument("--temperature", "--t", dest="temperature", type=float, default=0.1,
                    help="SimCLR/FlatCLR/InsDis temperature (--t: seed 001's spelling)")
+    g.add_argument("--rot_pred_weight", "--rottlr", dest="rot_pred_weight", type=float, default=0.0,
+                   help="auxiliary rotation prediction (MetaContrastive): a linear 4-way head on the projections "
+                        "predicts each view's random rotation in a second forward; this weight x its cross-entropy "
+                        "is added (0: off; --rottlr: the authors' spelling)")
+    add_bool(g, "rot_pred_decay", False, "decay --rot_pred_weight along a cosine to 0 over the run (the authors' "
+                                         "--adpt)", aliases=("adpt",))
     add_method_flags(p)
 
     g = p.add_argument_group("optimisation")
@@ -347,6 +358,12 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError("--workers and --warmup_epochs must not be negative")
     if not cfg.width_multiplier > 0:
         raise UserError(f"--width_multiplier must be positive, got {cfg.width_multiplier}")
+    if not 0 <= cfg.rot_task_p <= 1:
+        raise UserError(f"--rot_task_p (--rottlr_p) is a probability in [0, 1], got {cfg.rot_task_p}")
+    if cfg.rot_pred_weight < 0:
+        raise UserError(f"--rot_pred_weight (--rottlr) must not be negative (0 is off), got {cfg.rot_pred_weight}")
+    if cfg.rot_pred_decay and not cfg.rot_pred_weight:
+        raise UserError("--rot_pred_decay (--adpt) decays --rot_pred_weight, which is off; pass --rot_pred_weight")
     if not 0 < cfg.min_crop_scale <= 1:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
     if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:

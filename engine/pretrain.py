@@ -31,6 +31,7 @@ from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, load_split
 from data.loaders import pretrain_loader
+from data.rotation import rotate, step_generator, task_rotations
 from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
@@ -97,7 +98,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         with StopRequests(cfg) as requests:
             trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
                               precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
-                              step=step, last_ckpt=resume_path, requests=requests)
+                              step=step, last_ckpt=resume_path, requests=requests, rot_task_p=cfg.rot_task_p,
+                              seed=cfg.seed, rank=dist.rank)
             meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
             try:
                 for epoch in range(start_epoch, last_epoch):
@@ -336,8 +338,10 @@ class Trainer:
     def __init__(self, model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
                  memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
-                 requests: Callable[[int], tuple[bool, bool]] | None = None) -> None:
+                 requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
+                 rank: int = 0) -> None:
         self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
+        self.rot_task_p, self.seed, self.rank = rot_task_p, seed, rank
         self.device, self.memory_format = device, memory_format
         self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
         self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
@@ -400,6 +404,13 @@ class Trainer:
         mark = mark or (lambda phase: None)
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         index = index.to(self.device, non_blocking=True)
+        if self.rot_task_p or self.method.rot_head is not None:  # the step's rotations (data/rotation.py)
+            g = step_generator(self.seed, epoch, i, self.rank, self.device)
+            if self.rot_task_p:  # all views of an image turned by its one k: a new instance-class of the task
+                k = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
+                views = [rotate(v, k) for v in views]
+            self.method.step_generator = g
+        self.method.progress = self.step / max(self.total_steps, 1)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.method.diagnose = diagnose

@@ -55,10 +55,16 @@ def ridge_weights(support: torch.Tensor, reg: float) -> torch.Tensor:
         if s * c > d:  # primal: X^T Y is the per-class sum of the support rows
             gram = x.T @ x + reg * torch.eye(d, dtype=x.dtype, device=x.device)
             xty = support.to(x.dtype).sum(dim=0).T  # (D, C)
-            return torch.cholesky_solve(xty, torch.linalg.cholesky(gram))
+            return torch.cholesky_solve(xty, _cholesky(gram))
         kernel = x @ x.T + reg * torch.eye(s * c, dtype=x.dtype, device=x.device)
         y = _one_hot_rows(s, c, x.device, x.dtype)  # (S*C, C)
-        return x.T @ torch.cholesky_solve(y, torch.linalg.cholesky(kernel))
+        return x.T @ torch.cholesky_solve(y, _cholesky(kernel))
+
+
+def _cholesky(a: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a Gram matrix plus ``reg`` * I (positive definite for reg > 0), without the
+    error check of ``torch.linalg.cholesky``, which would make the GPU report to the host every step."""
+    return torch.linalg.cholesky_ex(a, check_errors=False).L
 
 
 def _one_hot_rows(s: int, c: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,10 @@ def build_method(cfg: Namespace, num_data: int, cifar_stem: bool) -> SSLMethod:
         cfg.proj_head_mode, feat_dim, cfg.proj_hidden_dim or feat_dim, cfg.proj_out_dim, cfg.num_proj_layers,
         hidden_bn=cfg.proj_bn, out_bn=cfg.proj_out_bn, out_bn_affine=cfg.proj_out_bn_affine,
     )
-    return METHODS[cfg.clr].build(cfg, backbone=backbone, projector=projector, dim=dim, num_data=num_data)
+    method = METHODS[cfg.clr].build(cfg, backbone=backbone, projector=projector, dim=dim, num_data=num_data)
+    if getattr(cfg, "rot_pred_weight", 0) > 0:
+        method.add_rotation_prediction(dim, cfg.rot_pred_weight, bool(cfg.rot_pred_decay), cfg.temperature)
+    return method
 
 
 __all__ = ["ARCH_ALIASES", "BACKBONES", "METHODS", "MethodSpec", "SSLMethod", "build_method"]

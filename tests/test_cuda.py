@@ -92,14 +92,15 @@ def test_bf16_autocast_loss_is_within_two_percent_of_fp32(clr, strict_fp32):
     assert abs(bf16 - fp32) <= 0.02 * abs(fp32), (float(bf16), float(fp32))
 
 
-def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16", blur: bool = False):
+def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16", blur: bool = False,
+                       extra: tuple[str, ...] = ()):
     """A Trainer and loader of the device-resident pipeline on digits, as pretraining builds them."""
     from common.distributed import DistInfo
     from data.datasets import load_split
     from engine.optim import build_optimizer, lr_schedule
     from engine.pretrain import Trainer, build_loader
 
-    cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda", f"--blur={blur}"])
+    cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda", f"--blur={blur}", *extra])
     split = load_split("digits", "unused", train=True, pretrain=True, image_size=16)
     loader, setters = build_loader(cfg, split, DistInfo(), torch.device("cuda"))
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"
     trainer = Trainer(model, method, build_optimizer("lars", method, 0.1, 1e-6, 0.9),
                       torch.amp.GradScaler("cuda", enabled=False), lr_schedule(0.1, 1000, 1, "cosine"),
                       device=torch.device("cuda"), precision=precision, memory_format=torch.channels_last,
-                      total_steps=1000, step=0, last_ckpt=None)
+                      total_steps=1000, step=0, last_ckpt=None, rot_task_p=cfg.rot_task_p)
     return trainer, loader, setters
 
 
@@ -144,9 +145,12 @@ def test_a_fast_path_step_has_no_hidden_host_sync():
     synchronisation. What it cannot see: the documented once-per-step check waits on a CUDA *event*
     (cudaEventSynchronize is not reported); a non-blocking copy from pageable host memory, which blocks
     without being reported; waits inside collectives (NCCL) or the caching allocator (cudaFree under memory
-    pressure). Every method runs with blur off; SimCLR once more with blur on (its batched kernel path)."""
-    for clr, blur in [(clr, False) for clr in METHODS] + [("simclr", True)]:
-        trainer, loader, _ = _fast_path_trainer(clr, blur=blur)
+    pressure). Every method runs with blur off; SimCLR once more with blur on (its batched kernel path), and
+    with the meta-learning heads and both rotation tricks."""
+    meta = [("simclr", False, ("--head=PN", "--rot_task_p=0.5")),
+            ("flatclr", False, ("--head=R2D2", "--rot_pred_weight=0.5", "--rot_pred_decay"))]
+    for clr, blur, extra in [(clr, False, ()) for clr in METHODS] + [("simclr", True, ())] + meta:
+        trainer, loader, _ = _fast_path_trainer(clr, blur=blur, extra=extra)
         batches = iter(loader)
         for i in range(2):  # warm-up: first-step work (InsDis's Z estimate, cuDNN autotuning) may sync
             trainer.train_step(*next(batches), 0, i)

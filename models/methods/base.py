@@ -2,10 +2,12 @@
 :class:`MethodSpec` that tells the rest of the tool everything else about it (name, flags, views, checks).
 
 ``forward(views, index) -> (loss, logs)`` and ``after_step(step, total_steps)`` are all the training loop
-calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``.
+calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``. A method writes
+its loss in ``objective``; ``forward`` adds what every method may add (the auxiliary rotation prediction).
 """
 from __future__ import annotations
 
+import math
 from argparse import Namespace
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,8 +15,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from data.augment import ViewSpec, symmetric_views
+from data.rotation import random_rotations, rotate
 from losses.diagnostics import embedding_stats
 
 Logs = dict[str, torch.Tensor]
@@ -38,6 +42,39 @@ class SSLMethod(nn.Module):
         self.projector = projector
         self.n_views = n_views
         self.diagnose = False  # set by the training loop on logging steps: add losses/diagnostics.py's figures
+        # Set by the training loop before each forward: the step's generator (data/rotation.py) and the
+        # fraction of the run done before this step.
+        self.step_generator: torch.Generator | None = None
+        self.progress = 0.0
+        self.rot_head: nn.Module | None = None
+        self.rot_pred = (0.0, False, 1.0)  # weight, cosine decay, temperature
+
+    def add_rotation_prediction(self, dim: int, weight: float, decay: bool, temperature: float) -> None:
+        """MetaContrastive's auxiliary task: a linear 4-way head on the projections (L2-normalised, divided by
+        sqrt(temperature), as the authors' models/encoder.py) predicts each view's rotation from a second forward
+        of the views, each turned by its own random k*90 degrees; ``weight`` * cross-entropy is added to the loss,
+        decayed along a cosine to 0 over the run when ``decay`` (the authors' --adpt)."""
+        self.rot_head = nn.Linear(dim, 4)
+        self.rot_pred = (weight, decay, temperature)
+
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        """The method's loss and logs for a batch of views."""
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+        loss, logs = self.objective(views, index)
+        if self.rot_head is None:
+            return loss, logs
+        weight, decay, temperature = self.rot_pred
+        x = torch.cat(views)
+        k = random_rotations(x.shape[0], self.step_generator, x.device)
+        z = self.projector(self.backbone(rotate(x, k)))
+        logits = self.rot_head(F.normalize(z.float(), dim=1) / temperature ** 0.5).float()
+        rot = F.cross_entropy(logits, k)
+        scale = weight * ((math.cos(math.pi * self.progress) + 1) / 2 if decay else 1.0)
+        logs = {**logs, "rot_pred_loss": rot.detach(), "rot_pred_acc": (logits.argmax(1) == k).float().mean().detach(),
+                "rot_pred_weight": torch.full((), scale, device=loss.device)}
+        return loss + scale * rot, logs
 
     def diagnostics(self, z: torch.Tensor) -> Logs:
         """The embedding diagnostics of projections ``z`` on a logging step, else nothing."""

@@ -30,7 +30,7 @@ class BYOL(SSLMethod):
                                      momentum_schedule)
         self.temperature = temperature  # only for the InfoNCE diagnostic in the logs
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         z = self.embed(views)
         p = self.predictor(z).chunk(self.n_views)
         with torch.no_grad():

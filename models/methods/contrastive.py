@@ -32,7 +32,7 @@ class ContrastiveMethod(SSLMethod):
         self.loss_fn = LOSSES[loss]
         self.head, self.n_supp, self.reg = head, n_supp, reg
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         z = self.embed(views)  # (V*N, D)
         if self.head == "contrastive":
             keys = gather_with_grad(z)  # (W*V*N, D): negatives from every rank

@@ -39,7 +39,7 @@ class InsDis(SSLMethod):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         z = self.embed(views)  # the networks run under autocast (bf16/fp16 when asked)
         # bank logits, Z and the loss in the bank's precision (fp32; fp64 in the tests' reference): logits of
         # 1/t-scaled dot products lose too much in bf16
@@ -93,6 +93,9 @@ def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, n
 
 
 def validate(cfg: Namespace) -> None:
+    if cfg.rot_task_p:
+        raise UserError("--rot_task_p makes a rotated image a new class, but InsDis's memory bank keeps one entry per "
+                        "image; use it with --clr simclr, flatclr or byol")
     if cfg.insdis_num_negatives < 1:
         raise UserError("--insdis_num_negatives must be at least 1")
     if not 0 <= cfg.insdis_bank_momentum <= 1:
