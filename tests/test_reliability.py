@@ -159,10 +159,7 @@ def test_a_runaway_update_stops_the_run_before_anything_is_saved(tmp_path, capsy
 ])
 def test_silent_mistakes_are_one_line_errors(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    try:
-        code = main(TINY + [f"--results_dir={tmp_path / 'r'}"] + args)
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
+    code = main(TINY + [f"--results_dir={tmp_path / 'r'}"] + args)  # argparse's errors too: no SystemExit
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert sorted(os.listdir(tmp_path)) == []  # nothing created
@@ -353,10 +350,7 @@ def test_forty_bad_invocations_each_end_in_one_line_and_change_nothing(two_epoch
     assert len(cases) >= 40
     for argv, message in cases:
         before = _snapshot(tmp_path)
-        try:
-            code = main(argv)
-        except SystemExit as exit_:  # argparse's own errors exit from inside the parser
-            code = exit_.code
+        code = main(argv)  # argparse's own errors are returned as well, not raised
         err = capsys.readouterr().err
         assert code == 2, (argv, err)
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
