@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=512, help="global batch size (all ranks)")
     g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--accu_iter", type=int, default=1,
+                   help="split each step's batch into this many micro-batches, forward and backward one at a time "
+                        "(less memory; losses averaged, one gradient all-reduce a step); contrastive negatives "
+                        "and BN statistics stay within a micro-batch")
     g.add_argument("--lr", type=float, default=None,
                    help="base lr, scaled by --learning_rate_scaling (default for lars/sgd: 0.3 with linear "
                         "or none, 0.075 with sqrt, as FlatCLR's README; 1e-3 for adamw)")
@@ -340,7 +344,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     unknown = [p for p in cfg.final_eval if p not in PROTOCOLS]
     if unknown:
         raise UserError(f"--final_eval: unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
-    for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim"):
+    for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim", "accu_iter"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim"):

@@ -99,7 +99,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
             trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
                               precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
                               step=step, last_ckpt=resume_path, requests=requests, rot_task_p=cfg.rot_task_p,
-                              seed=cfg.seed, rank=dist.rank)
+                              seed=cfg.seed, rank=dist.rank, accu_iter=cfg.accu_iter)
             meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
             try:
                 for epoch in range(start_epoch, last_epoch):
@@ -125,6 +125,10 @@ def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
     if cfg.batch_size % dist.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} (global) does not divide over {dist.world_size} "
                         "processes; pick a multiple of the world size")
+    if (cfg.batch_size // dist.world_size) % cfg.accu_iter:
+        raise UserError(f"--batch_size {cfg.batch_size} over {dist.world_size} process(es) is "
+                        f"{cfg.batch_size // dist.world_size} images a process, which --accu_iter {cfg.accu_iter} does "
+                        "not divide into equal micro-batches; pick a batch size or --accu_iter that does")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
     if use_sync_bn(cfg, dist, device) and device.type != "cuda":
@@ -339,9 +343,9 @@ class Trainer:
                  scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
                  memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
                  requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
-                 rank: int = 0) -> None:
+                 rank: int = 0, accu_iter: int = 1) -> None:
         self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
-        self.rot_task_p, self.seed, self.rank = rot_task_p, seed, rank
+        self.rot_task_p, self.seed, self.rank, self.accu_iter = rot_task_p, seed, rank, accu_iter
         self.device, self.memory_format = device, memory_format
         self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
         self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
@@ -407,23 +411,36 @@ class Trainer:
         if self.rot_task_p or self.method.rot_head is not None:  # the step's rotations (data/rotation.py)
             g = step_generator(self.seed, epoch, i, self.rank, self.device)
             if self.rot_task_p:  # all views of an image turned by its one k: a new instance-class of the task
-                k = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
-                views = [rotate(v, k) for v in views]
+                turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
+                views = [rotate(v, turns) for v in views]
             self.method.step_generator = g
         self.method.progress = self.step / max(self.total_steps, 1)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        self.method.diagnose = diagnose
-        try:
-            with self.autocast:
-                loss, logs = self.model(views, index)
-        finally:
-            self.method.diagnose = False
-        check = _StepCheck(loss, *self.requests(self.step + 1), runaway=self.runaway,
-                           update_step=self.step, weights_finite=self.weights_finite)
-        mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        k = self.accu_iter  # micro-batches of this step: averaged losses, one gradient all-reduce (the last)
+        parts = [v.tensor_split(k) for v in views] if k > 1 else [[v] for v in views]
+        indices = index.tensor_split(k) if k > 1 else [index]
+        losses, chunk_logs = [], []
+        for m in range(k):
+            self.method.micro_batch, self.method.diagnose = m, diagnose
+            with self._no_sync() if m < k - 1 else nullcontext():
+                try:
+                    with self.autocast:
+                        loss, logs = self.model([p[m] for p in parts], indices[m])
+                finally:
+                    self.method.diagnose = False
+                losses.append(loss.detach())
+                chunk_logs.append(logs)
+                if m == k - 1:  # the step's check overlaps the last backward, as without accumulation
+                    loss_value = losses[0] if k == 1 else torch.stack(losses).mean()
+                    check = _StepCheck(loss_value, *self.requests(self.step + 1), runaway=self.runaway,
+                                       update_step=self.step, weights_finite=self.weights_finite)
+                    mark("forward")
+                self.scaler.scale(loss if k == 1 else loss / k).backward()
+        self.method.micro_batch = 0
+        logs = chunk_logs[0] if k == 1 else {key: torch.stack([c[key].float() for c in chunk_logs]).mean()
+                                             for key in chunk_logs[0]}
         mark("backward")
         self.stop_now, self.save_now = check.wait(epoch, i, self.last_ckpt)
         if diagnose:
@@ -434,7 +451,12 @@ class Trainer:
         self._judge_update()
         self.method.after_step(self.step, self.total_steps)
         mark("optimizer")
-        return {"loss": loss.detach().float(), **{k: v.float() for k, v in logs.items()}}
+        return {"loss": loss_value.float(), **{key: v.float() for key, v in logs.items()}}
+
+    def _no_sync(self):
+        """DDP's no_sync (no gradient all-reduce) for the micro-batches before a step's last; nothing in one process."""
+        ddp = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        return ddp.no_sync() if isinstance(ddp, nn.parallel.DistributedDataParallel) else nullcontext()
 
 
 # ----------------------------------------------------------------------------- one epoch

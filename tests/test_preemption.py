@@ -44,8 +44,9 @@ def _same_end(a, b):
 
 # InsDis draws from the global RNG every step and --faster_version carries a device generator: the two
 # hardest cases run in every suite; the others (about 30 s each) with `make test-slow`.
-# BYOL's case also turns on both rotation tricks: their draws are a function of the step, not saved state.
-@pytest.mark.parametrize("clr, extra", [("insdis", []), ("byol", ["--faster_version", "--rot_task_p=0.5",
+# BYOL's case also turns on both rotation tricks (their draws are a function of the step, not saved state);
+# InsDis's accumulates two micro-batches a step.
+@pytest.mark.parametrize("clr, extra", [("insdis", ["--accu_iter=2"]), ("byol", ["--faster_version", "--rot_task_p=0.5",
                                                                   "--rot_pred_weight=0.5", "--rot_pred_decay"]),
                                         pytest.param("simclr", [], marks=pytest.mark.slow),
                                         pytest.param("byol", [], marks=pytest.mark.slow),

@@ -46,6 +46,7 @@ class SSLMethod(nn.Module):
         # fraction of the run done before this step.
         self.step_generator: torch.Generator | None = None
         self.progress = 0.0
+        self.micro_batch = 0  # which micro-batch of the step this forward is (--accu_iter)
         self.rot_head: nn.Module | None = None
         self.rot_pred = (0.0, False, 1.0)  # weight, cosine decay, temperature
 
