@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "batches with per-sample parameters (in-memory datasets)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", "--arch", dest="arch", default="resnet50",
-                   choices=list(BACKBONES) + list(ARCH_ALIASES), help="ResNet backbone")
+    g.add_argument("--model", "--arch", dest="arch", default="resnet50", type=str.lower,
+                   choices=list(BACKBONES) + list(ARCH_ALIASES), help="ResNet backbone (any case: MetaContrastive's "
+                                                                      "ResNet50 is resnet50)")
     add_bool(g, "cifar_stem", None, "3x3 stride-1 stem without max-pool (default: images <= 64 px)")
     g.add_argument("--width_multiplier", type=float, default=1.0,
                    help="channel widths x this (0.25: 16-32-64-128, feature dim 128 for resnet18); 1.0 is "
@@ -114,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("--cudaenv", "--gpus"):
         g.add_argument(name, default=None, help="accepted and not used: choose devices with CUDA_VISIBLE_DEVICES "
                                                 "and torchrun")
+    g = p.add_argument_group("seed 002 (MetaContrastive) spellings, mapped onto the flags of this tool "
+                             "(also --multiplier, --arch ResNet50, --iters, --eval_freq, --save_freq, --log_freq, "
+                             "--rottlr, --rottlr_p, --adpt)")
+    g.add_argument("--run_id", default=None, help="pretraining: the run directory's name, results/<dataset>/"
+                                                  "<bs>_<Method>/<run_id>, instead of the date")
+    g.add_argument("--dist_address", default=None, help="accepted and not used: torchrun sets the address "
+                                                        "(--rdzv_endpoint, or MASTER_ADDR/MASTER_PORT)")
+    g.add_argument("--encoder_ckpt", default=None,
+                   help="eval mode: the checkpoint file to evaluate (= --checkpoint_dir its directory, "
+                        "--transfer_from_epoch its epoch)")
+    g.add_argument("--train_size", type=float, default=None,
+                   help="eval mode: percent of the labels (1 or 10; -1: all) = --semi_ratio 0.01 or 0.1")
 
     g = p.add_argument_group("objective")
     g.add_argument("--temperature", "--t", dest="temperature", type=float, default=0.1,
@@ -129,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=512, help="global batch size (all ranks)")
     g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--iters", type=int, default=None,
+                   help="optimizer steps in all, instead of --epochs (MetaContrastive's spelling): the run has "
+                        "ceil(iters / steps an epoch) epochs, the last one cut at step iters; the schedule ends there")
     g.add_argument("--accu_iter", type=int, default=1,
                    help="split each step's batch into this many micro-batches, forward and backward one at a time "
                         "(less memory; losses averaged, one gradient all-reduce a step); contrastive negatives "
@@ -181,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "tsne", True, "write a t-SNE PNG of the test features and a TensorBoard projector embedding")
     g.add_argument("--eval_every_n_epochs", type=int, default=0,
                    help="during pretraining: kNN accuracy on the test split every K epochs (0: off)")
+    g.add_argument("--eval_every_n_steps", "--eval_freq", dest="eval_every_n_steps", type=int, default=0,
+                   help="during pretraining: kNN accuracy on the test split every N steps, to TensorBoard and the "
+                        "output (0: off; --eval_freq: MetaContrastive's spelling)")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -192,12 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'; in eval mode "
                         "'latest' continues an interrupted finetune / --fc_augment linear eval")
     g.add_argument("--save_every_n_epochs", type=int, default=2)
-    g.add_argument("--save_every_n_steps", type=int, default=0,
+    g.add_argument("--save_every_n_steps", "--save_freq", dest="save_every_n_steps", type=int, default=0,
                    help="also save mid-epoch every N steps (0: off); SIGTERM/SIGUSR1 always save and stop")
     g.add_argument("--save_every_n_minutes", type=float, default=0.0, help="also save mid-epoch every M minutes")
     g.add_argument("--keep_mid_epoch_checkpoints", type=int, default=2,
                    help="mid-epoch checkpoints kept (none older than the last epoch-end one)")
-    g.add_argument("--log_every_n_steps", type=int, default=50)
+    g.add_argument("--log_every_n_steps", "--log_freq", dest="log_every_n_steps", type=int, default=50,
+                   help="logging window in steps (--log_freq: MetaContrastive's spelling)")
     add_bool(g, "diagnostics", True, "on each logging step: log S, FlatNCE/InfoNCE gradient ratio, MI bound, "
                                      "alignment, uniformity, embedding std and effective rank, gradient norm")
     g.add_argument("--limit_train_batches", type=int, default=None, help="cap on steps per epoch")
@@ -288,9 +308,72 @@ def map_seed_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
         if "insdis_loss" in explicit and cfg.insdis_loss != "softmax":
             raise UserError(f"--loss insd is --insdis_loss softmax, not {cfg.insdis_loss}; pass one of them")
         cfg.insdis_loss = "softmax"
+    map_meta_spellings(cfg, explicit)
     if (cfg.cudaenv is not None or cfg.gpus is not None) and os.environ.get("RANK", "0") == "0":
         print("note: --cudaenv/--gpus are accepted for seed 001's commands and not used: choose devices with "
               "CUDA_VISIBLE_DEVICES and run several with torchrun --nproc_per_node", file=sys.stderr)
+
+
+def run_id_dir(cfg: argparse.Namespace) -> None:
+    """Seed 002's --run_id: the run directory results/<dataset>/<bs>_<Method>/<run_id> (before a resume reads it)."""
+    if cfg.run_id is None:
+        return
+    if cfg.train_mode == "eval":
+        if os.environ.get("RANK", "0") == "0":
+            print("note: --run_id names pretraining runs; an evaluation writes into its run's eval/ directory",
+                  file=sys.stderr)
+        return
+    if not cfg.run_id.strip() or os.sep in cfg.run_id or cfg.run_id in (".", ".."):
+        raise UserError(f"--run_id {cfg.run_id!r} is not a directory name; pass e.g. --run_id 000001")
+    if cfg.log_dir is not None:
+        raise UserError("--run_id and --log_dir both name the run directory; pass one of them")
+    cfg.log_dir = os.path.join(cfg.results_dir, cfg.dataset_name, f"{cfg.batch_size}_{METHODS[cfg.clr].display}",
+                               cfg.run_id)
+
+
+def map_meta_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """Seed 002's --encoder_ckpt, --train_size and --lr of its evaluation commands, and notes for --dist_address
+    and for its --eval_freq/--log_freq in eval mode (a contradiction with this tool's own flag is one line)."""
+    evaluating = cfg.train_mode == "eval"
+    if cfg.encoder_ckpt is not None:
+        if not evaluating:
+            raise UserError("--encoder_ckpt is the checkpoint an evaluation reads; pass --train_mode=eval")
+        path = cfg.encoder_ckpt
+        run_dir = os.path.dirname(os.path.abspath(path))
+        epochs = {os.path.abspath(p): e for e, p in list_checkpoints(run_dir).items()} if os.path.isdir(run_dir) else {}
+        if os.path.abspath(path) not in epochs:
+            raise UserError(f"--encoder_ckpt {path} is not an epoch-end checkpoint of a run of this tool "
+                            "(RUN/checkpoint_NNNN.pth.tar); pass one, or --checkpoint_dir RUN")
+        for key, value in (("checkpoint_dir", run_dir), ("transfer_from_epoch", epochs[os.path.abspath(path)])):
+            given = getattr(cfg, key)
+            if key in explicit and given is not None and (os.path.abspath(given) if key == "checkpoint_dir"
+                                                         else given) != value:
+                raise UserError(f"--encoder_ckpt {path} means --{key}={value}, not {given}; pass one of them")
+            setattr(cfg, key, value)
+    if cfg.train_size is not None:
+        if not evaluating:
+            raise UserError("--train_size is the share of labels an evaluation trains on; pass --train_mode=eval")
+        ratio = None if cfg.train_size == -1 else cfg.train_size / 100
+        if ratio is not None and not 0 < ratio < 1:
+            raise UserError(f"--train_size is a percentage of the labels in (0, 100) (or -1: all), got "
+                            f"{cfg.train_size:g}")
+        if "semi_ratio" in explicit and cfg.semi_ratio != ratio:
+            raise UserError(f"--train_size {cfg.train_size:g} means --semi_ratio {ratio}, not {cfg.semi_ratio}; pass "
+                            "one of them")
+        cfg.semi_ratio = ratio
+    if evaluating and "lr" in explicit:  # the evaluation's own rate: the classifier's
+        if "fc_lr" in explicit and cfg.fc_lr != cfg.lr:
+            raise UserError(f"in eval mode --lr is the classifier's rate (--fc_lr); --lr {cfg.lr:g} and --fc_lr "
+                            f"{cfg.fc_lr:g} disagree: pass one of them")
+        cfg.fc_lr = cfg.lr
+    if evaluating and {"eval_every_n_steps", "log_every_n_steps"} & explicit and os.environ.get("RANK", "0") == "0":
+        print("note: --eval_freq/--log_freq pace pretraining; an evaluation reports its test accuracy once the "
+              "classifier is trained", file=sys.stderr)
+    if evaluating and {"iters", "fc_epochs"} <= explicit:
+        raise UserError("in eval mode --iters and --fc_epochs both set the classifier's training; pass one of them")
+    if cfg.dist_address is not None and os.environ.get("RANK", "0") == "0":
+        print("note: --dist_address is accepted for seed 002's commands and not used: torchrun sets the address "
+              "(--rdzv_endpoint, or MASTER_ADDR/MASTER_PORT)", file=sys.stderr)
 
 
 def explicit_dests(argv: list[str]) -> set[str]:
@@ -347,7 +430,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim", "accu_iter"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim"):
+    for name in ("limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim", "iters"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("temperature", "knn_temperature"):
@@ -375,7 +458,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("fc_epochs", "fc_batch_size", "knn_k", "fc_micro_batch_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eval_every_n_epochs", "save_every_n_steps", "save_every_n_minutes"):
+    for name in ("eval_every_n_epochs", "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.keep_mid_epoch_checkpoints < 1:
@@ -418,6 +501,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     explicit = explicit_dests(argv)
 
     resume = resume_path = None
+    run_id_dir(cfg)
     if cfg.train_from is not None and not cfg.train_from.strip():
         raise UserError("--train_from is empty (an unset shell variable?); pass a checkpoint file name or 'latest'")
     if cfg.train_from and cfg.train_mode != "eval":  # eval mode: engine/evaluate.py continues its own fits
@@ -442,6 +526,8 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
 
     if cfg.train_mode == "ssl":
         cfg.train_mode = "pretrain"
+    if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
+        raise UserError("--iters and --epochs both set the length of the run; pass one of them")
     map_seed_spellings(cfg, explicit)
     if cfg.train_mode == "eval":
         inherit_from_run(cfg, explicit)

@@ -484,6 +484,9 @@ def evaluate(cfg: Namespace) -> list[dict]:
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
                       skip_bad_images=skip)
     random_init = chosen[0][1] is None
+    if cfg.iters:  # MetaContrastive's --iters: the classifier's optimizer steps, rounded up to whole epochs
+        n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
+        cfg.fc_epochs = max(1, math.ceil(cfg.iters / math.ceil(n / min(cfg.fc_batch_size, n))))
     resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)

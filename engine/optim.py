@@ -77,15 +77,17 @@ class Schedule:
 
 
 def plan_schedule(*, peak_lr: float, kind: str, epochs: int, steps_per_epoch: int, warmup_epochs: int,
-                  cap_warmup: bool = True, saved: dict | None = None) -> tuple[Schedule, str | None]:
+                  cap_warmup: bool = True, saved: dict | None = None,
+                  total_steps: int | None = None) -> tuple[Schedule, str | None]:
     """The run's schedule and, when the warmup was capped, the one line that says so.
 
     A warmup as long as the run or longer would reach the peak lr only at the last step or never; unless
     ``cap_warmup`` is off it becomes ``WARMUP_CAP_FRACTION`` of the run (at least one step). ``saved`` is the
     schedule recorded in the checkpoint a run resumes from: a run started before this rule existed keeps its
-    uncapped warmup as long as its schedule settings are unchanged, and a resume repeats no note.
+    uncapped warmup as long as its schedule settings are unchanged, and a resume repeats no note. ``total_steps``
+    (--iters) ends the run before its last epoch does.
     """
-    total = epochs * steps_per_epoch
+    total = total_steps if total_steps is not None else epochs * steps_per_epoch
     requested = warmup_epochs * steps_per_epoch
     warmup, note = requested, None
     started_before_cap = (saved is not None and "requested_warmup_steps" not in saved

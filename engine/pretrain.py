@@ -68,10 +68,14 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     method, memory_format = build_model(cfg, split, dist, device)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
+    if cfg.iters:  # --iters: as many epochs as the steps need, the last one cut (recorded in config.yaml)
+        cfg.epochs = math.ceil(cfg.iters / steps_per_epoch)
+        last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     schedule, note = plan_schedule(peak_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling),
                                    kind=cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                    warmup_epochs=cfg.warmup_epochs, cap_warmup=cfg.cap_warmup is not False,
-                                   saved=resume.get("scheduler") if resume is not None else None)
+                                   saved=resume.get("scheduler") if resume is not None else None,
+                                   total_steps=cfg.iters)
     optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum,
                                 cfg.wd_bias_and_norm)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -92,7 +96,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         shared_outcome(on_main_only(open_run) if dist.is_main else None)
         loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
         monitor = None
-        if cfg.eval_every_n_epochs:
+        if cfg.eval_every_n_epochs or cfg.eval_every_n_steps:
             monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
                                  cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
@@ -105,7 +109,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                 for epoch in range(start_epoch, last_epoch):
                     for target in epoch_setters:
                         target.set_epoch(epoch, start_batch, loader_state)
-                    record = train_epoch(trainer, loader, epoch, steps_per_epoch, run, start_batch, meter)
+                    steps = min(steps_per_epoch, cfg.iters - epoch * steps_per_epoch) if cfg.iters else steps_per_epoch
+                    record = train_epoch(trainer, loader, epoch, steps, run, start_batch, meter, monitor)
                     end_epoch(trainer, record, run, monitor, last_epoch)
                     start_batch, loader_state, meter = 0, {}, Meter()
             except Preempted as stop:
@@ -524,7 +529,7 @@ class RunFiles:
 
 
 def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles, start: int = 0,
-                meter: Meter | None = None) -> dict:
+                meter: Meter | None = None, monitor: KnnMonitor | None = None) -> dict:
     """Steps ``start`` to ``steps`` of one epoch with a progress bar and windowed logs; returns the epoch's
     record. Saves mid-epoch when the ranks agree to (timer), and saves then raises ``Preempted`` on a signal
     (at the epoch's last step the epoch-end checkpoint serves: ``record["stop"]``)."""
@@ -554,6 +559,13 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles,
             run.scalars({**values, "lr": lr, "images_per_s": ips}, trainer.step)
             window = Meter()
             t_window = now
+        if monitor is not None and cfg.eval_every_n_steps and trainer.step % cfg.eval_every_n_steps == 0:
+            top1 = monitor(trainer.method.backbone)  # every rank: the features are sharded
+            trainer.model.train()
+            run.scalars({"knn_top1": top1}, trainer.step, prefix="monitor")
+            if run.dist.is_main:
+                tqdm.write(f"step {trainer.step}: kNN top-1 {top1:.2f}% on the test split")
+            t_window = time.perf_counter()  # the evaluation is not training time
         if (trainer.stop_now or trainer.save_now) and i < steps - 1:
             path = run.save(trainer, epoch, i + 1, epoch_meter)
             if trainer.stop_now:
@@ -573,7 +585,7 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
     """kNN monitor, metrics line, and (every --save_every_n_epochs, at the end, or when stopping) the
     checkpoint and curves; raises ``Preempted`` after that save when a signal asked to stop."""
     cfg, completed, stop, asked = run.cfg, record["epoch"], record.pop("stop"), record.pop("save")
-    if monitor is not None and completed % cfg.eval_every_n_epochs == 0 and not stop:  # stopping: save first
+    if monitor is not None and cfg.eval_every_n_epochs and completed % cfg.eval_every_n_epochs == 0 and not stop:
         record["knn_top1"] = monitor(trainer.method.backbone)
         run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
         if run.dist.is_main:

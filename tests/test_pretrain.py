@@ -196,3 +196,23 @@ def test_folder_dataset_on_real_cifar10_images(tmp_path):
                         f"--log_dir={tmp_path / 'run'}"]) == 0
     ckpt = final_state(tmp_path / "run", 1)
     assert ckpt["args"]["dataset_name"] == "folder" and ckpt["model"]["backbone.conv1.weight"].shape[-1] == 3
+
+
+def test_iters_cuts_the_last_epoch_and_its_resume_is_bitwise(tmp_path, capsys):
+    """--iters 5 at two steps an epoch: three epochs, the last of one step, the schedule ending at step 5; the
+    kNN monitor runs every --eval_freq steps; a resume from the first epoch ends where the straight run does."""
+    common = TINY + ["--clr=simclr", "--iters=5", "--warmup_epochs=0", "--scheduler=cosine"]
+    assert main(common + [f"--log_dir={tmp_path / 'straight'}", "--eval_freq=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("step 3: kNN top-1") == 1 and "step 6" not in out
+    records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 2), (2, 4), (3, 5)]
+    saved = yaml.safe_load(open(tmp_path / "straight" / "config.yaml"))
+    assert (saved["epochs"], saved["iters"]) == (3, 5)
+    state = torch.load(tmp_path / "straight" / "checkpoint_0003.pth.tar", weights_only=False)
+    assert state["scheduler"]["total_steps"] == 5 and state["global_step"] == 5
+    assert main(common + [f"--log_dir={tmp_path / 'cut'}", "--stop_after_epoch=1"]) == 0
+    assert main([f"--log_dir={tmp_path / 'cut'}", "--train_from=latest"]) == 0
+    a, b = final_state(tmp_path / "straight", 3), final_state(tmp_path / "cut", 3)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key

@@ -83,3 +83,91 @@ def test_the_ulc_presets_hold_what_the_seeds_command_lines_set(preset, index, ex
             mine, theirs = bool(mine), bool(theirs)
         assert mine == theirs, key
     assert cfg.dataset_name == seed.dataset_name == "cifar100"
+
+
+# Seed 002 (MetaContrastive): its README's lines, `python train.py --config configs/<x>.yaml` replaced as the
+# README of this tool says; ImageNet swapped for digits and tiny limits appended (later flags win).
+SEED_002_TRAIN = [
+    "--dist_address '127.0.0.1:1672' --n_supp 1 --n_query 1 --multiplier 2 --arch ResNet50 --seed 1234 --run_id "
+    "000001 --head contrastive --accu_iter 1 --batch_size 256 --lr 2.4 --iters 1000800 --eval_freq 100080 "
+    "--save_freq 12510 --temperature 10.",
+    "--dist_address '127.0.0.1:1672' --n_supp 1 --n_query 1 --multiplier 2 --arch ResNet50 --seed 1234 --run_id "
+    "000001 --head R2D2 --accu_iter 1 --batch_size 256 --lr 2.4 --iters 1000800 --eval_freq 100080 --save_freq "
+    "12510 --temperature 0.1",
+]
+SEED_002_EVAL = [
+    ("imagenet_eval", "--encoder_ckpt logs/exman-configs/imagenet_train_epochs100_bs512.yaml/runs/000001/"
+                      "checkpoint-1000800.pth.tar --run_id 000001"),
+    ("imagenet_semi_eval", "--train_size 1 --encoder_ckpt logs/exman-configs/imagenet_train_epochs100_bs512.yaml/"
+                           "runs/000005/checkpoint-1000800.pth.tar --eval_freq 100 --log_freq 100 --run_id 000001 "
+                           "--iters 3000 --lr 0.05"),
+    ("imagenet_semi_eval", "--encoder_ckpt logs/exman-configs/imagenet_train_epochs100_bs512.yaml/runs/000001/"
+                           "checkpoint-1000800.pth.tar --eval_freq 100 --log_freq 100 --run_id 000001 --iters 60000 "
+                           "--train_size 10 --lr 0.1"),
+]
+TINY_002 = ["--dataset_name=digits", "--image_size=16", "--width_multiplier=0.25", "--workers=0", "--device=cpu",
+            "--batch_size=32", "--limit_train_batches=1", "--proj_hidden_dim=64", "--no-tsne", "--final_eval="]
+
+
+def test_the_seed_002_lines_are_the_seeds():
+    seeds = os.path.join(ROOT, "..", "shared", "seeds")
+    if not os.path.isdir(seeds):
+        pytest.skip("../shared/seeds is not beside this checkout")
+    (text,) = [open(os.path.join(seeds, f)).read() for f in os.listdir(seeds) if f.startswith("002_")]
+    for line in SEED_002_TRAIN:
+        assert f"python train.py --config configs/imagenet_train_epochs100_bs512.yaml {line}" in text
+    for config, line in SEED_002_EVAL:
+        assert f"python train.py --config configs/{config}.yaml {line}" in text
+
+
+def test_seed_002_commands_run_end_to_end(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset_name=imagenet"] + shlex.split(SEED_002_TRAIN[1]) + TINY_002 + ["--iters=2"]
+    cfg, _, _ = resolve(argv)
+    assert (cfg.arch, cfg.head, cfg.n_views, cfg.iters, cfg.eval_every_n_steps, cfg.save_every_n_steps) == (
+        "resnet50", "R2D2", 2, 2, 100080, 12510)
+    assert main(argv) == 0
+    run = tmp_path / "results" / "digits" / "32_FlatCLR" / "000001"  # the tool's default --clr
+    assert sorted(list_checkpoints(str(run))) == [2]  # --iters 2 at one step an epoch: two epochs
+    err = capsys.readouterr().err
+    assert "note: --dist_address is accepted for seed 002's commands and not used" in err
+    first = ["--dataset_name=imagenet"] + shlex.split(SEED_002_TRAIN[0]) + TINY_002 + ["--iters=1", "--run_id=2"]
+    assert main(first) == 0
+    assert "its --temperature 10 is 0.1 here" in capsys.readouterr().err
+    ckpt = str(run / "checkpoint_0002.pth.tar")
+    for config, line in SEED_002_EVAL:
+        mode = "linear_eval" if config == "imagenet_eval" else "finetune"
+        words = [ckpt if w.endswith("checkpoint-1000800.pth.tar") else w for w in shlex.split(line)]
+        words = [w for w in words if w not in ("3000", "60000")]  # --iters's values: two steps here
+        words = [w if w != "--iters" else "--iters=2" for w in words]
+        assert main(["--train_mode=eval", f"--transfer_mode={mode}", "--workers=0", "--device=cpu", "--no-tsne",
+                     "--fc_batch_size=64"] + words) == 0, line
+        out = capsys.readouterr()
+        assert "note: --run_id names pretraining runs" in out.err
+        if mode == "finetune":
+            ratio = 0.01 if "--train_size 1 " in line else 0.1
+            import json
+            record = json.load(open(run / "eval" / f"finetune_semi{ratio}_epoch0002.json"))
+            assert record["fc_lr"] == (0.05 if ratio == 0.01 else 0.1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train_mode=eval", "--train_size=50", "--semi_ratio=0.1", "--checkpoint_dir=none"],
+     "--train_size 50 means --semi_ratio 0.5, not 0.1; pass one of them"),
+    (["--train_mode=eval", "--train_size=100", "--checkpoint_dir=none"],
+     "--train_size is a percentage of the labels in (0, 100) (or -1: all), got 100"),
+    (["--encoder_ckpt=x.pth.tar"], "--encoder_ckpt is the checkpoint an evaluation reads; pass --train_mode=eval"),
+    (["--train_mode=eval", "--encoder_ckpt=nowhere/x.pth.tar"],
+     "--encoder_ckpt nowhere/x.pth.tar is not an epoch-end checkpoint of a run of this tool"),
+    (["--run_id=1", "--log_dir=elsewhere"], "--run_id and --log_dir both name the run directory; pass one of them"),
+    (["--iters=5", "--epochs=3"], "--iters and --epochs both set the length of the run; pass one of them"),
+    (["--train_mode=eval", "--lr=0.1", "--fc_lr=0.2", "--checkpoint_dir=none"],
+     "in eval mode --lr is the classifier's rate (--fc_lr); --lr 0.1 and --fc_lr 0.2 disagree: pass one of them"),
+])
+def test_contradicting_seed_002_spellings_are_one_line(argv, message):
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve(argv)
