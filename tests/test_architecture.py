@@ -23,7 +23,7 @@ class CosineToy(SSLMethod):
         super().__init__(backbone, projector, n_views)
         self.scale = scale
 
-    def forward(self, views, index):
+    def objective(self, views, index):
         z = F.normalize(self.embed(views), dim=1).chunk(self.n_views)
         loss = -sum((z[i] * z[j].detach()).sum(dim=1).mean() for i in range(self.n_views)
                     for j in range(self.n_views) if i != j) * self.scale
