@@ -19,6 +19,7 @@ from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
 from engine.evaluate import PARTIAL, PROTOCOLS, evaluate, record_path
+from engine.export import export_run
 from engine.optim import default_lr
 from engine.pretrain import PREEMPTED_MARK, pretrain
 from engine.runlog import PER_INVOCATION_KEYS
@@ -63,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="yaml file of defaults (keys = flag names); flags win")
 
     g = p.add_argument_group("mode")
-    g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval"],
-                   help="pretrain (FlatCLR's 'ssl' is accepted) or eval (see --transfer_mode)")
+    g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval", "export"],
+                   help="pretrain (FlatCLR's 'ssl' is accepted), eval (see --transfer_mode), or export (a run's "
+                        "backbone as a plain state dict + json in RUN/export)")
     g.add_argument("--clr", default="flatclr", choices=list(METHODS),
                    help="method: " + "; ".join(f"{k} ({s.display}: {s.summary})" for k, s in METHODS.items()))
 
@@ -207,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_dir", default="results", help="root of new run directories")
     g.add_argument("--log_dir", "--exp", dest="log_dir", default=None,
                    help="run directory (to resume, or to name a new run); --exp: seed 001's spelling")
+    g.add_argument("--from_pretrained", default=None,
+                   help="start a new pretraining run from the backbone of another run (its directory, a checkpoint "
+                        "or an export); --train_from resumes the same run instead")
+    add_bool(g, "from_pretrained_head", False, "with --from_pretrained, also take its projection head")
     g.add_argument("--train_from", default=None,
                    help="checkpoint to resume from: a file in --log_dir, a path, or 'latest'; in eval mode "
                         "'latest' continues an interrupted finetune / --fc_augment linear eval")
@@ -402,8 +408,9 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
         raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
     values = read_yaml(path)
     known = {a.dest for a in parser._actions}
-    if isinstance(values.get("schedule"), dict):  # a run's config.yaml records its resolved schedule: not a flag
-        del values["schedule"]
+    for recorded in ("schedule", "input_stats"):  # a run's config.yaml records these as resolved: not flags
+        if isinstance(values.get(recorded), dict):
+            del values[recorded]
     unknown = sorted(set(values) - known - {"help"})
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")
@@ -461,6 +468,12 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for name in ("eval_every_n_epochs", "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.from_pretrained_head and not cfg.from_pretrained:
+        raise UserError("--from_pretrained_head takes the head of --from_pretrained's run, which is not given; pass "
+                        "--from_pretrained PATH")
+    if cfg.from_pretrained and not os.path.exists(cfg.from_pretrained):
+        raise UserError(f"--from_pretrained {cfg.from_pretrained} does not exist; pass a run directory, a "
+                        "checkpoint_*.pth.tar or an export .pth")
     if cfg.keep_mid_epoch_checkpoints < 1:
         raise UserError(f"--keep_mid_epoch_checkpoints must be at least 1, got {cfg.keep_mid_epoch_checkpoints}")
 
@@ -468,8 +481,8 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
     """Evaluate on the run's own dataset and architecture unless the command line says otherwise."""
     if not cfg.checkpoint_dir:
-        raise UserError("--train_mode=eval needs --checkpoint_dir RUN_DIR (a pretraining run), "
-                        "or --checkpoint_dir none for a random-init baseline")
+        raise UserError(f"--train_mode={cfg.train_mode} needs --checkpoint_dir RUN_DIR (a pretraining run)"
+                        + (", or --checkpoint_dir none for a random-init baseline" if cfg.train_mode == "eval" else ""))
     if cfg.checkpoint_dir.lower() == "none":
         return
     if not os.path.isdir(cfg.checkpoint_dir):
@@ -529,7 +542,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
         raise UserError("--iters and --epochs both set the length of the run; pass one of them")
     map_seed_spellings(cfg, explicit)
-    if cfg.train_mode == "eval":
+    if cfg.train_mode in ("eval", "export"):
         inherit_from_run(cfg, explicit)
     cfg.arch = ARCH_ALIASES.get(cfg.arch, cfg.arch)
     if cfg.fp16_precision:
@@ -548,7 +561,7 @@ def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> N
     own = {f.name for f in METHODS[cfg.clr].flags}
     for spec in METHODS.values():
         for flag in spec.flags:
-            if flag.exclusive and flag.name in explicit and flag.name not in own and cfg.train_mode != "eval":
+            if flag.exclusive and flag.name in explicit and flag.name not in own and cfg.train_mode == "pretrain":
                 users = [n for n, s in METHODS.items() if any(f.name == flag.name for f in s.flags)]
                 raise UserError(f"--{flag.name} is a setting of --clr {' or '.join(users)}, not of {cfg.clr}; drop "
                                 f"it or pass --clr {users[0]}")
@@ -610,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = cfg.train_mode
         if mode == "eval":
             evaluate(cfg)
+        elif mode == "export":
+            export_run(cfg)
         else:
             run_dir, finished = pretrain(cfg, resume, resume_path)
             if cfg.final_eval and (finished or resume is not None):

@@ -64,8 +64,12 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
+    # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
+    cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
     loader, epoch_setters = build_loader(cfg, split, dist, device)
     method, memory_format = build_model(cfg, split, dist, device)
+    if cfg.from_pretrained and resume is None:  # a new run from another run's weights (a resume has its own)
+        warm_start(method, cfg.from_pretrained, bool(cfg.from_pretrained_head), cfg.arch)
 
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
     if cfg.iters:  # --iters: as many epochs as the steps need, the last one cut (recorded in config.yaml)
@@ -165,6 +169,45 @@ def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.devi
     # on unless --no-channels_last (older runs saved None)
     memory_format = torch.channels_last if cfg.channels_last is not False else torch.contiguous_format
     return method.to(device, memory_format=memory_format), memory_format
+
+
+def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None:
+    """--from_pretrained: a new run starts from the backbone (and with ``head`` the projector) of another run's
+    checkpoint, a run directory or an export; another architecture, stem or width is refused with one line."""
+    from models.pretrained import _read, describe
+
+    try:
+        weights, meta = _read(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"--from_pretrained {path}: {str(err).splitlines()[0]}; pass a run directory, a "
+                        "checkpoint_*.pth.tar or an export .pth") from err
+    mine = describe("", method.backbone.state_dict(), 1.0)
+    theirs_shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    my_shapes = {k: tuple(v.shape) for k, v in method.backbone.state_dict().items()}
+    if theirs_shapes != my_shapes:
+        stem = "CIFAR" if meta["cifar_stem"] else "ImageNet"
+        my_stem = "CIFAR" if mine["cifar_stem"] else "ImageNet"
+        raise UserError(f"--from_pretrained {path} holds a {meta['arch']} backbone ({stem} stem, width "
+                        f"{meta.get('width_multiplier', 1.0):g}, {meta['feat_dim']}-d features) that does not fit this "
+                        f"run's {arch} ({my_stem} stem, {mine['feat_dim']}-d features); pass the same --arch, --cifar_stem "
+                        "and --width_multiplier")
+    method.backbone.load_state_dict(weights, strict=True)
+    loaded = "backbone"
+    if head:
+        state = torch.load(path if not os.path.isdir(path) else meta["source"], map_location="cpu", weights_only=True)
+        projector = {k[len("projector."):]: v for k, v in state.get("model", {}).items() if k.startswith("projector.")}
+        if not projector:
+            raise UserError(f"--from_pretrained_head: {path} holds no projector (an export keeps the backbone only); "
+                            "pass a run directory or checkpoint, or drop --from_pretrained_head")
+        try:
+            method.projector.load_state_dict(projector, strict=True)
+        except RuntimeError as err:
+            raise UserError(f"--from_pretrained_head: the projector of {path} does not fit this run's "
+                            f"({str(err).splitlines()[0][:120]}); pass the same projector flags or drop "
+                            "--from_pretrained_head") from err
+        loaded = "backbone and projector"
+    print(f"warm start: {loaded} from {meta.get('source', path)} ({meta['arch']}, epoch {meta.get('epoch')})",
+          flush=True)
 
 
 def wrap_model(method: nn.Module, cfg: Namespace, dist: DistInfo, device: torch.device) -> nn.Module:

@@ -1,0 +1,98 @@
+"""Pretrained backbones for use outside this tool.
+
+    from models.pretrained import load_pretrained
+    backbone, meta = load_pretrained("results/cifar10/512_FlatCLR/2026-11-26-10-00-00")  # or a checkpoint,
+    features = backbone(images)  # (N, meta["feat_dim"]), images normalised with meta["mean"], meta["std"]
+
+``path`` may be a run directory (its latest epoch-end checkpoint), a ``checkpoint_*.pth.tar`` of a run, or an
+export (``RUN/export/<arch>_<method>_ep<N>.pth`` with its ``.json`` beside it, written by ``--train_mode=export``).
+The backbone is a torchvision ResNet with ``fc = nn.Identity()``; with the ImageNet stem and width 1 an export
+loads into ``torchvision.models.<arch>()`` (strict, once its ``fc`` is replaced by ``nn.Identity()``). With the
+CIFAR stem ``conv1`` is 3x3 stride 1 and there is no max-pool: :func:`rebuild` makes that module.
+Reads with ``weights_only=True`` only; imports nothing from ``engine/``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from models.backbones import build_backbone
+
+EXPORT_SUFFIX = ".pth"
+CHECKPOINT = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def backbone_weights(model_state: dict) -> dict[str, torch.Tensor]:
+    """The ``backbone.`` entries of a method's state dict, without the prefix."""
+    return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
+
+
+def stem_of(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether backbone weights have the CIFAR stem (a 3x3 first convolution)."""
+    return weights["conv1.weight"].shape[-1] == 3
+
+
+def describe(arch: str, weights: dict[str, torch.Tensor], width: float, **extra) -> dict:
+    """What a user needs to rebuild and feed the backbone: its architecture, stem, width and feature size, and
+    for a CIFAR stem the layers that differ from torchvision's."""
+    cifar = stem_of(weights)
+    feat_dim = (weights["layer4.0.conv3.weight"] if "layer4.0.conv3.weight" in weights
+                else weights["layer4.0.conv2.weight"]).shape[0]
+    meta = {"arch": arch, "cifar_stem": cifar, "width_multiplier": width, "feat_dim": int(feat_dim), **extra}
+    if cifar:
+        meta["differs_from_torchvision"] = ["conv1: 3x3, stride 1, padding 1 (torchvision: 7x7, stride 2)",
+                                            "maxpool: nn.Identity() (torchvision: 3x3 max-pool, stride 2)"]
+        meta["rebuild"] = "models.pretrained.rebuild(meta)"
+    elif width == 1.0:
+        meta["torchvision"] = f"torchvision.models.{arch}() with fc = nn.Identity()"
+    return meta
+
+
+def rebuild(meta: dict) -> nn.Module:
+    """An untrained backbone of the architecture ``meta`` describes (stem and width included)."""
+    backbone, _ = build_backbone(meta["arch"], cifar_stem=meta["cifar_stem"], width=meta.get("width_multiplier", 1.0))
+    return backbone
+
+
+def _latest_checkpoint(run_dir: str) -> str:
+    found = {int(m.group(1)): p for p in glob.glob(os.path.join(run_dir, "checkpoint_*.pth.tar"))
+             if (m := CHECKPOINT.search(os.path.basename(p)))}
+    if not found:
+        raise FileNotFoundError(f"no checkpoint_NNNN.pth.tar in {run_dir}")
+    return found[max(found)]
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(backbone weights, metadata) of a run directory, checkpoint or export."""
+    if os.path.isdir(path):
+        path = _latest_checkpoint(path)
+    meta_path = os.path.splitext(path)[0] + ".json"
+    if path.endswith(EXPORT_SUFFIX) and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return torch.load(path, map_location="cpu", weights_only=True), meta
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is neither a checkpoint of this tool nor an export (no model state, no .json)")
+    weights = backbone_weights(state["model"])
+    args = state.get("args", {})
+    stats = args.get("input_stats") or {}
+    meta = describe(state.get("arch", args.get("arch")), weights, float(state.get("width_multiplier") or 1.0),
+                    method=args.get("clr"), epoch=state.get("epoch"), dataset=args.get("dataset_name"),
+                    mean=stats.get("mean"), std=stats.get("std"), image_size=stats.get("image_size"),
+                    source=os.path.abspath(path))
+    return weights, meta
+
+
+def load_pretrained(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The pretrained backbone at ``path`` (run directory, checkpoint or export) in eval mode on ``map_location``,
+    and its metadata (arch, cifar_stem, width_multiplier, feat_dim, and mean/std/image_size when recorded)."""
+    weights, meta = _read(path)
+    backbone = rebuild(meta)
+    backbone.load_state_dict(weights, strict=True)
+    return backbone.to(map_location).eval(), meta

@@ -1,0 +1,91 @@
+"""Trained models that leave the tool: --train_mode=export, models.pretrained.load_pretrained, hubconf.py, and
+--from_pretrained (a new run from another run's weights)."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from engine.evaluate import load_backbone
+from main import main, resolve
+from models.pretrained import load_pretrained
+from tests.conftest import ROOT, TINY
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("export") / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--width_multiplier=0.25", f"--log_dir={run}", "--no-tsne",
+                        "--final_eval="]) == 0
+    return run
+
+
+def test_an_imagenet_stem_resnet50_export_loads_into_torchvision_strict(tmp_path):
+    run = tmp_path / "run"
+    assert main(TINY + ["--clr=byol", "--epochs=1", "--arch=ResNet50", "--no-cifar_stem", "--limit_train_batches=1",
+                        f"--log_dir={run}", "--no-tsne", "--final_eval="]) == 0
+    assert main(["--train_mode=export", f"--checkpoint_dir={run}"]) == 0
+    (pth,) = (run / "export").glob("*.pth")
+    assert pth.name == "resnet50_byol_ep1.pth"
+    meta = json.loads(pth.with_suffix(".json").read_text())
+    assert (meta["arch"], meta["cifar_stem"], meta["feat_dim"], meta["image_size"]) == ("resnet50", False, 2048, 16)
+    assert meta["mean"] and meta["std"] and meta["torchvision"].startswith("torchvision.models.resnet50")
+    weights = torch.load(pth, weights_only=True)
+    assert not any(k.startswith("fc.") for k in weights)
+    tv = torchvision.models.resnet50()
+    tv.fc = nn.Identity()
+    tv.load_state_dict(weights, strict=True)
+    inside, _ = load_backbone(str(run / "checkpoint_0001.pth.tar"), "resnet50", cifar_stem=False)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(tv.eval()(x), inside.eval()(x), atol=1e-5)
+
+
+def test_a_cifar_stem_export_reloads_through_the_api_and_hub(cifar_run):
+    assert main(["--train_mode=export", f"--checkpoint_dir={cifar_run}"]) == 0
+    (pth,) = (cifar_run / "export").glob("*.pth")
+    meta = json.loads(pth.with_suffix(".json").read_text())
+    assert meta["cifar_stem"] and "conv1: 3x3" in meta["differs_from_torchvision"][0]
+    inside, _ = load_backbone(str(cifar_run / "checkpoint_0001.pth.tar"), "resnet18", cifar_stem=True, width=0.25)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = inside.eval()(x)
+    for path in (pth, cifar_run, cifar_run / "checkpoint_0001.pth.tar"):  # export, run directory, checkpoint
+        backbone, meta = load_pretrained(str(path))
+        assert meta["feat_dim"] == 128 and meta["width_multiplier"] == 0.25
+        with torch.no_grad():
+            assert torch.allclose(backbone(x), expected, atol=1e-6), path
+    hub = torch.hub.load(ROOT, "backbone", source="local", path=str(pth))
+    with torch.no_grad():
+        assert torch.allclose(hub(x), expected, atol=1e-6)
+
+
+def test_from_pretrained_starts_a_new_run_from_the_source_weights(cifar_run, tmp_path, capsys):
+    from engine.pretrain import warm_start
+    from models import build_method
+
+    cfg, _, _ = resolve(TINY + ["--clr=byol", "--width_multiplier=0.25", f"--from_pretrained={cifar_run}"])
+    torch.manual_seed(5)
+    method = build_method(cfg, num_data=100, cifar_stem=True)
+    warm_start(method, cfg.from_pretrained, False, cfg.arch)
+    source, _ = load_pretrained(str(cifar_run))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the first step's features are the source's
+        assert torch.allclose(method.backbone.eval()(x), source(x), atol=1e-6)
+    run = tmp_path / "warm"
+    assert main(TINY + ["--clr=byol", "--width_multiplier=0.25", "--epochs=1", f"--from_pretrained={cifar_run}",
+                        f"--log_dir={run}", "--no-tsne", "--final_eval="]) == 0
+    assert "warm start: backbone from" in capsys.readouterr().out
+    assert (run / "checkpoint_0001.pth.tar").exists()
+
+
+def test_from_pretrained_refuses_another_architecture_in_one_line(cifar_run, tmp_path, capsys):
+    run = tmp_path / "wrong"
+    assert main(TINY + ["--clr=simclr", "--arch=resnet34", "--width_multiplier=0.25", f"--from_pretrained={cifar_run}",
+                        f"--log_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --from_pretrained {cifar_run} holds a resnet18 backbone") and "\n" not in err
+    assert "pass the same --arch, --cifar_stem and --width_multiplier" in err and not run.exists()
+    assert main(TINY + ["--from_pretrained_head", f"--log_dir={run}"]) == 2
+    assert main(TINY + [f"--from_pretrained={tmp_path / 'nowhere'}", f"--log_dir={run}"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not run.exists()
