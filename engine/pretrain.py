@@ -189,8 +189,8 @@ def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None
         my_stem = "CIFAR" if mine["cifar_stem"] else "ImageNet"
         raise UserError(f"--from_pretrained {path} holds a {meta['arch']} backbone ({stem} stem, width "
                         f"{meta.get('width_multiplier', 1.0):g}, {meta['feat_dim']}-d features) that does not fit this "
-                        f"run's {arch} ({my_stem} stem, {mine['feat_dim']}-d features); pass the same --arch, --cifar_stem "
-                        "and --width_multiplier")
+                        f"run's {arch} ({my_stem} stem, {mine['feat_dim']}-d features); pass the same --arch, "
+                        "--cifar_stem and --width_multiplier")
     method.backbone.load_state_dict(weights, strict=True)
     loaded = "backbone"
     if head:
