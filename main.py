@@ -375,8 +375,12 @@ def map_meta_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
     if evaluating and {"eval_every_n_steps", "log_every_n_steps"} & explicit and os.environ.get("RANK", "0") == "0":
         print("note: --eval_freq/--log_freq pace pretraining; an evaluation reports its test accuracy once the "
               "classifier is trained", file=sys.stderr)
-    if evaluating and {"iters", "fc_epochs"} <= explicit:
-        raise UserError("in eval mode --iters and --fc_epochs both set the classifier's training; pass one of them")
+    if evaluating:  # --iters on an evaluation's command line is the classifier's length; a run's is not
+        if {"iters", "fc_epochs"} <= explicit:
+            raise UserError("in eval mode --iters and --fc_epochs both set the classifier's training; pass one of "
+                            "them")
+        cfg.fc_iters = cfg.iters if "iters" in explicit else None
+        cfg.iters = None
     if cfg.dist_address is not None and os.environ.get("RANK", "0") == "0":
         print("note: --dist_address is accepted for seed 002's commands and not used: torchrun sets the address "
               "(--rdzv_endpoint, or MASTER_ADDR/MASTER_PORT)", file=sys.stderr)
@@ -426,6 +430,8 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--batch_size must be at least 2 (contrastive losses need negatives), got {cfg.batch_size}")
     spec = METHODS[cfg.clr]
     spec.settle(cfg)
+    if cfg.n_views is None:  # a method's own settle may leave it
+        cfg.n_views = 2
     if cfg.n_views < spec.min_views:
         raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
     spec.validate(cfg)
@@ -541,6 +547,8 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
         cfg.train_mode = "pretrain"
     if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
         raise UserError("--iters and --epochs both set the length of the run; pass one of them")
+    if "epochs" in explicit and "iters" not in explicit:  # the command line's length wins over a yaml's or run's
+        cfg.iters = None
     map_seed_spellings(cfg, explicit)
     if cfg.train_mode in ("eval", "export"):
         inherit_from_run(cfg, explicit)

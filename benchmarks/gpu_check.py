@@ -177,7 +177,7 @@ class Bench:
         self.trainer = Trainer(model, method, optimizer, torch.amp.GradScaler(check.device.type, enabled=False),
                                lr_schedule(0.1, 10**6, 1, "constant"), device=check.device,
                                precision=check.precision, memory_format=memory_format, total_steps=10**6, step=0,
-                               last_ckpt=None)
+                               last_ckpt=None, rot_task_p=cfg.rot_task_p, seed=cfg.seed, accu_iter=cfg.accu_iter)
         self.loader, self.check, self.batch = loader, check, batch
         self.batches = self._cycle()
 

@@ -19,7 +19,7 @@ import torch
 def step_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of one training step's rotations."""
     g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 257 + rank + 0x5EED)
+    g.manual_seed((((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 257 + rank + 0x5EED) % (2**63 - 1))
     return g
 
 

@@ -484,9 +484,11 @@ def evaluate(cfg: Namespace) -> list[dict]:
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
                       skip_bad_images=skip)
     random_init = chosen[0][1] is None
-    if cfg.iters:  # MetaContrastive's --iters: the classifier's optimizer steps, rounded up to whole epochs
+    if getattr(cfg, "fc_iters", None):  # MetaContrastive's eval --iters: classifier steps, in whole epochs
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
-        cfg.fc_epochs = max(1, math.ceil(cfg.iters / math.ceil(n / min(cfg.fc_batch_size, n))))
+        bs = min(cfg.fc_batch_size, n)
+        steps = max(1, n // bs) if trains_through(cfg) else math.ceil(n / bs)  # the fit's loader drops a remainder
+        cfg.fc_epochs = max(1, math.ceil(cfg.fc_iters / steps))
     resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)

@@ -48,6 +48,13 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     """Run (or continue) pretraining; returns the run directory and whether this call trained up to --epochs
     (then ``--final_eval`` follows). Raises ``Preempted`` after saving the exact position when SIGTERM or
     SIGUSR1 arrives."""
+    saved_steps = (resume or {}).get("scheduler", {}).get("steps_per_epoch")
+    if cfg.iters and saved_steps:  # a resumed --iters run: its epochs as the (possibly new) --iters makes them
+        cfg.epochs = math.ceil(cfg.iters / saved_steps)
+        done, cut = int(resume["epoch"]), int(resume.get("global_step", 0)) < int(resume["epoch"]) * saved_steps
+        if cut and not resume.get("batch") and cfg.iters > int(resume.get("global_step", 0)):
+            raise UserError(f"{resume_path} ends epoch {done} cut at step {resume['global_step']} by the old --iters; "
+                            "a cut epoch cannot be continued: start a new run from it with --from_pretrained")
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
@@ -134,6 +141,9 @@ def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
     if cfg.batch_size % dist.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} (global) does not divide over {dist.world_size} "
                         "processes; pick a multiple of the world size")
+    if cfg.batch_size // cfg.accu_iter < 2:
+        raise UserError(f"--accu_iter {cfg.accu_iter} leaves micro-batches of {cfg.batch_size // cfg.accu_iter} "
+                        "image(s) (a contrastive loss needs negatives, BN two samples); lower --accu_iter")
     if (cfg.batch_size // dist.world_size) % cfg.accu_iter:
         raise UserError(f"--batch_size {cfg.batch_size} over {dist.world_size} process(es) is "
                         f"{cfg.batch_size // dist.world_size} images a process, which --accu_iter {cfg.accu_iter} does "
@@ -462,7 +472,7 @@ class Trainer:
                 turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
                 views = [rotate(v, turns) for v in views]
             self.method.step_generator = g
-        self.method.progress = self.step / max(self.total_steps, 1)
+        self.method.progress.fill_(self.step / max(self.total_steps, 1))  # a tensor: no recompile under --compile
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)

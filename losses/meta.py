@@ -9,7 +9,8 @@ support set into a classifier, and the queries are classified over all the batch
   ``W = argmin ||SW - Y||^2 + lambda ||W||^2``; a query's logits are ``qW`` (no bias, no output scale).
 
 Both use embeddings L2-normalised and divided by sqrt(temperature), so with one support view a PN logit is
-``-(2 - 2 cos)/t``: SimCLR's logit up to a per-query constant. The returned :class:`ContrastiveLogits` (positive
+``-(2 - 2 cos)/t = 2 cos/t - 2/t``: SimCLR's logit at temperature t/2, up to a per-query constant (the authors'
+ProtoNet head does the same: a squared distance, not halved). The returned :class:`ContrastiveLogits` (positive
 = the query's own class, negatives = every other class) feed the same reductions as SimCLR's logits: InfoNCE
 is then the head's cross-entropy, FlatNCE its flat version.
 """

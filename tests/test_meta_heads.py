@@ -63,7 +63,7 @@ def test_protonet_equals_a_per_query_loop(n_supp, n_query):
     assert torch.allclose(infonce_loss(logits), ref_loss, rtol=0, atol=1e-12)
 
 
-def test_protonet_with_one_support_view_is_simclrs_logit_minus_a_constant():
+def test_protonet_with_one_support_view_is_minus_2_minus_2cos_over_t():
     z = _views(2)
     logits = _full(head_logits("PN", z, 1, 2, T, reg=50.0))
     q = F.normalize(z[5:], dim=1)
@@ -171,6 +171,10 @@ def test_head_settings_mistakes_are_one_line(tmp_path, capsys):
         (["--clr=byol", "--head=R2D2"],
          "error: --head is a setting of --clr simclr or flatclr, not of byol; drop it or pass --clr simclr"),
         (["--clr=simclr", "--head=R2D2", "--reg=0"], "error: --reg (the R2D2 ridge) must be positive, got 0.0"),
+        (["--clr=simclr", "--head=PN", "--reg=3"],
+         "error: --reg is the ridge of --head R2D2 and does nothing with --head PN; drop it or pass --head R2D2"),
+        (["--clr=simclr", "--n_supp=2"], "error: --n_supp is the support set of --head PN/R2D2; with --head "
+         "contrastive every view is an anchor: pass --n_views 3 instead, or a --head"),
         (["--clr=flatclr", "--head=PN", "--n_supp=2", "--n_views=2"],
          "error: a task needs at least one support and one query view per image; got --n_supp 2 and --n_query 0 "
          "(--n_views 2)"),

@@ -216,3 +216,11 @@ def test_iters_cuts_the_last_epoch_and_its_resume_is_bitwise(tmp_path, capsys):
     a, b = final_state(tmp_path / "straight", 3), final_state(tmp_path / "cut", 3)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    capsys.readouterr()
+    assert main([f"--log_dir={tmp_path / 'straight'}", "--train_from=latest", "--iters=7"]) == 2  # epoch 3 was cut
+    assert "a cut epoch cannot be continued" in capsys.readouterr().err
+    whole = [c for c in common if not c.startswith("--iters")] + ["--iters=4", f"--log_dir={tmp_path / 'more'}"]
+    assert main(whole) == 0  # two whole epochs: a larger --iters continues them
+    assert main([f"--log_dir={tmp_path / 'more'}", "--train_from=latest", "--iters=6"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "more" / "metrics.jsonl")]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 2), (2, 4), (3, 6)]

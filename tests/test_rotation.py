@@ -29,6 +29,7 @@ def test_the_steps_draws_depend_on_the_step_alone():
               step_generator(3, 2, 7, 0, cpu)]
     assert all(not torch.equal(a, task_rotations(64, 0.5, g, cpu)) for g in others)
     assert random_rotations(10_000, step_generator(0, 0, 0, 0, cpu), cpu).bincount().min() > 2300
+    task_rotations(4, 0.5, step_generator(2**32 - 1, 10**4, 10**6, 63, cpu), cpu)  # any --seed: no overflow
 
 
 def test_rotate_turns_each_image_by_its_own_k_counter_clockwise():
@@ -58,6 +59,7 @@ class _Recorder(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("progress", torch.zeros(()))
         self.seen = []
 
     def after_step(self, step, total):
@@ -92,7 +94,7 @@ def test_rotation_prediction_adds_the_weighted_cross_entropy_of_a_linear_head(tm
     method = build_method(cfg, num_data=100, cifar_stem=True).eval()  # eval: BN by running stats, so both
     views = [torch.randn(8, 3, 16, 16) for _ in range(2)]              # forwards below see the same network
     method.step_generator = step_generator(0, 0, 0, 0, torch.device("cpu"))
-    method.progress = 0.5  # halfway: the cosine decay gives half the weight
+    method.progress.fill_(0.5)  # halfway: the cosine decay gives half the weight
     loss, logs = method(views, torch.arange(8))
     plain, _ = method.objective(views, torch.arange(8))
     k = random_rotations(16, step_generator(0, 0, 0, 0, torch.device("cpu")), torch.device("cpu"))

@@ -171,3 +171,13 @@ def test_contradicting_seed_002_spellings_are_one_line(argv, message):
 
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(argv)
+
+
+def test_a_runs_iters_is_not_an_evaluations_and_the_command_lines_epochs_win():
+    preset = os.path.join(ROOT, "configs", "cifar10_protonet.yaml")
+    cfg, _, _ = resolve([f"--config={preset}", "--epochs=1"])
+    assert (cfg.iters, cfg.epochs) == (None, 1)
+    cfg, _, _ = resolve([f"--config={preset}", "--train_mode=eval", "--checkpoint_dir=none"])
+    assert cfg.iters is None and cfg.fc_iters is None  # the preset's 48,000 pretraining steps stay there
+    cfg, _, _ = resolve(["--train_mode=eval", "--checkpoint_dir=none", "--iters=30"])
+    assert cfg.fc_iters == 30

@@ -45,7 +45,7 @@ class SSLMethod(nn.Module):
         # Set by the training loop before each forward: the step's generator (data/rotation.py) and the
         # fraction of the run done before this step.
         self.step_generator: torch.Generator | None = None
-        self.progress = 0.0
+        self.register_buffer("progress", torch.zeros(()), persistent=False)
         self.micro_batch = 0  # which micro-batch of the step this forward is (--accu_iter)
         self.rot_head: nn.Module | None = None
         self.rot_pred = (0.0, False, 1.0)  # weight, cosine decay, temperature
@@ -72,9 +72,12 @@ class SSLMethod(nn.Module):
         z = self.projector(self.backbone(rotate(x, k)))
         logits = self.rot_head(F.normalize(z.float(), dim=1) / temperature ** 0.5).float()
         rot = F.cross_entropy(logits, k)
-        scale = weight * ((math.cos(math.pi * self.progress) + 1) / 2 if decay else 1.0)
+        if decay:  # progress is a tensor the loop fills: the same graph every step under --compile
+            scale = weight * (torch.cos(math.pi * self.progress) + 1) / 2
+        else:
+            scale = torch.full_like(self.progress, weight)
         logs = {**logs, "rot_pred_loss": rot.detach(), "rot_pred_acc": (logits.argmax(1) == k).float().mean().detach(),
-                "rot_pred_weight": torch.full((), scale, device=loss.device)}
+                "rot_pred_weight": scale.detach()}
         return loss + scale * rot, logs
 
     def diagnostics(self, z: torch.Tensor) -> Logs:

@@ -81,6 +81,12 @@ def validate(cfg: Namespace) -> None:
                         f"{cfg.n_supp} and --n_query {cfg.n_query} (--n_views {cfg.n_views})")
     if cfg.head == "R2D2" and not cfg.reg > 0:
         raise UserError(f"--reg (the R2D2 ridge) must be positive, got {cfg.reg}")
+    if cfg.head != "R2D2" and cfg.reg != 50.0:
+        raise UserError(f"--reg is the ridge of --head R2D2 and does nothing with --head {cfg.head}; drop it or pass "
+                        "--head R2D2")
+    if cfg.head == "contrastive" and cfg.n_supp != 1:
+        raise UserError(f"--n_supp is the support set of --head PN/R2D2; with --head contrastive every view is an "
+                        f"anchor: pass --n_views {cfg.n_views} instead, or a --head")
     if cfg.head == "contrastive" and cfg.temperature > 1 and get_rank() == 0:
         print(f"warning: --temperature {cfg.temperature:g} divides the similarities here (logits = cos/t); "
               f"MetaContrastive's contrastive head multiplied by it, so its --temperature 10 is 0.1 here",
