@@ -67,8 +67,8 @@ def test_accumulation_that_does_not_divide_the_batch_is_one_line(tmp_path, capsy
                                                "batch size or --accu_iter that does")
     assert not (tmp_path / "run").exists()
     assert main(TINY + ["--accu_iter=16", f"--log_dir={tmp_path / 'run'}"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --accu_iter 16 leaves micro-batches of 1 image(s) (a contrastive "
-                                               "loss needs negatives, BN two samples); lower --accu_iter")
+    assert capsys.readouterr().err.strip() == ("error: --accu_iter 16 leaves micro-batches of 1 image(s) (a "
+                                               "contrastive loss needs negatives, BN two samples); lower --accu_iter")
     assert not (tmp_path / "run").exists()
 
 
