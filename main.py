@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from common.distributed import cleanup
+from common import provenance
 from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
@@ -412,7 +413,7 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
         raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
     values = read_yaml(path)
     known = {a.dest for a in parser._actions}
-    for recorded in ("schedule", "input_stats"):  # a run's config.yaml records these as resolved: not flags
+    for recorded in ("schedule", "input_stats", "provenance"):  # a run's config.yaml records these as resolved: not flags
         if isinstance(values.get(recorded), dict):
             del values[recorded]
     unknown = sorted(set(values) - known - {"help"})
@@ -625,6 +626,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    provenance.COMMAND[:] = argv
     mode = "pretrain"
     try:
         cfg, resume, resume_path = resolve(argv)

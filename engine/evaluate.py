@@ -31,6 +31,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from common.device import pick_device
+from common.provenance import provenance
 from common.distributed import DistInfo, barrier, broadcast_object, init_distributed, on_main_only, shared_outcome
 from common.errors import Preempted, UserError
 from data import load_split
@@ -569,7 +570,8 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
                   "checkpoint": path or "random-init", "arch": cfg.arch, "semi_ratio": cfg.semi_ratio,
                   "train_images": len(train_indices) if train_indices is not None else len(train.dataset),
                   "test_images": len(test.dataset), **fields,
-                  "top1": 100.0 * top1 / len(test_y), "top5": 100.0 * top5 / len(test_y)}
+                  "top1": 100.0 * top1 / len(test_y), "top5": 100.0 * top5 / len(test_y),
+                  "provenance": provenance(device, dist.world_size)}
         results.append(record)
         if dist.is_main:
             _report(cfg, record, out_dir, writer)

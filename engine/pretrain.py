@@ -25,6 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common.device import pick_device
+from common.provenance import provenance
 from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
                                 init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
@@ -73,6 +74,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
     # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
     cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
+    cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
     loader, epoch_setters = build_loader(cfg, split, dist, device)
     method, memory_format = build_model(cfg, split, dist, device)
     if cfg.from_pretrained and resume is None:  # a new run from another run's weights (a resume has its own)

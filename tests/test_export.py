@@ -89,3 +89,19 @@ def test_from_pretrained_refuses_another_architecture_in_one_line(cifar_run, tmp
     assert main(TINY + ["--from_pretrained_head", f"--log_dir={run}"]) == 2
     assert main(TINY + [f"--from_pretrained={tmp_path / 'nowhere'}", f"--log_dir={run}"]) == 2
     assert "does not exist" in capsys.readouterr().err and not run.exists()
+
+
+def test_runs_and_evaluations_record_what_made_them(cifar_run):
+    import subprocess
+
+    import yaml
+
+    saved = yaml.safe_load((cifar_run / "config.yaml").read_text())["provenance"]
+    assert saved["command"].startswith("main.py --dataset_name=digits") and f"--log_dir={cifar_run}" in saved["command"]
+    assert (saved["torch"], saved["world_size"]) == (str(torch.__version__), 1) and saved["device"].startswith("cpu")
+    assert main(["--train_mode=eval", f"--checkpoint_dir={cifar_run}", "--transfer_mode=knn", "--no-tsne"]) == 0
+    record = json.loads((cifar_run / "eval" / "knn_epoch0001.json").read_text())["provenance"]
+    assert record["command"] == f"main.py --train_mode=eval --checkpoint_dir={cifar_run} --transfer_mode=knn --no-tsne"
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the commit, and whether tracked files had changes
+        assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
