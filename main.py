@@ -413,7 +413,7 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
         raise UserError(f"config file {path} not found; pass an existing yaml, e.g. configs/quickstart.yaml")
     values = read_yaml(path)
     known = {a.dest for a in parser._actions}
-    for recorded in ("schedule", "input_stats", "provenance"):  # a run's config.yaml records these as resolved: not flags
+    for recorded in ("schedule", "input_stats", "provenance"):  # recorded in a run's config.yaml: not flags
         if isinstance(values.get(recorded), dict):
             del values[recorded]
     unknown = sorted(set(values) - known - {"help"})
