@@ -21,6 +21,7 @@ from data.datasets import DATASETS
 from engine.checkpoint import list_checkpoints, load_checkpoint, load_latest, resolve_checkpoint
 from engine.evaluate import PARTIAL, PROTOCOLS, evaluate, record_path
 from engine.export import export_run
+from engine.summary import print_summary
 from engine.optim import default_lr
 from engine.pretrain import PREEMPTED_MARK, pretrain
 from engine.runlog import PER_INVOCATION_KEYS
@@ -65,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="yaml file of defaults (keys = flag names); flags win")
 
     g = p.add_argument_group("mode")
-    g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval", "export"],
-                   help="pretrain (FlatCLR's 'ssl' is accepted), eval (see --transfer_mode), or export (a run's "
-                        "backbone as a plain state dict + json in RUN/export)")
+    g.add_argument("--train_mode", default="pretrain", choices=["pretrain", "ssl", "eval", "export", "summary"],
+                   help="pretrain (FlatCLR's 'ssl' is accepted), eval (see --transfer_mode), export (a run's "
+                        "backbone as a plain state dict + json in RUN/export), or summary (where the runs in "
+                        "--checkpoint_dir stand)")
     g.add_argument("--clr", default="flatclr", choices=list(METHODS),
                    help="method: " + "; ".join(f"{k} ({s.display}: {s.summary})" for k, s in METHODS.items()))
 
@@ -635,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(cfg)
         elif mode == "export":
             export_run(cfg)
+        elif mode == "summary":
+            if not cfg.checkpoint_dir:
+                raise UserError("--train_mode=summary needs --checkpoint_dir: a run directory or results/")
+            print_summary(cfg.checkpoint_dir)
         else:
             run_dir, finished = pretrain(cfg, resume, resume_path)
             if cfg.final_eval and (finished or resume is not None):

@@ -105,3 +105,23 @@ def test_runs_and_evaluations_record_what_made_them(cifar_run):
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout: the commit, and whether tracked files had changes
         assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
+
+
+def test_summary_says_where_each_run_stands(cifar_run, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(TINY + ["--clr=byol", "--epochs=2", "--stop_after_epoch=1", "--width_multiplier=0.25",
+                        f"--log_dir={results / 'digits' / '16_BYOL' / 'a'}", "--no-tsne"]) == 0
+    capsys.readouterr()
+    assert main(["--train_mode=summary", f"--checkpoint_dir={results}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | method | dataset | batch | epochs | loss | evals | state |" and len(lines) == 3
+    run = results / "digits" / "16_BYOL" / "a"
+    assert lines[2].startswith(f"| {run} | byol | digits | 16 | 1/2 | ")
+    assert lines[2].endswith(f"| - | resumable from epoch 1: --log_dir {run} --train_from latest |")
+    assert main(["--train_mode=eval", f"--checkpoint_dir={cifar_run}", "--transfer_mode=knn", "--no-tsne"]) == 0
+    capsys.readouterr()
+    assert main(["--train_mode=summary", f"--checkpoint_dir={cifar_run}"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[2]
+    assert "| simclr | digits | 16 | 1/1 |" in row and row.endswith("| complete |") and "knn_epoch0001" in row
+    assert main(["--train_mode=summary", f"--checkpoint_dir={tmp_path / 'none'}"]) == 2
+    assert main(["--train_mode=summary"]) == 2
