@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 
 import torch
@@ -177,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation (--train_mode=eval)")
     g.add_argument("--transfer_mode", default="linear_eval", choices=list(PROTOCOLS))
     g.add_argument("--checkpoint_dir", default=None,
-                   help="pretraining run directory to evaluate; 'none' for a random-init baseline")
+                   help="pretraining run directory to evaluate; 'none' for a random-init baseline, 'pca' for PCA of "
+                        "the raw pixels (--pca_dim components)")
+    g.add_argument("--pca_dim", type=int, default=256, help="components of the --checkpoint_dir pca baseline")
+    g.add_argument("--logistic_max_iter", type=int, default=1000,
+                   help="L-BFGS iterations of --transfer_mode logistic (scikit-learn, C=1, standardised features)")
     g.add_argument("--transfer_from_epoch", type=int, default=None, help="checkpoint epoch (default: the last)")
     add_bool(g, "eval_all", False, "evaluate every checkpoint and plot accuracy against epoch")
     g.add_argument("--fc_epochs", type=int, default=100, help="epochs of linear eval / fine-tuning")
@@ -202,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool(g, "tsne", True, "write a t-SNE PNG of the test features and a TensorBoard projector embedding")
     g.add_argument("--eval_every_n_epochs", type=int, default=0,
                    help="during pretraining: kNN accuracy on the test split every K epochs (0: off)")
+    g.add_argument("--valid_size", type=float, default=0.0,
+                   help="hold out this fraction of the pretraining images and log the contrastive top-1/top-5 "
+                        "(is the positive the highest logit) and loss on them (sthalles/SimCLR's valid_size; 0: off)")
+    g.add_argument("--valid_every_n_epochs", type=int, default=1, help="how often that held-out check runs")
     g.add_argument("--eval_every_n_steps", "--eval_freq", dest="eval_every_n_steps", type=int, default=0,
                    help="during pretraining: kNN accuracy on the test split every N steps, to TensorBoard and the "
                         "output (0: off; --eval_freq: MetaContrastive's spelling)")
@@ -418,10 +427,66 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
     for recorded in ("schedule", "input_stats", "provenance"):  # recorded in a run's config.yaml: not flags
         if isinstance(values.get(recorded), dict):
             del values[recorded]
+    if any(isinstance(values.get(k), dict) for k in STHALLES_SECTIONS) or "fine_tune_from" in values:
+        values = map_sthalles_config(values, path)
     unknown = sorted(set(values) - known - {"help"})
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")
+    numeric = {a.dest: a.type for a in parser._actions if a.type in (int, float)}
+    for key, value in values.items():  # YAML 1.1 reads 10e-6 (no dot) as a string: read it as the number it is
+        if isinstance(value, str) and key in numeric:
+            try:
+                values[key] = numeric[key](float(value)) if numeric[key] is int else float(value)
+            except ValueError:
+                raise UserError(f"{path}: {key}: {value!r} is not a number") from None
     parser.set_defaults(**values)
+
+
+# sthalles/SimCLR's config.yaml (seed 004): nested sections and top-level keys -> this tool's flags.
+STHALLES_SECTIONS = ("model", "dataset", "loss")
+STHALLES_KEYS = {"model.out_dim": "proj_out_dim", "model.base_model": "arch", "dataset.s": "color_jitter_strength",
+                 "dataset.input_shape": "image_size", "dataset.num_workers": "workers",
+                 "dataset.valid_size": "valid_size", "loss.temperature": "temperature",
+                 "loss.use_cosine_similarity": "similarity", "fp16_precision": "precision",
+                 "eval_every_n_epochs": "valid_every_n_epochs", "fine_tune_from": "from_pretrained"}
+
+
+def map_sthalles_config(values: dict, path: str) -> dict:
+    """sthalles/SimCLR's nested config.yaml as this tool's flags (its method, SimCLR, unless the file says
+    otherwise); keys without a meaning here are named in one warning line, a fine_tune_from that names no run
+    here in another (then the run starts from scratch, as the original does)."""
+    flat: dict = {}
+    for key, value in values.items():
+        if key in STHALLES_SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    out, ignored = {"clr": "simclr"}, []
+    for key, value in flat.items():
+        target = STHALLES_KEYS.get(key, key if "." not in key else None)
+        if target is None:
+            ignored.append(key)
+        elif target == "image_size":
+            sizes = [int(v) for v in re.findall(r"\d+", str(value))]
+            if not sizes:
+                raise UserError(f"{path}: dataset.input_shape {value!r} is not a shape like (96,96,3)")
+            out[target] = sizes[0]
+        elif target == "similarity":
+            out[target] = "cosine" if value else "dot"
+        elif target == "precision":
+            if value:
+                out[target] = "fp16"
+        elif target == "from_pretrained":
+            if value and os.path.exists(str(value)):
+                out[target] = str(value)
+            elif value and os.environ.get("RANK", "0") == "0":
+                print(f"warning: {path}: fine_tune_from {value!r} names no run or checkpoint here; training from "
+                      "scratch, as sthalles/SimCLR does (--from_pretrained PATH is the strict form)", file=sys.stderr)
+        else:
+            out[target] = value
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {path}: {', '.join(ignored)} mean nothing here and are ignored", file=sys.stderr)
+    return out
 
 
 def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -461,6 +526,11 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError("--workers and --warmup_epochs must not be negative")
     if not cfg.width_multiplier > 0:
         raise UserError(f"--width_multiplier must be positive, got {cfg.width_multiplier}")
+    if not 0 <= cfg.valid_size < 1:
+        raise UserError(f"--valid_size is the held-out fraction of the pretraining set, in [0, 1), got "
+                        f"{cfg.valid_size}")
+    if cfg.valid_every_n_epochs < 1:
+        raise UserError(f"--valid_every_n_epochs must be at least 1, got {cfg.valid_every_n_epochs}")
     if not 0 <= cfg.rot_task_p <= 1:
         raise UserError(f"--rot_task_p (--rottlr_p) is a probability in [0, 1], got {cfg.rot_task_p}")
     if cfg.rot_pred_weight < 0:
@@ -471,7 +541,7 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--min_crop_scale must be in (0, 1], got {cfg.min_crop_scale}")
     if cfg.semi_ratio is not None and not 0 < cfg.semi_ratio < 1:
         raise UserError(f"--semi_ratio must be a fraction in (0, 1), e.g. 0.01 or 0.1, got {cfg.semi_ratio}")
-    for name in ("fc_epochs", "fc_batch_size", "knn_k", "fc_micro_batch_size"):
+    for name in ("fc_epochs", "fc_batch_size", "knn_k", "fc_micro_batch_size", "pca_dim", "logistic_max_iter"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eval_every_n_epochs", "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes"):
@@ -492,7 +562,7 @@ def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
     if not cfg.checkpoint_dir:
         raise UserError(f"--train_mode={cfg.train_mode} needs --checkpoint_dir RUN_DIR (a pretraining run)"
                         + (", or --checkpoint_dir none for a random-init baseline" if cfg.train_mode == "eval" else ""))
-    if cfg.checkpoint_dir.lower() == "none":
+    if cfg.checkpoint_dir.lower() in ("none", "pca"):  # baselines: no run to inherit from
         return
     if not os.path.isdir(cfg.checkpoint_dir):
         raise UserError(f"--checkpoint_dir {cfg.checkpoint_dir} does not exist; pass a pretraining run directory")

@@ -189,3 +189,28 @@ def load_split(name: str, root: str, train: bool, download: bool = False, pretra
     if len(split.dataset) == 0:
         raise UserError(f"dataset {name} under {root} is empty")
     return split
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(the rest, a held-out ``fraction``) of a split, drawn once from ``seed``: sthalles/SimCLR's --valid_size.
+    In-memory datasets keep their tensors (so --faster_version works on both), image folders their samples."""
+    import copy
+
+    n = len(split.dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(fraction * n))
+    parts = []
+    for idx in (order[held:].sort().values, order[:held].sort().values):
+        ds = split.dataset
+        if isinstance(ds, TensorImages):
+            part: Dataset = TensorImages(ds.images[idx], ds.labels[idx])
+        elif getattr(ds, "samples", None) is not None and not isinstance(ds, SkipBadImages):
+            part = copy.copy(ds)
+            part.samples = [ds.samples[i] for i in idx.tolist()]
+            part.imgs = part.samples
+            part.targets = [s[1] for s in part.samples]
+        else:
+            part = torch.utils.data.Subset(ds, idx.tolist())
+        parts.append(Split(part, split.num_classes, split.image_size, split.mean, split.std,
+                           split.in_memory and isinstance(part, TensorImages)))
+    return parts[0], parts[1]

@@ -353,9 +353,14 @@ def plot_accuracy_vs_epoch(results: list[dict], path: str, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+# --checkpoint_dir values that name a baseline instead of a run: a random-init backbone, or PCA of the raw pixels
+# (sthalles/SimCLR's "PCA Features" rows).
+BASELINES = ("none", "pca")
+
+
 def select_checkpoints(cfg: Namespace) -> list[tuple[int, str | None]]:
-    """[(epoch, path)] to evaluate; [(0, None)] for the random-init baseline."""
-    if cfg.checkpoint_dir.lower() == "none":
+    """[(epoch, path)] to evaluate; [(0, None)] for a baseline (random init, or PCA of the pixels)."""
+    if cfg.checkpoint_dir.lower() in BASELINES:
         return [(0, None)]
     available = ckpt_io.list_checkpoints(cfg.checkpoint_dir)
     if cfg.eval_all:
@@ -470,7 +475,49 @@ def _train_through(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Te
     return scores, dict(path="augmented", **fit_fields, **job.fc_settings()), test_x
 
 
-PROTOCOLS: dict[str, Protocol] = {"linear_eval": linear_protocol, "finetune": finetune_protocol, "knn": knn_protocol}
+def logistic_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor):
+    """sthalles/SimCLR's "Logistic Regression (LBFGS)" rows: scikit-learn's L-BFGS logistic regression (C = 1,
+    up to --logistic_max_iter iterations) on frozen features standardised with the training set's mean and std."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y = job.train_features(backbone)
+    scaler = StandardScaler().fit(train_x.double().cpu().numpy())
+    clf = LogisticRegression(solver="lbfgs", C=1.0, max_iter=job.cfg.logistic_max_iter, random_state=job.cfg.seed)
+    clf.fit(scaler.transform(train_x.double().cpu().numpy()), train_y.cpu().numpy())
+    log_p = torch.from_numpy(clf.predict_log_proba(scaler.transform(test_x.double().cpu().numpy())))
+    scores = torch.full((test_x.shape[0], job.train.num_classes), float("-inf"), dtype=torch.float64)
+    scores[:, torch.from_numpy(clf.classes_).long()] = log_p  # classes missing from a label subset never win
+    return scores.to(test_x.device), dict(C=1.0, max_iter=job.cfg.logistic_max_iter, n_iter=int(clf.n_iter_.max())), \
+        test_x
+
+
+class PCAFeatures(nn.Module):
+    """Raw (normalised) pixels projected on their first principal components: the no-learning baseline."""
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("components", components)  # (D, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1) - self.mean) @ self.components
+
+
+def fit_pca(job: EvalJob, k: int) -> tuple[nn.Module, int]:
+    """PCA of the training images' pixels (as the evaluation transform gives them) to ``k`` dimensions."""
+    pixels, _ = extract_features(nn.Flatten(), job.train, job.device, job.batch, job.cfg.workers, "pixels",
+                                 job.dist.is_main)
+    if job.train_indices is not None:
+        pixels = pixels[torch.tensor(job.train_indices, device=pixels.device)]
+    k = min(k, pixels.shape[0], pixels.shape[1])
+    mean = pixels.mean(dim=0)
+    _, _, v = torch.pca_lowrank(pixels - mean, q=k, center=False, niter=4)
+    return PCAFeatures(mean, v[:, :k]).to(job.device), k
+
+
+PROTOCOLS: dict[str, Protocol] = {"linear_eval": linear_protocol, "finetune": finetune_protocol, "knn": knn_protocol,
+                                  "logistic": logistic_protocol}
 
 
 def evaluate(cfg: Namespace) -> list[dict]:
@@ -560,14 +607,19 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
     for epoch, path in chosen:
         job.epoch = epoch
         torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
-        backbone, dim = load_backbone(path, cfg.arch, cifar_stem, cfg.width_multiplier)
+        if cfg.checkpoint_dir.lower() == "pca":
+            backbone, dim = fit_pca(job, cfg.pca_dim)
+        else:
+            backbone, dim = load_backbone(path, cfg.arch, cifar_stem, cfg.width_multiplier)
         backbone = backbone.to(device)
         test_x, test_y = extract_features(backbone, test, device, job.batch, cfg.workers, "test features",
                                           dist.is_main)
         scores, fields, test_x = PROTOCOLS[cfg.transfer_mode](job, backbone, dim, test_x)
         top1, top5 = topk_correct(scores, test_y)
+        pca = cfg.checkpoint_dir.lower() == "pca"
         record = {"mode": cfg.transfer_mode, "dataset": cfg.dataset_name, "checkpoint_epoch": epoch,
-                  "checkpoint": path or "random-init", "arch": cfg.arch, "semi_ratio": cfg.semi_ratio,
+                  "checkpoint": path or ("pca" if pca else "random-init"), "arch": f"pca-{dim}" if pca else cfg.arch,
+                  "semi_ratio": cfg.semi_ratio,
                   "train_images": len(train_indices) if train_indices is not None else len(train.dataset),
                   "test_images": len(test.dataset), **fields,
                   "top1": 100.0 * top1 / len(test_y), "top5": 100.0 * top5 / len(test_y),
@@ -589,8 +641,8 @@ def _output_dir(cfg: Namespace, dist: DistInfo, random_init: bool) -> str:
     else:
         out_dir = None
         if dist.is_main:
-            out_dir = os.path.join(new_run_dir(cfg.results_dir, cfg.dataset_name, 0, f"random-init-{cfg.arch}"),
-                                   "eval")
+            name = f"pca-{cfg.pca_dim}" if cfg.checkpoint_dir.lower() == "pca" else f"random-init-{cfg.arch}"
+            out_dir = os.path.join(new_run_dir(cfg.results_dir, cfg.dataset_name, 0, name), "eval")
         out_dir = broadcast_object(out_dir)
     if dist.is_main:
         os.makedirs(out_dir, exist_ok=True)

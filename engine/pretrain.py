@@ -30,7 +30,7 @@ from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, bar
                                 init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
-from data.datasets import Split, load_split
+from data.datasets import Split, hold_out, load_split
 from data.loaders import pretrain_loader
 from data.rotation import rotate, step_generator, task_rotations
 from engine import checkpoint as ckpt_io
@@ -72,10 +72,14 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
+    held_out = None
+    if cfg.valid_size:  # sthalles/SimCLR's --valid_size: a fixed held-out part of the pretraining set
+        split, held_out = hold_out(split, cfg.valid_size, cfg.seed)
     # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
     cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
     cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
     loader, epoch_setters = build_loader(cfg, split, dist, device)
+    validator = HeldOutCheck(cfg, held_out, dist, device) if held_out is not None else None
     method, memory_format = build_model(cfg, split, dist, device)
     if cfg.from_pretrained and resume is None:  # a new run from another run's weights (a resume has its own)
         warm_start(method, cfg.from_pretrained, bool(cfg.from_pretrained_head), cfg.arch)
@@ -124,7 +128,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                         target.set_epoch(epoch, start_batch, loader_state)
                     steps = min(steps_per_epoch, cfg.iters - epoch * steps_per_epoch) if cfg.iters else steps_per_epoch
                     record = train_epoch(trainer, loader, epoch, steps, run, start_batch, meter, monitor)
-                    end_epoch(trainer, record, run, monitor, last_epoch)
+                    end_epoch(trainer, record, run, monitor, last_epoch, validator)
                     start_batch, loader_state, meter = 0, {}, Meter()
             except Preempted as stop:
                 if dist.is_main:  # what a job script looks for to requeue (torchrun's own exit status is 1)
@@ -636,7 +640,43 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles,
             "stop": trainer.stop_now, "save": trainer.save_now}
 
 
-def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor | None, last_epoch: int) -> None:
+class HeldOutCheck:
+    """--valid_size: on the held-out images (two views each, the same views every time), how often the positive
+    is the highest logit of its anchor (top-1) or among the five highest (top-5), and the InfoNCE, with the
+    method's projections and this run's temperature, in eval mode and without gradients (as sthalles/SimCLR's
+    validation). Each rank scores its share; the counts are summed over ranks."""
+
+    def __init__(self, cfg: Namespace, held: Split, dist: DistInfo, device: torch.device) -> None:
+        batch = min(cfg.batch_size, len(held.dataset)) // dist.world_size * dist.world_size
+        if batch < 2 * dist.world_size:
+            raise UserError(f"--valid_size {cfg.valid_size} holds out {len(held.dataset)} image(s), too few for a "
+                            f"contrastive check over {dist.world_size} process(es); raise --valid_size")
+        sub = Namespace(**{**vars(cfg), "batch_size": batch, "n_views": 2})
+        self.loader, self.setters = build_loader(sub, held, dist, device)
+        self.device, self.temperature = device, cfg.temperature
+        self.cosine = getattr(cfg, "similarity", "cosine") == "cosine"
+
+    @torch.no_grad()
+    def __call__(self, method: nn.Module) -> dict:
+        from losses import contrastive_logits, infonce_loss
+
+        for target in self.setters:
+            target.set_epoch(0)
+        method.eval()
+        sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # top-1, top-5, loss x anchors, anchors
+        for views, _ in self.loader:
+            views = [v.to(self.device, non_blocking=True) for v in views[:2]]
+            logits = contrastive_logits(method.embed(views).float(), 2, self.temperature, cosine=self.cosine)
+            above = (logits.neg > logits.pos[:, :1]).sum(dim=1)  # negatives that beat the positive
+            n = logits.pos.shape[0]
+            sums += torch.stack([(above == 0).sum(), (above < 5).sum(), infonce_loss(logits) * n,
+                                 torch.tensor(n, device=self.device)]).double()
+        top1, top5, loss, n = all_reduce_sum(sums).tolist()
+        return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+
+
+def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor | None, last_epoch: int,
+              validator: "HeldOutCheck | None" = None) -> None:
     """kNN monitor, metrics line, and (every --save_every_n_epochs, at the end, or when stopping) the
     checkpoint and curves; raises ``Preempted`` after that save when a signal asked to stop."""
     cfg, completed, stop, asked = run.cfg, record["epoch"], record.pop("stop"), record.pop("save")
@@ -645,6 +685,14 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
         run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
         if run.dist.is_main:
             tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
+    if validator is not None and completed % cfg.valid_every_n_epochs == 0 and not stop:
+        values = validator(trainer.method)
+        trainer.model.train()
+        record.update({f"valid_{k}": v for k, v in values.items()})
+        run.scalars(values, trainer.step, prefix="valid")
+        if run.dist.is_main:
+            tqdm.write(f"epoch {completed}: held-out contrastive top-1 {values['top1']:.2f}%, top-5 "
+                       f"{values['top5']:.2f}%, loss {values['loss']:.4f}")
     due = completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked
     path = run.save(trainer, completed) if due else None  # first: a save that fails leaves no record behind
 

@@ -67,6 +67,7 @@ def contrastive_logits(
     temperature: float,
     keys: torch.Tensor | None = None,
     offset: int = 0,
+    cosine: bool = True,
 ) -> ContrastiveLogits:
     """Cosine-similarity logits of every local view against every (possibly gathered) view.
 
@@ -76,6 +77,8 @@ def contrastive_logits(
         temperature: softmax temperature t; logits are cos/t.
         keys: projections of all ranks concatenated, (W*V*N, D); defaults to ``z`` (one process).
         offset: index of this rank's first row inside ``keys``.
+        cosine: L2-normalise first (cosine similarity, SimCLR); False: the raw dot product (sthalles/SimCLR's
+            ``use_cosine_similarity: False``).
     """
     if z.shape[0] % n_views:
         raise ValueError(f"{z.shape[0]} embeddings cannot be split into {n_views} views")
@@ -83,8 +86,9 @@ def contrastive_logits(
     # Similarities in fp32 even under autocast: a bf16 logsumexp over thousands of negatives is
     # visibly off, and this matmul is tiny next to the backbone.
     with torch.autocast(device_type=z.device.type, enabled=False):
-        q = F.normalize(at_least_fp32(z), dim=1)
-        k = q if keys is None else F.normalize(at_least_fp32(keys), dim=1)
+        unit = (lambda x: F.normalize(x, dim=1)) if cosine else (lambda x: x)
+        q = unit(at_least_fp32(z))
+        k = q if keys is None else unit(at_least_fp32(keys))
         sim = q @ k.T / temperature  # (V*N, W*V*N)
     pos_cols, neg_cols = _pair_columns(n_local, n_views, k.shape[0], offset, z.device)
     pos = sim.gather(1, pos_cols)  # (V*N, V-1)

@@ -181,3 +181,72 @@ def test_a_runs_iters_is_not_an_evaluations_and_the_command_lines_epochs_win():
     assert cfg.iters is None and cfg.fc_iters is None  # the preset's 48,000 pretraining steps stay there
     cfg, _, _ = resolve(["--train_mode=eval", "--checkpoint_dir=none", "--iters=30"])
     assert cfg.fc_iters == 30
+
+
+# Seed 004 (sthalles/SimCLR): its config.yaml in the repository's nested form (the seed's copy lost its indentation).
+STHALLES_CONFIG = """batch_size: 512
+epochs: 40
+eval_every_n_epochs: 1
+fine_tune_from: 'resnet-18_80-epochs'
+log_every_n_steps: 50
+weight_decay: 10e-6
+fp16_precision: False
+model:
+  out_dim: 256
+  base_model: "resnet18"
+dataset:
+  s: 1
+  input_shape: (96,96,3)
+  num_workers: 0
+  valid_size: 0.05
+loss:
+  temperature: 0.5
+  use_cosine_similarity: True
+"""
+
+
+def test_the_sthalles_config_runs_as_written_then_logistic_and_pca(tmp_path, monkeypatch, capsys):
+    import json
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(STHALLES_CONFIG)
+    cfg, _, _ = resolve(["--config=config.yaml"])
+    assert (cfg.clr, cfg.arch, cfg.proj_out_dim, cfg.color_jitter_strength, cfg.image_size, cfg.workers) == (
+        "simclr", "resnet18", 256, 1, 96, 0)
+    assert (cfg.weight_decay, cfg.temperature, cfg.similarity, cfg.valid_size, cfg.valid_every_n_epochs,
+            cfg.precision, cfg.from_pretrained) == (1e-5, 0.5, "cosine", 0.05, 1, "fp32", None)
+    assert "fine_tune_from 'resnet-18_80-epochs' names no run or checkpoint here; training from scratch" in \
+        capsys.readouterr().err
+    run = tmp_path / "run"
+    tiny = ["--dataset_name=digits", "--image_size=16", "--batch_size=32", "--epochs=1", "--limit_train_batches=2",
+            "--width_multiplier=0.25", "--device=cpu", "--no-tsne"]
+    assert main(["--config=config.yaml", *tiny, f"--log_dir={run}", "--final_eval=logistic"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1: held-out contrastive top-1" in out
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= record["valid_top1"] <= record["valid_top5"] <= 100 and record["valid_loss"] > 0
+    logistic = json.loads((run / "eval" / "logistic_epoch0001.json").read_text())
+    assert logistic["mode"] == "logistic" and 10 < logistic["top1"] <= 100 and logistic["n_iter"] >= 1
+    for mode in ("logistic", "knn"):  # the table's "PCA Features" rows
+        assert main(["--train_mode=eval", "--checkpoint_dir=pca", "--dataset_name=digits", "--image_size=16",
+                     f"--transfer_mode={mode}", "--device=cpu", "--workers=0", "--no-tsne",
+                     f"--results_dir={tmp_path / 'results'}"]) == 0
+    records = sorted((tmp_path / "results" / "digits").glob("0_pca-256/*/eval/*_epoch0000.json"))
+    assert sorted(json.loads(p.read_text())["mode"] for p in records) == ["knn", "logistic"]
+    assert all(json.loads(p.read_text())["arch"] == "pca-256" and json.loads(p.read_text())["top1"] > 50
+               for p in records)
+    (tmp_path / "extra.yaml").write_text(STHALLES_CONFIG + "  dropout: 0.1\n")  # a key with no meaning here
+    resolve(["--config=extra.yaml"])
+    assert "loss.dropout mean nothing here and are ignored" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["similarity"] == "cosine"
+
+
+def test_dot_product_similarity_is_the_raw_dot_product():
+    from losses import contrastive_logits
+
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits = contrastive_logits(z, 2, 0.5, cosine=False)
+    assert torch.allclose(logits.pos[:, 0], (z[:4] * z[4:]).sum(1).repeat(2) / 0.5)
+    assert not torch.allclose(contrastive_logits(z, 2, 0.5).pos, logits.pos)

@@ -26,17 +26,20 @@ class ContrastiveMethod(SSLMethod):
     """SimCLR (``loss="infonce"``) and FlatCLR (``loss="flatnce"``): same logits, other reduction."""
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, n_views: int, temperature: float,
-                 loss: str, head: str = "contrastive", n_supp: int = 1, reg: float = 50.0) -> None:
+                 loss: str, head: str = "contrastive", n_supp: int = 1, reg: float = 50.0,
+                 similarity: str = "cosine") -> None:
         super().__init__(backbone, projector, n_views)
         self.temperature = temperature
         self.loss_fn = LOSSES[loss]
         self.head, self.n_supp, self.reg = head, n_supp, reg
+        self.cosine = similarity == "cosine"
 
     def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
         z = self.embed(views)  # (V*N, D)
         if self.head == "contrastive":
             keys = gather_with_grad(z)  # (W*V*N, D): negatives from every rank
-            logits = contrastive_logits(z, self.n_views, self.temperature, keys, offset=get_rank() * z.shape[0])
+            logits = contrastive_logits(z, self.n_views, self.temperature, keys, offset=get_rank() * z.shape[0],
+                                        cosine=self.cosine)
             stats = logits.similarity_stats()
         else:  # the task's classes are every rank's images: the support sets are gathered with their gradient
             support = task_embeddings(z, self.n_views, self.temperature)[:self.n_supp]  # (S, N, D)
@@ -57,7 +60,7 @@ def _builder(loss: str):
     def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
         return ContrastiveMethod(backbone, projector, cfg.n_views, cfg.temperature, loss,
                                  head=getattr(cfg, "head", "contrastive"), n_supp=getattr(cfg, "n_supp", 1),
-                                 reg=getattr(cfg, "reg", 50.0))
+                                 reg=getattr(cfg, "reg", 50.0), similarity=getattr(cfg, "similarity", "cosine"))
 
     return build
 
@@ -84,6 +87,9 @@ def validate(cfg: Namespace) -> None:
     if cfg.head != "R2D2" and cfg.reg != 50.0:
         raise UserError(f"--reg is the ridge of --head R2D2 and does nothing with --head {cfg.head}; drop it or pass "
                         "--head R2D2")
+    if cfg.head != "contrastive" and cfg.similarity != "cosine":
+        raise UserError(f"--similarity {cfg.similarity} is for SimCLR's pairwise logits; --head {cfg.head} normalises "
+                        "its embeddings: drop --similarity or use --head contrastive")
     if cfg.head == "contrastive" and cfg.n_supp != 1:
         raise UserError(f"--n_supp is the support set of --head PN/R2D2; with --head contrastive every view is an "
                         f"anchor: pass --n_views {cfg.n_views} instead, or a --head")
@@ -99,8 +105,11 @@ FLAGS = (Flag("head", "contrastive", "contrastive: SimCLR/FlatCLR's pairwise log
          Flag("n_supp", 1, "support views per image (the first ones) of --head PN/R2D2", exclusive=True),
          Flag("n_query", None, "query views per image (default: --n_views - --n_supp); --n_supp + --n_query is "
               "--n_views", type=int, exclusive=True),
-         Flag("reg", 50.0, "ridge (lambda) of the R2D2 head", exclusive=True))
-IDENTITY = ("head", "n_supp", "n_query", "reg")
+         Flag("reg", 50.0, "ridge (lambda) of the R2D2 head", exclusive=True),
+         Flag("similarity", "cosine", "logits of --head contrastive: cosine similarity / t (SimCLR), or the raw dot "
+              "product / t (sthalles/SimCLR's use_cosine_similarity: False)", choices=("cosine", "dot"),
+              exclusive=True))
+IDENTITY = ("head", "n_supp", "n_query", "reg", "similarity")
 
 SIMCLR = MethodSpec(display="SimCLR", build=_builder("infonce"), summary="InfoNCE over in-batch negatives",
                     flags=FLAGS, identity=IDENTITY, settle=settle, validate=validate)
