@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--knn_k", type=int, default=200)
     g.add_argument("--knn_temperature", type=float, default=0.1)
     add_bool(g, "tsne", True, "write a t-SNE PNG of the test features and a TensorBoard projector embedding")
+    g.add_argument("--tsne_layer", default="backbone", choices=["backbone", "projection"],
+                   help="which features the t-SNE draws: the last conv layer's (backbone) or the projection "
+                        "head's output (seed 001 draws both); experiments/tsne_compare.py sets runs side by side")
     g.add_argument("--eval_every_n_epochs", type=int, default=0,
                    help="during pretraining: kNN accuracy on the test split every K epochs (0: off)")
     g.add_argument("--valid_size", type=float, default=0.0,

@@ -684,8 +684,19 @@ def _finish(cfg: Namespace, results: list[dict], out_dir: str, writer, test: Spl
     """t-SNE of the last checkpoint's test features, the accuracy-against-epoch plot, closing lines."""
     if cfg.tsne:
         names = _class_names(test)
-        png = os.path.join(out_dir, f"tsne_{cfg.transfer_mode}_epoch{epoch:04d}.png")
-        plot_tsne(test_x, test_y, names, png, f"t-SNE of test backbone features ({cfg.transfer_mode}), "
+        layer = cfg.tsne_layer
+        if layer == "projection":  # the seed-001 kind: the FC/projection output of the last checkpoint
+            from models.pretrained import load_projector
+
+            path = results[-1]["checkpoint"]
+            if not os.path.isfile(path):
+                raise UserError(f"--tsne_layer projection needs a run's checkpoint, not {path}; use --tsne_layer "
+                                "backbone")
+            with torch.no_grad():
+                test_x = load_projector(path, test_x.device)(test_x)
+        png = os.path.join(out_dir, f"tsne_{cfg.transfer_mode}{'_projection' * (layer == 'projection')}"
+                                    f"_epoch{epoch:04d}.png")
+        plot_tsne(test_x, test_y, names, png, f"t-SNE of test {layer} features ({cfg.transfer_mode}), "
                   f"checkpoint epoch {epoch}", cfg.seed)
         writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]],
                              tag=f"test_features_epoch{epoch:04d}")

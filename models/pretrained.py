@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from models.backbones import build_backbone
+from models.heads import projection_head
 
 EXPORT_SUFFIX = ".pth"
 CHECKPOINT = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
@@ -96,3 +97,23 @@ def load_pretrained(path: str, map_location: str | torch.device = "cpu") -> tupl
     backbone = rebuild(meta)
     backbone.load_state_dict(weights, strict=True)
     return backbone.to(map_location).eval(), meta
+
+
+def load_projector(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The projection head of a run's checkpoint (or a run directory's latest), rebuilt from its saved settings,
+    in eval mode: the "FC/projection output" a t-SNE of the seed-001 kind draws."""
+    if os.path.isdir(path):
+        path = _latest_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args, model = state.get("args", {}), state.get("model", {})
+    weights = {k[len("projector."):]: v for k, v in model.items() if k.startswith("projector.")}
+    if not weights and args.get("proj_head_mode", "nonlinear") != "none":
+        raise ValueError(f"{path} holds no projection head (an export keeps the backbone only)")
+    feat_dim = describe("", backbone_weights(model), 1.0)["feat_dim"]
+    head, _ = projection_head(args.get("proj_head_mode", "nonlinear"), feat_dim,
+                              args.get("proj_hidden_dim") or feat_dim, args.get("proj_out_dim", 128),
+                              args.get("num_proj_layers", 2),
+                              hidden_bn=args.get("proj_bn", True), out_bn=args.get("proj_out_bn", False),
+                              out_bn_affine=args.get("proj_out_bn_affine", True))
+    head.load_state_dict(weights, strict=True)
+    return head.to(map_location).eval()

@@ -125,3 +125,21 @@ def test_summary_says_where_each_run_stands(cifar_run, tmp_path, capsys):
     assert "| simclr | digits | 16 | 1/1 |" in row and row.endswith("| complete |") and "knn_epoch0001" in row
     assert main(["--train_mode=summary", f"--checkpoint_dir={tmp_path / 'none'}"]) == 2
     assert main(["--train_mode=summary"]) == 2
+
+
+def test_a_side_by_side_tsne_of_two_runs_and_the_projection_layer(cifar_run, tmp_path):
+    import matplotlib.image
+
+    from experiments.tsne_compare import main as compare
+
+    other = tmp_path / "byol"
+    assert main(TINY + ["--clr=byol", "--epochs=1", "--width_multiplier=0.25", f"--log_dir={other}",
+                        "--final_eval="]) == 0
+    out = tmp_path / "side.png"
+    assert compare([str(cifar_run), str(other), "--layer=projection", f"--out={out}"]) == 0
+    image = matplotlib.image.imread(out)
+    assert image.shape[1] > 1.8 * image.shape[0]  # two panels side by side
+    assert image[..., :3].std() > 0.05 and (image[..., :3].reshape(-1, 3) < 0.5).any()  # points, not a blank page
+    assert compare([str(tmp_path / "nowhere"), f"--out={tmp_path / 'x.png'}"]) == 2 and not (tmp_path / "x.png").exists()
+    assert main(["--train_mode=eval", f"--checkpoint_dir={other}", "--transfer_mode=knn", "--tsne_layer=projection"]) == 0
+    assert (other / "eval" / "tsne_knn_projection_epoch0001.png").stat().st_size > 10_000
