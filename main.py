@@ -439,9 +439,10 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
     for key, value in values.items():  # YAML 1.1 reads 10e-6 (no dot) as a string: read it as the number it is
         if isinstance(value, str) and key in numeric:
             try:
-                values[key] = numeric[key](float(value)) if numeric[key] is int else float(value)
+                number = float(value)
             except ValueError:
-                raise UserError(f"{path}: {key}: {value!r} is not a number") from None
+                continue  # not a number at all: argparse's check names the flag
+            values[key] = int(number) if numeric[key] is int and number.is_integer() else number
     parser.set_defaults(**values)
 
 
@@ -609,6 +610,9 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
         else:
             resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
             resume = load_checkpoint(resume_path)
+        if resume.get("foreign"):
+            raise UserError(f"{resume_path} is a {resume['foreign']} checkpoint, which has no state of this tool to "
+                            f"resume; start a new run from its weights with --from_pretrained {resume_path}")
         saved = resume.get("args", {})
         refuse_foreign_checkpoint(cfg.log_dir, resume_path, saved)
         for key in identity_keys(saved.get("clr", cfg.clr)):

@@ -170,7 +170,14 @@ def load_checkpoint(path: str) -> dict:
         first = first[:200]
         raise UserError(f"cannot load checkpoint {path}: {first}; it is corrupt or was not written by this tool "
                         "(only weights_only-safe checkpoints are read)") from err
-    if not isinstance(state, dict) or "model" not in state:
+    if isinstance(state, dict) and not isinstance(state.get("model"), dict):  # FlatCLR's "model" is its arch name
+        from models.pretrained import foreign_checkpoint
+
+        try:
+            state = foreign_checkpoint(state, path) or state
+        except ValueError as err:
+            raise UserError(str(err)) from err
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is not a checkpoint of this tool (no model state in it); pass one of the run's "
                         "checkpoint_*.pth.tar files")
     return state

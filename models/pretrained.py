@@ -13,19 +13,71 @@ Reads with ``weights_only=True`` only; imports nothing from ``engine/``.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
 
-from models.backbones import build_backbone
+from models.backbones import BLOCKS, build_backbone
 from models.heads import projection_head
 
 EXPORT_SUFFIX = ".pth"
 CHECKPOINT = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
+# MetaContrastive's checkpoints hold their argparse hyper-parameters: a plain container, allowed in weights_only
+# loads (which refuse arbitrary objects).
+torch.serialization.add_safe_globals([argparse.Namespace])
+FLATCLR_MODELS = {f"res{d}": f"resnet{d}" for d in (18, 34, 50, 101, 152)}
+_told: set[str] = set()
+
+
+def arch_of(weights: dict[str, torch.Tensor]) -> str | None:
+    """The ResNet whose blocks these backbone weights have (counted per stage), or None."""
+    bottleneck = any(k.endswith(".conv3.weight") for k in weights)
+    counts = [len({k.split(".")[1] for k in weights if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    for name, (block, layers) in BLOCKS.items():
+        if layers == counts and (block.expansion == 4) == bottleneck:
+            return name
+    return None
+
+
+def foreign_checkpoint(state: dict, path: str) -> dict | None:
+    """A checkpoint written by the original FlatCLR code (``model_state_dict``: its torchvision-style ResNet
+    with the projection head as ``fc`` and an input ``normalize`` module, ``module.`` prefixes under
+    DataParallel) or by MetaContrastive (``state_dict`` of its encoder: ``convnet.`` backbone, ``projection.``
+    head, ``hparams``), as this tool's layout: the backbone only (their heads, optimizers and schedules are not
+    used). None for anything else. Says once per file what was mapped."""
+    if not isinstance(state, dict):
+        return None
+    if isinstance(state.get("model_state_dict"), dict):
+        layout, raw = "FlatCLR", state["model_state_dict"]
+        raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
+        weights = {k: v for k, v in raw.items() if not k.startswith(("fc.", "normalize."))}
+        arch = FLATCLR_MODELS.get(str(state.get("model"))) or arch_of(weights)
+        epoch = int(m.group(1)) if (m := CHECKPOINT.search(os.path.basename(path))) else int(state.get("epoch") or 0)
+        dropped = "its projection head (fc) and input normalisation (this tool normalises with the dataset's stats)"
+    elif isinstance(state.get("state_dict"), dict) and any("convnet." in k for k in state["state_dict"]):
+        layout, raw = "MetaContrastive", state["state_dict"]
+        raw = {k[k.index("convnet."):]: v for k, v in raw.items() if "convnet." in k}
+        weights = {k[len("convnet."):]: v for k, v in raw.items() if not k.startswith("convnet.fc.")}
+        hparams = state.get("hparams")
+        arch = str(getattr(hparams, "arch", "")).lower() or arch_of(weights)
+        epoch = int(state.get("iter") or 0)
+        dropped = "its projection head and rotation head"
+    else:
+        return None
+    if arch not in BLOCKS:
+        raise ValueError(f"{path} is a {layout} checkpoint of a backbone this tool does not build ({arch})")
+    if path not in _told and os.environ.get("RANK", "0") == "0":
+        _told.add(path)
+        print(f"note: {path} is a {layout} checkpoint: mapped its {arch} backbone ({len(weights)} tensors) onto "
+              f"this tool's; {dropped}, optimizer and schedule are not used", file=sys.stderr)
+    return {"model": {f"backbone.{k}": v for k, v in weights.items()}, "arch": arch, "epoch": epoch,
+            "width_multiplier": 1.0, "foreign": layout, "args": {"arch": arch, "clr": layout.lower()}}
 
 
 def backbone_weights(model_state: dict) -> dict[str, torch.Tensor]:
@@ -78,8 +130,11 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             meta = json.load(f)
         return torch.load(path, map_location="cpu", weights_only=True), meta
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is neither a checkpoint of this tool nor an export (no model state, no .json)")
+    if isinstance(state, dict) and not isinstance(state.get("model"), dict):  # FlatCLR's "model" is its arch name
+        state = foreign_checkpoint(state, path) or state
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path} is neither a checkpoint of this tool (or of FlatCLR or MetaContrastive) nor an "
+                         "export (no model state, no .json)")
     weights = backbone_weights(state["model"])
     args = state.get("args", {})
     stats = args.get("input_stats") or {}

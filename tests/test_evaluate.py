@@ -291,7 +291,7 @@ def test_final_eval_follows_pretraining_when_it_reaches_its_epochs(tmp_path, cap
 def test_an_unknown_final_eval_protocol_is_one_line(capsys):
     assert main(TINY + ["--final_eval=knn,probe"]) == 2
     assert capsys.readouterr().err.strip() == ("error: argument --final_eval: unknown protocol probe; choose from "
-                                               "linear_eval, finetune, knn (see --help)")
+                                               "linear_eval, finetune, knn, logistic (see --help)")
 
 
 def test_a_preempted_final_finetune_is_finished_by_the_resume(tmp_path, capsys, monkeypatch):

@@ -145,3 +145,55 @@ def test_a_side_by_side_tsne_of_two_runs_and_the_projection_layer(cifar_run, tmp
     assert main(["--train_mode=eval", f"--checkpoint_dir={other}", "--transfer_mode=knn",
                  "--tsne_layer=projection"]) == 0
     assert (other / "eval" / "tsne_knn_projection_epoch0001.png").stat().st_size > 10_000
+
+
+def _original_checkpoints(tmp_path):
+    """A backbone, and checkpoints of it in the layouts the original FlatCLR and MetaContrastive code write."""
+    import argparse
+
+    from models.backbones import build_backbone
+
+    torch.manual_seed(3)
+    backbone, dim = build_backbone("resnet18", cifar_stem=True, width=1.0)
+    weights = backbone.state_dict()
+    head = {"fc.0.weight": torch.randn(dim, dim), "fc.2.weight": torch.randn(128, dim)}  # their ProjectionHead
+    flat = {f"module.{k}": v for k, v in {**weights, **head, "normalize.mean": torch.zeros(3),
+                                          "normalize.std": torch.ones(3)}.items()}  # DataParallel
+    run = tmp_path / "results" / "cifar10" / "512_FlatCLR" / "15-05-2021-06-02-45"
+    run.mkdir(parents=True)
+    flatclr = run / "checkpoint_0004.pth.tar"
+    torch.save({"batch_size": 512, "epoch": 100, "model": "res18", "model_state_dict": flat,
+                "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 7}}, flatclr)
+    meta = tmp_path / "checkpoint-300.pth.tar"
+    encoder = {**{f"convnet.{k}": v for k, v in weights.items()}, "convnet.fc.weight": torch.randn(1000, dim),
+               "convnet.fc.bias": torch.zeros(1000), "projection.fc1.weight": torch.randn(dim, dim),
+               "rot_head.weight": torch.randn(4, 128)}
+    torch.save({"state_dict": encoder, "hparams": argparse.Namespace(arch="ResNet18", temperature=0.5),
+                "opt_state_dict": {}, "iter": 300}, meta)
+    return backbone.eval(), run, flatclr, meta
+
+
+def test_checkpoints_of_the_original_flatclr_and_metacontrastive_code_load(tmp_path, capsys):
+    source, run, flatclr, meta = _original_checkpoints(tmp_path)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    expected = source(x)
+    for path, layout in ((flatclr, "FlatCLR"), (meta, "MetaContrastive")):
+        backbone, info = load_pretrained(str(path))
+        assert (info["arch"], info["cifar_stem"]) == ("resnet18", True)
+        with torch.no_grad():
+            assert torch.allclose(backbone(x), expected, atol=1e-6), layout
+        assert f"note: {path} is a {layout} checkpoint: mapped its resnet18 backbone" in capsys.readouterr().err
+    eval_args = ["--train_mode=eval", f"--checkpoint_dir={run}", "--transfer_mode=knn", "--dataset_name=digits",
+                 "--image_size=16", "--device=cpu", "--workers=0", "--no-tsne"]
+    assert main(eval_args) == 0  # the original run directory, as FlatCLR writes it
+    assert json.loads((run / "eval" / "knn_epoch0004.json").read_text())["top1"] > 10
+    assert main(["--train_mode=export", f"--checkpoint_dir={run}", "--dataset_name=digits"]) == 0
+    assert torch.load(run / "export" / "resnet18_flatclr_ep4.pth", weights_only=True).keys() == \
+        source.state_dict().keys()
+    warm = tmp_path / "warm"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={meta}", f"--log_dir={warm}",
+                        "--no-tsne", "--final_eval="]) == 0
+    assert main([f"--log_dir={run}", "--train_from=checkpoint_0004.pth.tar"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {flatclr} is a FlatCLR checkpoint, which has no state of this tool to resume; start a new run from "
+        f"its weights with --from_pretrained {flatclr}")

@@ -240,6 +240,7 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run,
     resumed = json.load(open(runs["cut"] / "eval" / f"{tag}_epoch0001.json"))
     assert resumed.pop("resumed_at_step") == call
     assert resumed.pop("checkpoint") != whole.pop("checkpoint")  # the two copies of the run
+    assert resumed.pop("provenance")["command"] != whole.pop("provenance")["command"]  # each its own command
     assert resumed == whole  # accuracy and the last epoch's training loss, bitwise
     assert not partial.exists()
 
