@@ -38,6 +38,7 @@ def test_memory_format_comparison_prints_both_timings():
     assert cells[0] == "1" and all(float(c.replace(",", "")) > 0 for c in cells[1:]), row
 
 
+@pytest.mark.slow  # 50 s; run before every GPU session (make test-slow), the device check itself
 def test_gpu_check_runs_quick_on_the_cpu_and_writes_its_report(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device=cpu", "--quick",
                            f"--out={tmp_path}"], capture_output=True, text=True, timeout=600)

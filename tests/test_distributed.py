@@ -162,8 +162,11 @@ def _torchrun(args, cwd, nproc=WORLD):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("clr, extra", [(clr, []) for clr in METHODS] + [("simclr", ["--faster_version",
-                                                                                  "--accu_iter=2"])])
+# SimCLR and BYOL alone under torchrun are in `make test-slow`: SimCLR runs with the fast path and accumulation
+# here, FlatCLR with resume and evaluation, InsDis with its bank.
+@pytest.mark.parametrize("clr, extra", [(clr, []) if clr not in ("simclr", "byol")
+                                        else pytest.param(clr, [], marks=pytest.mark.slow) for clr in METHODS]
+                         + [("simclr", ["--faster_version", "--accu_iter=2"])])
 def test_torchrun_two_processes_write_one_run_directory(clr, extra, tmp_path):
     method = METHODS[clr].display
     proc = _torchrun(TINY + [f"--clr={clr}", "--epochs=2", "--results_dir=results"] + extra, cwd=tmp_path)

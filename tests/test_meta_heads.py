@@ -128,7 +128,7 @@ def _head_worker(rank, store, out_dir, head, n_supp, n_views, loss_name):
 
 
 @pytest.mark.parametrize("head, n_supp, n_views, loss_name", [
-    ("PN", 1, 2, "infonce"), ("R2D2", 2, 3, "infonce"),
+    ("PN", 1, 2, "infonce"), pytest.param("R2D2", 2, 3, "infonce", marks=pytest.mark.slow),
     pytest.param("R2D2", 1, 2, "flatnce", marks=pytest.mark.slow)])  # FlatNCE's own gather test: test_distributed
 def test_two_processes_give_the_loss_and_gradients_of_one_on_the_whole_task(head, n_supp, n_views, loss_name,
                                                                            tmp_path):

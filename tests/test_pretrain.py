@@ -50,7 +50,8 @@ def test_two_epochs_write_checkpoints_in_the_flatclr_layout(clr, tiny, tmp_path)
         assert all(r["infonce"] == pytest.approx(r["loss"]) for r in records)  # FlatCLR logs InfoNCE
 
 
-@pytest.mark.parametrize("clr, extra", [(clr, []) for clr in METHODS if clr != "simclr"]
+@pytest.mark.parametrize("clr, extra", [(clr, []) if clr != "flatclr" else pytest.param(clr, [], marks=pytest.mark.slow)
+                                        for clr in METHODS if clr != "simclr"]
                          + [("simclr", ["--faster_version", "--channels_last"])])
 def test_resumed_run_ends_with_the_same_weights_bitwise(clr, extra, tmp_path):
     common = TINY + [f"--clr={clr}", "--epochs=3"] + extra
@@ -198,6 +199,7 @@ def test_folder_dataset_on_real_cifar10_images(tmp_path):
     assert ckpt["args"]["dataset_name"] == "folder" and ckpt["model"]["backbone.conv1.weight"].shape[-1] == 3
 
 
+@pytest.mark.slow  # 22 s; seed 002's commands run --iters in the default suite
 def test_iters_cuts_the_last_epoch_and_its_resume_is_bitwise(tmp_path, capsys):
     """--iters 5 at two steps an epoch: three epochs, the last of one step, the schedule ending at step 5; the
     kNN monitor runs every --eval_freq steps; a resume from the first epoch ends where the straight run does."""
