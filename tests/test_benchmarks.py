@@ -25,7 +25,7 @@ def test_throughput_quick_prints_a_table_and_the_speedup_line():
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("augment_speedup_vs_pil: ")
     assert float(last.split()[-1]) >= 10, last  # the target: 10x PIL per core (a timing: run it on an idle machine)
-    assert "| simclr | faster | 16 |" in proc.stdout and "| byol | standard (" in proc.stdout
+    assert "| simclr | 1 | faster | 16 |" in proc.stdout and "| byol | 1 | standard (" in proc.stdout  # width 1
 
 
 def test_memory_format_comparison_prints_both_timings():
