@@ -190,17 +190,16 @@ def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.devi
 def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None:
     """--from_pretrained: a new run starts from the backbone (and with ``head`` the projector) of another run's
     checkpoint, a run directory or an export; another architecture, stem or width is refused with one line."""
-    from models.pretrained import _read, describe
+    from models.pretrained import describe, read_backbone
 
     try:
-        weights, meta = _read(path)
+        weights, meta = read_backbone(path)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"--from_pretrained {path}: {str(err).splitlines()[0]}; pass a run directory, a "
                         "checkpoint_*.pth.tar or an export .pth") from err
-    mine = describe("", method.backbone.state_dict(), 1.0)
-    theirs_shapes = {k: tuple(v.shape) for k, v in weights.items()}
-    my_shapes = {k: tuple(v.shape) for k, v in method.backbone.state_dict().items()}
-    if theirs_shapes != my_shapes:
+    own = method.backbone.state_dict()
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}:
+        mine = describe("", own, 1.0)  # only to word the error
         stem = "CIFAR" if meta["cifar_stem"] else "ImageNet"
         my_stem = "CIFAR" if mine["cifar_stem"] else "ImageNet"
         raise UserError(f"--from_pretrained {path} holds a {meta['arch']} backbone ({stem} stem, width "
@@ -478,7 +477,8 @@ class Trainer:
                 turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
                 views = [rotate(v, turns) for v in views]
             self.method.step_generator = g
-        self.method.progress.fill_(self.step / max(self.total_steps, 1))  # a tensor: no recompile under --compile
+            if self.method.rot_head is not None:  # a tensor: no recompile under --compile
+                self.method.progress.fill_(self.step / max(self.total_steps, 1))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -668,9 +668,8 @@ class HeldOutCheck:
             views = [v.to(self.device, non_blocking=True) for v in views[:2]]
             logits = contrastive_logits(method.embed(views).float(), 2, self.temperature, cosine=self.cosine)
             above = (logits.neg > logits.pos[:, :1]).sum(dim=1)  # negatives that beat the positive
-            n = logits.pos.shape[0]
-            sums += torch.stack([(above == 0).sum(), (above < 5).sum(), infonce_loss(logits) * n,
-                                 torch.tensor(n, device=self.device)]).double()
+            sums[:3] += torch.stack([(above == 0).sum(), (above < 5).sum(), infonce_loss(logits) * len(above)])
+            sums[3] += len(above)  # a host number added in place: no tensor made from it each batch
         top1, top5, loss, n = all_reduce_sum(sums).tolist()
         return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.distributed import gather_with_grad, get_rank
 from losses.infonce import ContrastiveLogits, at_least_fp32
 
 HEADS = ("contrastive", "PN", "R2D2")
@@ -73,24 +74,24 @@ def _one_hot_rows(s: int, c: int, device: torch.device, dtype: torch.dtype) -> t
     return torch.eye(c, dtype=dtype, device=device).repeat(s, 1)
 
 
-def head_logits(head: str, z: torch.Tensor, n_supp: int, n_views: int, temperature: float, reg: float,
-                support: torch.Tensor | None = None, offset: int = 0) -> ContrastiveLogits:
+def head_logits(head: str, z: torch.Tensor, n_supp: int, n_views: int, temperature: float,
+                reg: float) -> ContrastiveLogits:
     """The task's query logits as positives/negatives.
 
     Args:
         head: "PN" or "R2D2".
         z: this rank's projections (V*N, D), view-major.
         n_supp: support views per image (the first ones); the other ``n_views - n_supp`` are queries.
-        support: every rank's support embeddings (S, W*N, D) from :func:`task_embeddings` (gathered with their
-            gradient), or None in one process.
-        offset: this rank's first class (image) in ``support``: rank r's images are classes r*N ... r*N+N-1.
+    The classes are every rank's images: the support embeddings are gathered from all ranks with their gradient
+    (rank r's images are classes r*N ... r*N+N-1); the queries stay local.
     Returns logits whose ``pos`` (Q*N, 1) is each query's own class and ``neg`` (Q*N, C-1) every other class,
     queries laid out view-major like ``z``.
     """
     e = task_embeddings(z, n_views, temperature)
     n_local = e.shape[1]
-    sup = e[:n_supp] if support is None else support
+    sup = gather_with_grad(e[:n_supp].transpose(0, 1).contiguous()).transpose(0, 1)  # (S, W*N, D)
     query = e[n_supp:].reshape(-1, e.shape[2])  # (Q*N, D)
+    offset = get_rank() * n_local
     with torch.autocast(device_type=z.device.type, enabled=False):
         if head == "PN":
             logits = prototype_logits(sup, query)

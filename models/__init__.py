@@ -4,17 +4,14 @@ from __future__ import annotations
 from argparse import Namespace
 
 from models.backbones import ARCH_ALIASES, BACKBONES, build_backbone
-from models.heads import projection_head
+from models.heads import projector_from
 from models.methods import METHODS, MethodSpec, SSLMethod
 
 
 def build_method(cfg: Namespace, num_data: int, cifar_stem: bool) -> SSLMethod:
     """Backbone and projection head from the shared flags, then the method's own ``build``."""
     backbone, feat_dim = build_backbone(cfg.arch, cifar_stem=cifar_stem, width=getattr(cfg, "width_multiplier", 1.0))
-    projector, dim = projection_head(
-        cfg.proj_head_mode, feat_dim, cfg.proj_hidden_dim or feat_dim, cfg.proj_out_dim, cfg.num_proj_layers,
-        hidden_bn=cfg.proj_bn, out_bn=cfg.proj_out_bn, out_bn_affine=cfg.proj_out_bn_affine,
-    )
+    projector, dim = projector_from(vars(cfg), feat_dim)
     method = METHODS[cfg.clr].build(cfg, backbone=backbone, projector=projector, dim=dim, num_data=num_data)
     if getattr(cfg, "rot_pred_weight", 0) > 0:
         method.add_rotation_prediction(dim, cfg.rot_pred_weight, bool(cfg.rot_pred_decay), cfg.temperature)

@@ -53,3 +53,13 @@ def projection_head(
         num_layers = 1
     return mlp(in_dim, hidden_dim, out_dim, num_layers, hidden_bn, out_bn, out_bn_affine), out_dim
 
+
+
+def projector_from(settings: dict, feat_dim: int) -> tuple[nn.Module, int]:
+    """The projection head a run's settings (its flags, as a mapping) describe on ``feat_dim`` features; flags a
+    run recorded before they existed take their defaults. Returns (head, output dim)."""
+    return projection_head(settings.get("proj_head_mode", "nonlinear"), feat_dim,
+                           settings.get("proj_hidden_dim") or feat_dim, settings.get("proj_out_dim", 128),
+                           settings.get("num_proj_layers", 2), hidden_bn=settings.get("proj_bn", True),
+                           out_bn=settings.get("proj_out_bn", False),
+                           out_bn_affine=settings.get("proj_out_bn_affine", True))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from models.backbones import BLOCKS, build_backbone
-from models.heads import projection_head
+from models.heads import projector_from
 
 EXPORT_SUFFIX = ".pth"
 CHECKPOINT = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
@@ -120,7 +120,7 @@ def _latest_checkpoint(run_dir: str) -> str:
     return found[max(found)]
 
 
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(backbone weights, metadata) of a run directory, checkpoint or export."""
     if os.path.isdir(path):
         path = _latest_checkpoint(path)
@@ -148,7 +148,7 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 def load_pretrained(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The pretrained backbone at ``path`` (run directory, checkpoint or export) in eval mode on ``map_location``,
     and its metadata (arch, cifar_stem, width_multiplier, feat_dim, and mean/std/image_size when recorded)."""
-    weights, meta = _read(path)
+    weights, meta = read_backbone(path)
     backbone = rebuild(meta)
     backbone.load_state_dict(weights, strict=True)
     return backbone.to(map_location).eval(), meta
@@ -165,10 +165,6 @@ def load_projector(path: str, map_location: str | torch.device = "cpu") -> nn.Mo
     if not weights and args.get("proj_head_mode", "nonlinear") != "none":
         raise ValueError(f"{path} holds no projection head (an export keeps the backbone only)")
     feat_dim = describe("", backbone_weights(model), 1.0)["feat_dim"]
-    head, _ = projection_head(args.get("proj_head_mode", "nonlinear"), feat_dim,
-                              args.get("proj_hidden_dim") or feat_dim, args.get("proj_out_dim", 128),
-                              args.get("num_proj_layers", 2),
-                              hidden_bn=args.get("proj_bn", True), out_bn=args.get("proj_out_bn", False),
-                              out_bn_affine=args.get("proj_out_bn_affine", True))
+    head, _ = projector_from(args, feat_dim)
     head.load_state_dict(weights, strict=True)
     return head.to(map_location).eval()

@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from common.distributed import gather_with_grad
 from losses import flatnce_loss, infonce_loss
 from losses.meta import head_logits, query_accuracy, ridge_weights, task_embeddings
 from main import main
@@ -118,9 +117,7 @@ def _head_worker(rank, store, out_dir, head, n_supp, n_views, loss_name):
     n = 3
     z_all = _views(n_views, n=WORLD * n, d=5, seed=2).view(n_views, WORLD * n, 5)
     z = z_all[:, rank * n:(rank + 1) * n].reshape(-1, 5).clone().requires_grad_(True)
-    support = task_embeddings(z, n_views, T)[:n_supp]
-    support = gather_with_grad(support.transpose(0, 1).contiguous()).transpose(0, 1)
-    logits = head_logits(head, z, n_supp, n_views, T, 0.5, support, offset=rank * n)
+    logits = head_logits(head, z, n_supp, n_views, T, 0.5)  # gathers the support sets of both ranks
     loss = {"infonce": infonce_loss, "flatnce": flatnce_loss}[loss_name](logits)
     (grad,) = torch.autograd.grad(loss, z)
     torch.save({"loss": loss.detach(), "grad": grad}, os.path.join(out_dir, f"r{rank}.pt"))

@@ -18,7 +18,7 @@ from common.distributed import gather_with_grad, get_rank
 from common.errors import UserError
 from losses import LOSSES, contrastive_logits, infonce_loss
 from losses.diagnostics import contrastive_stats
-from losses.meta import HEADS, head_logits, query_accuracy, task_embeddings
+from losses.meta import HEADS, head_logits, query_accuracy
 from models.methods.base import Flag, Logs, MethodSpec, SSLMethod
 
 
@@ -41,12 +41,8 @@ class ContrastiveMethod(SSLMethod):
             logits = contrastive_logits(z, self.n_views, self.temperature, keys, offset=get_rank() * z.shape[0],
                                         cosine=self.cosine)
             stats = logits.similarity_stats()
-        else:  # the task's classes are every rank's images: the support sets are gathered with their gradient
-            support = task_embeddings(z, self.n_views, self.temperature)[:self.n_supp]  # (S, N, D)
-            support = gather_with_grad(support.transpose(0, 1).contiguous()).transpose(0, 1)  # (S, W*N, D)
-            n_local = z.shape[0] // self.n_views
-            logits = head_logits(self.head, z, self.n_supp, self.n_views, self.temperature, self.reg, support,
-                                 offset=get_rank() * n_local)
+        else:  # the task's classes are every rank's images (losses/meta.py gathers the support sets)
+            logits = head_logits(self.head, z, self.n_supp, self.n_views, self.temperature, self.reg)
             stats = {"query_acc": query_accuracy(logits)}
         loss = self.loss_fn(logits)
         infonce = infonce_loss(logits).detach()
