@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every_n_minutes", type=float, default=0.0, help="also save mid-epoch every M minutes")
     g.add_argument("--keep_mid_epoch_checkpoints", type=int, default=2,
                    help="mid-epoch checkpoints kept (none older than the last epoch-end one)")
+    g.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="epoch-end checkpoints kept besides the milestones: the newest N (0: keep every one)")
+    g.add_argument("--milestone_every_n_epochs", type=int, default=None,
+                   help="epoch-end checkpoints kept for good every N epochs (default: 10 x --save_every_n_epochs; "
+                        "0: none); a multiple of --save_every_n_epochs")
     g.add_argument("--log_every_n_steps", "--log_freq", dest="log_every_n_steps", type=int, default=50,
                    help="logging window in steps (--log_freq: MetaContrastive's spelling)")
     add_bool(g, "diagnostics", True, "on each logging step: log S, FlatNCE/InfoNCE gradient ratio, MI bound, "
@@ -559,6 +564,14 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                         "checkpoint_*.pth.tar or an export .pth")
     if cfg.keep_mid_epoch_checkpoints < 1:
         raise UserError(f"--keep_mid_epoch_checkpoints must be at least 1, got {cfg.keep_mid_epoch_checkpoints}")
+    if cfg.keep_checkpoints < 0:
+        raise UserError(f"--keep_checkpoints must not be negative (0 keeps every checkpoint), got "
+                        f"{cfg.keep_checkpoints}")
+    m = cfg.milestone_every_n_epochs
+    if m is not None and (m < 0 or (m and m % cfg.save_every_n_epochs)):
+        raise UserError(f"--milestone_every_n_epochs {m} is not a multiple of --save_every_n_epochs "
+                        f"{cfg.save_every_n_epochs}, so no checkpoint would be written at its epochs; pass a multiple "
+                        "(or 0: no milestones)")
 
 
 def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
@@ -605,11 +618,12 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
             raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
         if not os.path.isdir(cfg.log_dir):
             raise UserError(f"--log_dir {cfg.log_dir} does not exist; pass the run directory to resume")
+        verify = int(os.environ.get("RANK", "0")) == 0  # rank 0 reads the file for its checksum; the others map it
         if cfg.train_from == "latest":
-            resume_path, resume = load_latest(cfg.log_dir)
+            resume_path, resume = load_latest(cfg.log_dir, verify)
         else:
             resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
-            resume = load_checkpoint(resume_path)
+            resume = load_checkpoint(resume_path, verify)
         if resume.get("foreign"):
             raise UserError(f"{resume_path} is a {resume['foreign']} checkpoint, which has no state of this tool to "
                             f"resume; start a new run from its weights with --from_pretrained {resume_path}")

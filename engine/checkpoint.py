@@ -6,6 +6,11 @@ One naming scheme: ``checkpoint_{E:04d}.pth.tar`` after E completed epochs, and
 ``checkpoint_{E:04d}_step{k:06d}.pth.tar`` k steps into epoch E + 1 (mid-epoch: a preemption or
 ``--save_every_n_steps/minutes``). They order by (E, k); ``latest`` is the largest. Evaluation reads the
 epoch-end ones; a run keeps only the newest few mid-epoch ones, and none older than its last epoch end.
+Of the epoch-end ones it keeps the newest ``--keep_checkpoints`` and the milestones (every
+``--milestone_every_n_epochs``): :func:`prune_epoch_ends`.
+
+Rank 0 writes from a background thread (:class:`BackgroundWriter`) once the state is copied to host
+memory, so no rank waits for the disk; resuming maps the file (``mmap=True``) instead of reading it.
 
 Written atomically (temporary file in the same directory, then ``os.replace``), so a job killed
 mid-write leaves the previous checkpoint intact. They hold plain tensors and Python scalars only,
@@ -18,11 +23,14 @@ import glob
 import hashlib
 import os
 import pickle
+import queue
 import random
 import re
 import shutil
 import sys
 import tempfile
+import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,6 +75,89 @@ def prune_mid_epoch(run_dir: str, keep: int, current: tuple[int, int]) -> list[s
     for key in doomed:
         remove_checkpoint(found[key])
     return [found[key] for key in doomed]
+
+
+def prune_epoch_ends(run_dir: str, keep: int, milestone_every: int, current: int) -> list[str]:
+    """After the epoch-end save of epoch ``current``: delete the epoch-end checkpoints up to it that are neither
+    among the newest ``keep`` nor a milestone (epoch a multiple of ``milestone_every``; 0: none). ``keep`` 0
+    keeps every one. Checkpoints after ``current`` (of a line the user resumed before) are not touched."""
+    if keep <= 0:
+        return []
+    found = {epoch: path for epoch, path in list_checkpoints(run_dir).items() if epoch <= current}
+    newest = sorted(found)[-keep:]
+    doomed = [epoch for epoch in found
+              if epoch not in newest and not (milestone_every and epoch % milestone_every == 0)]
+    for epoch in doomed:
+        remove_checkpoint(found[epoch])
+    return [found[epoch] for epoch in doomed]
+
+
+def to_host(obj):
+    """A copy of a nested checkpoint dict whose tensors live in host memory and share nothing with the run:
+    what a background write may read while training goes on changing the weights in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Rank 0's file work (checkpoints and the records that follow them) done in order by one thread, so that
+    no rank waits for the disk. The caller hands over host copies (:func:`to_host`) and goes on training.
+
+    A thread, not torch.distributed.checkpoint's async save: the file stays the one ``torch.save`` file every
+    reader here (evaluation, export, hub, the original repositories' loaders) takes, and only rank 0 writes.
+    Jobs run in the order given; after a failure the later ones are dropped (an epoch's metrics line is never
+    written when its checkpoint was not), and the failure is handed over once, by :meth:`take_failure` (which
+    does not wait) or :meth:`wait`. The caller waits before making a checkpoint's host copy, so at most one
+    exists besides the run's own state.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self.reported = False
+
+    def submit(self, job: Callable[[], object], background: bool = True) -> None:
+        """Runs ``job`` after the ones given before it: in the thread, or (``background`` False) here, once they
+        have run."""
+        if not background:
+            self.wait()
+            job()
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+            self.thread.start()
+        self.jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if self.failure is None:
+                    job()
+            except BaseException as err:  # noqa: BLE001 - reported on the run's next step
+                self.failure = err
+            finally:
+                self.jobs.task_done()
+
+    def take_failure(self) -> BaseException | None:
+        """The failure of a job that has run, once; does not wait for the jobs in flight."""
+        if self.failure is None or self.reported:
+            return None
+        self.reported = True
+        return self.failure
+
+    def wait(self) -> None:
+        """Until every job given so far has run; raises a failure not handed over yet."""
+        self.jobs.join()
+        err = self.take_failure()
+        if err is not None:
+            raise err
 
 
 def atomic_save(obj, path: str) -> None:
@@ -150,11 +241,16 @@ def _write_text_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, verify: bool = True) -> dict:
     """Verify the checksum (when the checkpoint has one: those written before checksums existed have none),
-    then load with ``weights_only=True``; a file that needs arbitrary unpickling is refused."""
+    then load with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
+
+    The tensors are mapped from the file (``mmap=True``, copy-on-write: writing to them never reaches the file)
+    rather than read into memory: restoring copies them into the model once, and the ranks of a node that map
+    one file share the page cache. ``verify=False`` skips the checksum, which reads the whole file: for the
+    ranks of a resume other than rank 0, which verifies for all of them."""
     sidecar = path + ".sha256"
-    if os.path.isfile(sidecar):
+    if verify and os.path.isfile(sidecar):
         with open(sidecar) as f:
             words = f.read().split()
         expected = words[0] if words else ""
@@ -162,7 +258,7 @@ def load_checkpoint(path: str) -> dict:
             raise UserError(f"checkpoint {path} is corrupt: its content does not match the checksum in {sidecar}; "
                             "resume from an earlier checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_mapped(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "eights only load failed" in first or "weights_only" in first:
@@ -183,14 +279,24 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def load_latest(run_dir: str) -> tuple[str, dict]:
-    """The newest checkpoint that loads and matches its checksum; a bad newer one is skipped with a warning."""
+def _load_mapped(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:  # a file of torch's legacy (pre-zip) format cannot be mapped
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_latest(run_dir: str, verify: bool = True) -> tuple[str, dict]:
+    """The newest checkpoint that loads and matches its checksum (``verify``); a bad newer one is skipped with a
+    warning."""
     available = all_checkpoints(run_dir)
     if not available:
         raise UserError(f"no checkpoint_*.pth.tar in {run_dir}; start a new run without --train_from")
     for path in reversed(list(available.values())):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, verify)
         except UserError as err:  # renamed aside, so that it is not 'latest' again nor kept by the pruning
             aside = path + ".corrupt"
             if int(os.environ.get("RANK", "0")) == 0:

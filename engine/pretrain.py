@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.provenance import provenance
-from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
-                                init_distributed, on_main_only, shared_outcome)
+from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                                get_world_size, init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, hold_out, load_split
@@ -59,7 +59,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
-    if resume is not None:  # each rank chose the checkpoint on its own: they must have chosen the same
+    if resume is not None:
+        first = broadcast_object(resume_path)
+        if resume_path != first and os.path.isfile(first):  # rank 0 verified the checksum the others skipped
+            resume_path, resume = first, ckpt_io.load_checkpoint(first, verify=False)
+        # each rank chose the checkpoint on its own: they must have chosen the same
         chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
         if len(set(chosen)) > 1:
             raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
@@ -120,7 +124,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
             trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
                               precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
                               step=step, last_ckpt=resume_path, requests=requests, rot_task_p=cfg.rot_task_p,
-                              seed=cfg.seed, rank=dist.rank, accu_iter=cfg.accu_iter)
+                              seed=cfg.seed, rank=dist.rank, accu_iter=cfg.accu_iter,
+                              save_failure=run.writes.take_failure)
             meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
             try:
                 for epoch in range(start_epoch, last_epoch):
@@ -131,10 +136,15 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                     end_epoch(trainer, record, run, monitor, last_epoch, validator)
                     start_batch, loader_state, meter = 0, {}, Meter()
             except Preempted as stop:
+                run.finish_writes()
                 if dist.is_main:  # what a job script looks for to requeue (torchrun's own exit status is 1)
                     with open(os.path.join(run_dir, PREEMPTED_MARK), "w") as f:
                         f.write(f"{stop}\n")
                 raise
+            except BaseException:
+                run.finish_writes(quiet=True)
+                raise
+            run.finish_writes()
         barrier()
         run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
                   f"TensorBoard events are in {run.dir}")
@@ -159,6 +169,12 @@ def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
     if use_sync_bn(cfg, dist, device) and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                         "drop it or pass --no-sync_bn")
+
+
+def milestone_every(cfg: Namespace) -> int:
+    """Epochs between the checkpoints kept for good (0: none): --milestone_every_n_epochs, by default ten saves."""
+    m = cfg.milestone_every_n_epochs
+    return 10 * cfg.save_every_n_epochs if m is None else m
 
 
 def use_sync_bn(cfg: Namespace, dist: DistInfo, device: torch.device) -> bool:
@@ -345,7 +361,9 @@ class _StepCheck:
     more than ``MAX_STEP_GROWTH``-fold: ``Trainer.runaway``), and whether any rank asks to stop (a signal) or
     to save (a timer) after it.
 
-    Made right after the forward: it queues one all-reduce of five numbers and their copy to the host
+    Also whether rank 0's background checkpoint write failed (``save_failed`` after ``wait``).
+
+    Made right after the forward: it queues one all-reduce of six numbers and their copy to the host
     without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
     forward while the device runs the backward, instead of draining the stream every step. The requests are
     filled on the device from host scalars (no host-to-device copy).
@@ -353,14 +371,15 @@ class _StepCheck:
 
     def __init__(self, loss: torch.Tensor, stop: bool, save: bool,
                  runaway: tuple[torch.Tensor, torch.Tensor] | None = None, update_step: int = 0,
-                 weights_finite: Callable[[], bool] = lambda: True) -> None:
+                 weights_finite: Callable[[], bool] = lambda: True, save_failed: bool = False) -> None:
         self.update_step = update_step  # the run's step count of the update ``runaway`` judges
         self.weights_finite = weights_finite  # asked only to word the error (a host sync on that path alone)
         zero = torch.zeros((), device=loss.device)
         runaway = runaway if runaway is not None else (zero, zero)
         flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
                              torch.full((), float(stop), device=loss.device),
-                             torch.full((), float(save), device=loss.device), *(t.float() for t in runaway)])
+                             torch.full((), float(save), device=loss.device), *(t.float() for t in runaway),
+                             torch.full((), float(save_failed), device=loss.device)])
         flags = all_reduce_sum(flags)
         self.counts = flags.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
         self.ready = None
@@ -373,7 +392,8 @@ class _StepCheck:
         requested) on any rank."""
         if self.ready is not None:
             self.ready.synchronize()
-        bad, stop, save, runaway, growth = self.counts.tolist()
+        bad, stop, save, runaway, growth, failed = self.counts.tolist()
+        self.save_failed = failed > 0
         where = f"resume from {last_ckpt} " if last_ckpt else ""
         if runaway:
             raise UserError(runaway_message(growth / get_world_size(), not self.weights_finite(),
@@ -406,13 +426,15 @@ class Trainer:
                  scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
                  memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
                  requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
-                 rank: int = 0, accu_iter: int = 1) -> None:
+                 rank: int = 0, accu_iter: int = 1,
+                 save_failure: Callable[[], BaseException | None] = lambda: None) -> None:
         self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
         self.rot_task_p, self.seed, self.rank, self.accu_iter = rot_task_p, seed, rank, accu_iter
         self.device, self.memory_format = device, memory_format
         self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
         self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
         self.requests = requests or (lambda next_step: (False, False))
+        self.save_failure, self._failure = save_failure, None  # a finished background write's failure
         self.stop_now = self.save_now = False
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.norm = self._weights_norm()
@@ -498,8 +520,10 @@ class Trainer:
                 chunk_logs.append(logs)
                 if m == k - 1:  # the step's check overlaps the last backward, as without accumulation
                     loss_value = losses[0] if k == 1 else torch.stack(losses).mean()
+                    self._failure = self._failure or self.save_failure()
                     check = _StepCheck(loss_value, *self.requests(self.step + 1), runaway=self.runaway,
-                                       update_step=self.step, weights_finite=self.weights_finite)
+                                       update_step=self.step, weights_finite=self.weights_finite,
+                                       save_failed=self._failure is not None)
                     mark("forward")
                 self.scaler.scale(loss if k == 1 else loss / k).backward()
         self.method.micro_batch = 0
@@ -507,6 +531,8 @@ class Trainer:
                                              for key in chunk_logs[0]}
         mark("backward")
         self.stop_now, self.save_now = check.wait(epoch, i, self.last_ckpt)
+        if check.save_failed:  # every rank stops with rank 0's error, before this step changes anything
+            shared_outcome(self._failure if self.rank == 0 else None)
         if diagnose:
             logs["grad_norm"] = self._grad_norm()
         self.scaler.step(self.optimizer)
@@ -531,6 +557,7 @@ class RunFiles:
         self.cfg, self.dist, self.claim, self.schedule, self.setters = cfg, dist, claim, schedule, epoch_setters
         self.dir = claim.dir
         self.writer = self.metrics = None
+        self.writes = ckpt_io.BackgroundWriter()  # rank 0's checkpoint writes
 
     def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -568,18 +595,41 @@ class RunFiles:
                                            optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=self.schedule,
                                            ranks=ranks, args=vars(self.cfg), batch=batch,
                                            meter=meter.state() if meter is not None else None)
-            path = on_main_only(lambda: self._write(state, path, (epoch, batch)))
+            background = not trainer.stop_now  # a stopping run waits for its last checkpoint
+            path = on_main_only(lambda: self._write(state, path, (epoch, batch), background))
         trainer.last_ckpt = shared_outcome(path)
-        self.claim.saved_any = True
         if isinstance(trainer.requests, StopRequests):
             trainer.requests.saved()
         return trainer.last_ckpt
 
-    def _write(self, state: dict, path: str, position: tuple[int, int]) -> str:
-        ckpt_io.atomic_save(state, path)
-        ckpt_io.prune_mid_epoch(self.dir, self.cfg.keep_mid_epoch_checkpoints, position)
-        tqdm.write(f"saved {path}")
+    def _write(self, state: dict, path: str, position: tuple[int, int], background: bool) -> str:
+        """Hands a host copy of ``state`` to the writer, once the write before it is done (or has failed: then
+        raises that); pruning follows the write, so a checkpoint is deleted only once a newer one is on disk."""
+        self.writes.wait()
+        cfg, host = self.cfg, ckpt_io.to_host(state)
+
+        def write() -> None:
+            ckpt_io.atomic_save(host, path)
+            self.claim.saved_any = True  # from now on a failing run keeps what it wrote
+            ckpt_io.prune_mid_epoch(self.dir, cfg.keep_mid_epoch_checkpoints, position)
+            if position[1] == 0:
+                ckpt_io.prune_epoch_ends(self.dir, cfg.keep_checkpoints, milestone_every(cfg), position[0])
+            tqdm.write(f"saved {path}")
+
+        self.writes.submit(write, background)
         return path
+
+    def finish_writes(self, quiet: bool = False) -> None:
+        """Waits for rank 0's write in flight; its failure reaches every rank (``quiet``: only printed, when
+        the run is already failing for another reason)."""
+        if quiet:
+            if self.dist.is_main:
+                try:
+                    self.writes.wait()
+                except BaseException as err:  # noqa: BLE001 - the run's own error is the one to raise
+                    print(f"warning: the last checkpoint write failed too: {err}", file=sys.stderr)
+            return
+        shared_outcome(on_main_only(self.writes.wait) if self.dist.is_main else None)
 
     def close(self, message: str) -> None:
         if self.writer is not None:
@@ -693,7 +743,7 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
             tqdm.write(f"epoch {completed}: held-out contrastive top-1 {values['top1']:.2f}%, top-5 "
                        f"{values['top5']:.2f}%, loss {values['loss']:.4f}")
     due = completed % cfg.save_every_n_epochs == 0 or completed in (cfg.epochs, last_epoch) or stop or asked
-    path = run.save(trainer, completed) if due else None  # first: a save that fails leaves no record behind
+    path = run.save(trainer, completed) if due else None
 
     def log() -> None:
         run.metrics.append(record)
@@ -701,7 +751,8 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
             plot_curves(run.metrics.read(), os.path.join(run.dir, "curves.png"),
                         f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
 
-    shared_outcome(on_main_only(log) if run.dist.is_main else None)
+    if run.dist.is_main:  # after the checkpoint's write, by the same thread: no record of an epoch it failed
+        run.writes.submit(log)
     if due and stop and completed < last_epoch:
         raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at the end of "
                             f"epoch {completed}, after saving {path}; continue with --log_dir {run.dir} "

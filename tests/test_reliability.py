@@ -412,8 +412,8 @@ def test_latest_is_checked_again_once_the_run_directory_is_locked(two_epochs, tm
     run = _copy(two_epochs, tmp_path / "run")
     real = cli.load_latest
 
-    def then_another_process_saves(run_dir):  # between choosing the checkpoint and taking the lock
-        chosen = real(run_dir)
+    def then_another_process_saves(run_dir, verify=True):  # between choosing the checkpoint and taking the lock
+        chosen = real(run_dir, verify)
         shutil.copy(run / "checkpoint_0002.pth.tar", run / "checkpoint_0003.pth.tar")
         return chosen
 
@@ -422,3 +422,71 @@ def test_latest_is_checked_again_once_the_run_directory_is_locked(two_epochs, tm
     assert capsys.readouterr().err.strip() == (
         f"error: {run / 'checkpoint_0003.pth.tar'} appeared after this run chose checkpoint_0002.pth.tar (did another "
         "process write to the run?); resume again with --train_from latest")
+
+
+# ----------------------------------------------------------------------------- retention and background writes
+def test_epoch_end_pruning_keeps_the_newest_and_the_milestones_and_nothing_after_the_current(tmp_path):
+    from engine.checkpoint import list_checkpoints, prune_epoch_ends
+
+    for epoch in range(1, 13):
+        (tmp_path / f"checkpoint_{epoch:04d}.pth.tar").write_bytes(b"x")
+        (tmp_path / f"checkpoint_{epoch:04d}.pth.tar.sha256").write_text("x\n")
+    prune_epoch_ends(str(tmp_path), keep=3, milestone_every=4, current=10)
+    assert sorted(list_checkpoints(str(tmp_path))) == [4, 8, 9, 10, 11, 12]  # 11, 12: another line, after 10
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == [f"checkpoint_{e:04d}.pth.tar.sha256"
+                                                                   for e in (4, 8, 9, 10, 11, 12)]
+    prune_epoch_ends(str(tmp_path), keep=0, milestone_every=0, current=12)  # 0: keep every one
+    assert sorted(list_checkpoints(str(tmp_path))) == [4, 8, 9, 10, 11, 12]
+    prune_epoch_ends(str(tmp_path), keep=1, milestone_every=0, current=12)
+    assert sorted(list_checkpoints(str(tmp_path))) == [12]
+
+
+def test_retention_keeps_exactly_what_it_says_across_a_resume(tmp_path):
+    run = tmp_path / "run"
+    keep = ["--keep_checkpoints=2", "--milestone_every_n_epochs=3"]
+    assert main(TINY + ["--clr=simclr", "--epochs=6", "--stop_after_epoch=4", f"--log_dir={run}"] + keep) == 0
+    assert sorted(all_checkpoints(str(run))) == [(3, 0), (4, 0)]  # 1, 2 pruned; 3 a milestone and among the newest
+    assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # the retention settings come from the run
+    assert sorted(all_checkpoints(str(run))) == [(3, 0), (5, 0), (6, 0)]
+    assert sorted(f for f in os.listdir(run) if f.endswith(".sha256")) == [
+        f"checkpoint_{e:04d}.pth.tar.sha256" for e in (3, 5, 6)]
+
+
+def test_a_failed_background_write_stops_the_run_on_the_next_step_with_one_line(tmp_path, monkeypatch, capsys):
+    import engine.checkpoint as ckpt
+    import engine.pretrain as pre
+
+    real_save, steps = ckpt.torch.save, []
+
+    def full_at_epoch_one(obj, f):
+        if obj["epoch"] == 1:
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    real_step = pre.Trainer.train_step
+    monkeypatch.setattr(pre.Trainer, "train_step", lambda self, *a, **k: steps.append(self.step) or real_step(
+        self, *a, **k))
+    monkeypatch.setattr(ckpt.torch, "save", full_at_epoch_one)
+    run = tmp_path / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=3", f"--log_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not write checkpoint {run / 'checkpoint_0001.pth.tar'} "
+                                               "(No space left on device); it needs about ")
+    assert steps == [0, 1, 2]  # epoch 1's two steps, then the first step of epoch 2 finds the failure and stops
+    assert not os.path.exists(run)  # nothing was saved, so the run gives its directory back
+
+
+def test_a_checkpoint_is_mapped_not_read_and_its_tensors_never_write_back(two_epochs, tmp_path, monkeypatch):
+    import engine.checkpoint as ckpt
+
+    run = _copy(two_epochs, tmp_path / "run")
+    path = str(run / "checkpoint_0002.pth.tar")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    verified = ckpt.load_checkpoint(path)
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: pytest.fail("verify=False must not read the file for a checksum"))
+    state = ckpt.load_checkpoint(path, verify=False)
+    for key, value in state["model"].items():
+        assert torch.equal(value, verified["model"][key])
+        if value.is_floating_point():
+            value.add_(1.0)  # copy-on-write: a resumed optimizer's in-place updates stay in memory
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
