@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(so 3p/4 are turned); --rottlr_p: their spelling")
     add_bool(g, "faster_version", False, "dataset held as uint8 on the training device, views made there in "
                                          "batches with per-sample parameters (in-memory datasets)")
+    g.add_argument("--input_pipeline", default="standard", choices=["standard", "hybrid"],
+                   help="hybrid: workers decode, crop and flip (uint8 out), colour jitter, grayscale, blur, solarize "
+                        "and normalisation run batched on the training device (the ImageNet presets' choice)")
+    add_bool(g, "decode_on_gpu", False, "hybrid pipeline whose workers only read the files: JPEGs decoded in "
+                                        "batches on the GPU (on the CPU without one), then cropped there")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", "--arch", dest="arch", default="resnet50", type=str.lower,
@@ -564,6 +569,9 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                         "checkpoint_*.pth.tar or an export .pth")
     if cfg.keep_mid_epoch_checkpoints < 1:
         raise UserError(f"--keep_mid_epoch_checkpoints must be at least 1, got {cfg.keep_mid_epoch_checkpoints}")
+    if cfg.faster_version and (cfg.input_pipeline == "hybrid" or cfg.decode_on_gpu):
+        raise UserError("--faster_version holds the dataset on the device, which --input_pipeline hybrid and "
+                        "--decode_on_gpu read from files; pick one")
     if cfg.keep_checkpoints < 0:
         raise UserError(f"--keep_checkpoints must not be negative (0 keeps every checkpoint), got "
                         f"{cfg.keep_checkpoints}")

@@ -55,11 +55,31 @@ def view_transform(size: int, spec: ViewSpec, jitter_strength: float, min_scale:
     ]
     if spec.blur_p > 0:
         kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the side
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+        ops.append(v2.RandomApply([SeparableBlur(kernel)], p=spec.blur_p))
     if spec.solarize_p > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
+
+
+class SeparableBlur(torch.nn.Module):
+    """torchvision's GaussianBlur (its kernel, reflect padding, sigma ~ U(0.1, 2) drawn from the same stream in
+    the same way, uint8 rounded back) as two 1-D passes: 2k multiply-adds a pixel instead of k^2. At 224 px
+    (k = 23) one call took 53 ms as a 2-D convolution, most of a worker's time per view."""
+
+    def __init__(self, kernel: int, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        super().__init__()
+        self.kernel, self.sigma = kernel, sigma
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from data.batched_augment import gaussian_blur
+
+        sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1])
+        x = image.as_subclass(torch.Tensor)
+        y = gaussian_blur(x[None].float(), sigma, torch.ones(1, dtype=torch.bool), self.kernel)[0]
+        if not x.is_floating_point():
+            y = y.round_().clamp_(0, 255).to(x.dtype)
+        return tv_tensors.Image(y)
 
 
 class MultiViewDataset(Dataset):

@@ -59,6 +59,18 @@ class ViewParams:
     def __getitem__(self, rows: slice) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
+    def pack(self) -> torch.Tensor:
+        """(B, 18) float32: what a DataLoader worker sends with its uint8 crop (the hybrid pipeline)."""
+        return torch.cat([self.box, self.flip[:, None], self.jitter[:, None], self.factors, self.order,
+                          self.gray[:, None], self.blur[:, None], self.sigma[:, None], self.solarize[:, None]],
+                         dim=1).float()
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> "ViewParams":
+        flag = lambda j: t[:, j] > 0.5  # noqa: E731
+        return ViewParams(box=t[:, 0:4], flip=flag(4), jitter=flag(5), factors=t[:, 6:10], order=t[:, 10:14].long(),
+                          gray=flag(14), blur=flag(15), sigma=t[:, 16], solarize=flag(17))
+
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
@@ -127,14 +139,28 @@ class BatchedViews:
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, c, height, width = images.shape
         p = self.sample(n, height, width, g, images.device)
+        return self._chunked(self.apply, images, p)
+
+    def colour_crops(self, crops: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """The rest of the view for crops already taken (uint8, or float in [0, 1], at ``size``): the device half
+        of the hybrid pipeline, whose workers cropped and flipped with the parameters ``p``."""
+        return self._chunked(lambda x, q: self.colour(x.float().div_(255) if x.dtype == torch.uint8 else x, q),
+                             crops, p)
+
+    def _chunked(self, fn, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """``fn(images, p)`` in pieces on the CPU: the same parameters, so the same views as in one piece,
+        only faster."""
+        n, c, height, width = images.shape
         chunk = max(1, CPU_CHUNK_VALUES // (c * max(height * width, self.size ** 2)))
         if images.device.type != "cpu" or n <= chunk:
-            return self.apply(images, p)
-        # the same parameters, so the same views as in one piece; only faster
-        return torch.cat([self.apply(images[i:i + chunk], p[i:i + chunk]) for i in range(0, n, chunk)])
+            return fn(images, p)
+        return torch.cat([fn(images[i:i + chunk], p[i:i + chunk]) for i in range(0, n, chunk)])
 
     def apply(self, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
-        x = crop_flip(images, p.box, p.flip, self.size)  # float in [0, 1]
+        return self.colour(crop_flip(images, p.box, p.flip, self.size), p)
+
+    def colour(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+        """Jitter, grayscale, blur, solarize and normalisation of crops ``x`` (float in [0, 1])."""
         x = color_jitter(x, p.factors, p.order, p.jitter)
         n, c, height, width = x.shape
         _, _, eye, luma = _slot_tables(x.device)

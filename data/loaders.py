@@ -17,7 +17,8 @@ from tqdm import tqdm
 from common.errors import BadImage, UserError
 from data.augment import EpochSampler, MultiViewDataset, ViewSpec, default_jitter_strength, view_transform
 from data.batched_augment import BatchedViews, DeviceLoader
-from data.datasets import Split, read_image
+from data.datasets import SkipBadImages, Split, read_image
+from data.hybrid import HybridItems, HybridLoader, collate
 
 MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
 
@@ -62,9 +63,12 @@ def resident_images(split: Split, dataset_name: str, skip_bad_images: bool = Fal
 def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: int, *, dataset_name: str = "",
                     rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | None = None,
                     faster: bool = False, jitter_strength: float | None = None, min_crop_scale: float = 0.08,
-                    skip_bad_images: bool = False):
+                    skip_bad_images: bool = False, pipeline: str = "standard", decode_on_gpu: bool = False):
     """The loader of ``split`` with one view per entry of ``views``; ``batch_size`` is the global batch.
-    Returns ``(loader, epoch_setters)``: call ``set_epoch(e)`` on each setter before epoch ``e``."""
+    Returns ``(loader, epoch_setters)``: call ``set_epoch(e)`` on each setter before epoch ``e``.
+
+    ``pipeline``: "standard" (workers make the finished views) or "hybrid" (workers crop, the device does the
+    colour work: data/hybrid.py); ``decode_on_gpu`` (hybrid) leaves the JPEG decoding to the device too."""
     device = device or torch.device("cpu")
     size = split.image_size
     n = len(split.dataset)
@@ -76,8 +80,13 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
         loader = DeviceLoader(resident_images(split, dataset_name, skip_bad_images).to(device), batched, batch_size,
                               seed, rank, world_size)
         return loader, [loader]
-    transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
-    dataset = MultiViewDataset(split.dataset, transforms, seed=seed)
+    if pipeline == "hybrid" or decode_on_gpu:
+        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        base = split.dataset.base if decode_on_gpu and isinstance(split.dataset, SkipBadImages) else split.dataset
+        dataset = HybridItems(base, batched, seed, encoded=decode_on_gpu, skip_bad_images=skip_bad_images)
+    else:
+        transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        dataset = MultiViewDataset(split.dataset, transforms, seed=seed)
     # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
     # batches is exactly the one-process step-k batch of the same global size.
     # Workers persist across epochs (no start-up wait at each epoch); the sampler hands them the epoch.
@@ -85,7 +94,12 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
                                               drop_last=True), batch_size=batch_size // world_size)
     # Its own generator: otherwise each iter() draws the workers' base seed from the global RNG, which the
     # methods use too (InsDis's noise), and a run resumed inside an epoch would draw it at another point.
+    # Two batches in flight per worker: enough to hide a slow file, and (workers x 2 + 1) batches of shared memory
+    # a rank instead of (workers x 4 + 1).
     loader = DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
+                        prefetch_factor=2 if workers > 0 else None, generator=torch.Generator().manual_seed(seed),
+                        collate_fn=collate if isinstance(dataset, HybridItems) else None)
+    if isinstance(dataset, HybridItems):
+        return HybridLoader(loader, dataset, device), [sampler]
     return loader, [sampler]

@@ -189,7 +189,8 @@ def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.dev
     return pretrain_loader(split, views, cfg.batch_size, cfg.seed, dataset_name=cfg.dataset_name, rank=dist.rank,
                            world_size=dist.world_size, workers=cfg.workers, device=device, faster=cfg.faster_version,
                            jitter_strength=cfg.color_jitter_strength, min_crop_scale=cfg.min_crop_scale,
-                           skip_bad_images=bool(cfg.skip_bad_images))
+                           skip_bad_images=bool(cfg.skip_bad_images), pipeline=cfg.input_pipeline,
+                           decode_on_gpu=bool(cfg.decode_on_gpu))
 
 
 def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):

@@ -32,3 +32,31 @@ HAS_CUDA = torch.cuda.is_available()
 # Parametrize over this to run a CPU test on CUDA too: `pytest -m cuda` selects the CUDA half.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                               pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")])]
+
+
+def make_jpeg_folder(root, per_class=12, test_per_class=4, sides=(48, 200), seed=0, png=True):
+    """A folder dataset of real photos (scikit-learn's two bundled 427x640 pictures), cropped at random places to
+    random sizes and aspect ratios within ``sides`` and re-encoded as JPEG; classes ``a`` (the first photo) and
+    ``b`` (the second); one PNG among the training images when ``png``. Returns the root."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c, photo in zip("ab", photos):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for j in range(n):
+                h, w = (int(rng.integers(sides[0], sides[1] + 1)) for _ in range(2))
+                top, left = int(rng.integers(0, 427 - h + 1)), int(rng.integers(0, 640 - w + 1))
+                image = Image.fromarray(photo[top:top + h, left:left + w])
+                ext = "png" if png and split == "train" and c == "a" and j == 0 else "jpg"
+                image.save(os.path.join(root, split, c, f"{j:03d}.{ext}"), quality=90)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def jpeg_folder(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"))
