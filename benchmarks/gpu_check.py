@@ -330,6 +330,19 @@ def augmentation_alone(check: Check) -> dict:
             "img_s": batch / statistics.median(times), "ms_step": statistics.median(times) * 1e3}
 
 
+def input_pipeline(check: Check, deadline: float) -> dict:
+    """Views/s of the ImageNet input paths on real JPEGs of about 500x375 (benchmarks/input_pipeline.py): the
+    workers' share per CPU core and, on CUDA, the device half (decode_jpeg on the GPU, crops, colour work)."""
+    import tempfile
+
+    from benchmarks.input_pipeline import imagenet_sized_folder, measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = imagenet_sized_folder(tmp, 16 if check.quick else 48)
+        rows = measure(folder, 0.5 if check.quick else 2.0, "cuda" if check.cuda else "cpu")
+    return {"rows": [{"method": r["path"], "mode": r["where"], "img_s": r["views_s"]} for r in rows]}
+
+
 # ----------------------------------------------------------------------------- part 3: profile
 def profile(check: Check, deadline: float) -> dict:
     from torch.profiler import ProfilerActivity
@@ -455,6 +468,7 @@ def real_data(check: Check, deadline: float) -> dict:
 # ----------------------------------------------------------------------------- runner and report
 # (title, key, function, cap in seconds, cap with --quick), in order of value.
 PARTS = [("CUDA tests", "cuda_tests", cuda_tests, 75, 60), ("Throughput", "throughput", throughput, 120, 90),
+         ("Input pipeline (views/s)", "input_pipeline", input_pipeline, 45, 40),
          ("Where the time goes", "profile", profile, 25, 40), ("Real data", "real_data", real_data, 60, 40),
          ("Compile test", "compile_tests", compile_tests, 75, 40)]  # --quick caps: room for a loaded CPU
 
@@ -554,6 +568,9 @@ def report_md(results: dict) -> str:
         peak = f["bf16_peak_tflops"]
         lines += ["", f"### Throughput (faster_version, channels_last; dense bf16 peak {peak or 'unknown'} TFLOP/s)",
                   ""] + _table(results["throughput"]["rows"])
+    if "input_pipeline" in results:
+        lines += ["", "### Input pipeline (views/s; workers per CPU core, the device half in batches of 64)", ""] \
+            + _table(results["input_pipeline"]["rows"])
     if "profile" in results:
         p = results["profile"]
         lines += ["", f"### Where the time goes ({p['config']})", "",
