@@ -35,6 +35,7 @@ from data.loaders import pretrain_loader
 from data.rotation import rotate, step_generator, task_rotations
 from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
+from engine.memory import check_fits
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
 from engine.stop import StopRequests
@@ -82,7 +83,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
     cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
     cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
-    loader, epoch_setters = build_loader(cfg, split, dist, device)
+    loader, epoch_setters = build_loader(cfg, split, dist, device)  # workers start at the first batch, not here
+    check_fits(cfg, len(split.dataset), split.image_size, cifar_stem_of(cfg, split), dist.world_size, device)
     validator = HeldOutCheck(cfg, held_out, dist, device) if held_out is not None else None
     method, memory_format = build_model(cfg, split, dist, device)
     if cfg.from_pretrained and resume is None:  # a new run from another run's weights (a resume has its own)
@@ -193,10 +195,13 @@ def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.dev
                            decode_on_gpu=bool(cfg.decode_on_gpu))
 
 
+def cifar_stem_of(cfg: Namespace, split: Split) -> bool:
+    return cfg.cifar_stem if cfg.cifar_stem is not None else split.image_size <= 64
+
+
 def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):
     """The method on its device (SyncBatchNorm across GPUs, NHWC unless --no-channels_last)."""
-    cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else split.image_size <= 64
-    method = build_method(cfg, num_data=len(split.dataset), cifar_stem=cifar_stem)
+    method = build_method(cfg, num_data=len(split.dataset), cifar_stem=cifar_stem_of(cfg, split))
     if use_sync_bn(cfg, dist, device):
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     # on unless --no-channels_last (older runs saved None)

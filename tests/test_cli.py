@@ -119,3 +119,47 @@ def test_a_method_flag_that_reuses_a_core_flag_is_refused(monkeypatch):
     monkeypatch.setitem(METHODS, "clash", clash)
     with pytest.raises(ValueError, match="method clash declares --temperature, which is already a flag of the tool"):
         build_parser()
+
+
+def test_the_activation_estimate_equals_what_autograd_keeps():
+    """engine/memory.py's meta-device estimate against the bytes autograd really saves (batch 4 minus batch 2, so
+    that the weights it saves cancel), for a CIFAR-stem ResNet-18 at 32 px and an ImageNet-stem one at 64 px."""
+    from engine.memory import activation_bytes
+    from models.backbones import build_backbone
+
+    def saved(net, size, batch):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.randn(batch, 3, size, size))
+        return sum(storages.values())
+
+    for cifar_stem, size in ((True, 32), (False, 64)):
+        torch.manual_seed(0)
+        real = build_backbone("resnet18", cifar_stem)[0].train()
+        with torch.device("meta"):
+            meta = build_backbone("resnet18", cifar_stem)[0]
+        per_image = (saved(real, size, 4) - saved(real, size, 2)) / 2
+        assert abs(activation_bytes(meta, size) / per_image - 1) < 0.05
+
+
+def test_a_step_that_cannot_fit_the_device_is_refused_before_anything_is_allocated(monkeypatch, tmp_path, capsys):
+    import engine.memory as memory
+    from main import main
+    from tests.conftest import TINY
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2**30)  # a 1 GiB device
+    args = TINY + ["--clr=simclr", "--image_size=64", "--batch_size=64", f"--results_dir={tmp_path}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a step needs about ") and \
+        "fp32 activations for 64 images x 2 views of 64 px through resnet18" in err[0] and \
+        "more than this machine's 1.0 GiB; pass --precision bf16 (about half the activations), or --accu_iter 4 " \
+        "(micro-batches of 16, the same global batch), or more processes" in err[0]
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2**40)
+    assert memory.check_fits(resolve(args)[0], 1000, 64, False, 1, torch.device("cpu")) is None
