@@ -106,6 +106,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_tensor(x: torch.Tensor, src: int) -> torch.Tensor:
+    """In place: rank ``src``'s ``x`` on every rank (each rank passes a tensor of the same shape and dtype);
+    identity in one process."""
+    if is_dist():
+        dist.broadcast(x, src=src)
+    return x
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

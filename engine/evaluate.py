@@ -32,12 +32,15 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.provenance import provenance
-from common.distributed import DistInfo, barrier, broadcast_object, init_distributed, on_main_only, shared_outcome
+from common.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, get_world_size, init_distributed,
+                                on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data import load_split
 from data.datasets import Split
 from engine import checkpoint as ckpt_io
-from engine.knn import Transformed, extract_features, knn_scores, topk_correct
+from engine.knn import (FeatureShard, Transformed, extract_features, extract_shard, knn_scores_sharded, locate,
+                        topk_correct)
+from engine.knn import knn_scores  # noqa: F401 - imported from here by the tests
 from engine.optim import build_optimizer, lr_schedule
 from engine.runlog import new_run_dir, take_back
 from engine.stop import StopRequests
@@ -55,28 +58,61 @@ def train_transform(split: Split) -> v2.Compose:
 
 def fit_linear_on_features(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int,
                            batch_size: int, lr: float, weight_decay: float, momentum: float, optimizer: str,
-                           scheduler: str, seed: int, show: bool = True) -> nn.Module:
-    """Linear classifier on cached features, standardised with the training mean and std."""
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0).clamp_min(1e-6)
+                           scheduler: str, seed: int, show: bool = True, rows: torch.Tensor | None = None) -> nn.Module:
+    """Linear classifier on cached features, standardised with the training mean and std.
+
+    Under torchrun, ``rows`` (a ``FeatureShard``'s: the positions of this rank's rows in the whole training set,
+    ascending) says that each rank holds only its shard; the ranks then train one head together, which is the
+    one-process head up to float rounding: the same statistics of the whole set, and every step the minibatch one
+    process would take (each rank draws the same permutation of the whole set and takes the part it holds), whose
+    gradient is the sum over ranks of each part's summed loss over the minibatch's size."""
+    sharded = rows is not None and get_world_size() > 1
+    n = int(all_reduce_sum(torch.tensor([len(train_x)], device=train_x.device))) if sharded else train_x.shape[0]
+    mean, std = _whole_mean_std(train_x, n) if sharded else (train_x.mean(dim=0), train_x.std(dim=0))
     torch.manual_seed(seed)
     head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    model = nn.Sequential(_Standardise(mean, std), head)
+    model = nn.Sequential(_Standardise(mean, std.clamp_min(1e-6)), head)
     opt = build_optimizer(optimizer, head, lr, weight_decay, momentum)
-    bs = min(batch_size, train_x.shape[0])
-    steps = math.ceil(train_x.shape[0] / bs)
+    bs = min(batch_size, n)
+    steps = math.ceil(n / bs)
     sched = lr_schedule(lr, epochs * steps, 0, scheduler)
     gen = torch.Generator().manual_seed(seed)
     for epoch in tqdm(range(epochs), desc="linear probe", disable=not show, leave=False, file=sys.stdout):
-        perm = torch.randperm(train_x.shape[0], generator=gen).to(train_x.device)
+        perm = torch.randperm(n, generator=gen).to(train_x.device)
         for s in range(steps):
             for g in opt.param_groups:
                 g["lr"] = float(sched[epoch * steps + s])
             idx = perm[s * bs:(s + 1) * bs]
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if sharded:
+                _shard_backward(model, train_x, train_y, rows, idx)
+            else:
+                F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
             opt.step()
     return model
+
+
+def _whole_mean_std(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std over every rank's rows (``n`` in all) from each shard's own mean and squared
+    deviations, combined exactly in float64 (Chan et al.): a sum of squares less the squared sum would lose the
+    digits of a feature whose mean is large against its spread."""
+    if len(x):
+        var, mean = (t.double() for t in torch.var_mean(x, dim=0, correction=0))
+    else:
+        var = mean = x.new_zeros(x.shape[1], dtype=torch.float64)
+    whole_mean = all_reduce_sum(mean * len(x)) / n
+    squares = all_reduce_sum(var * len(x) + len(x) * (mean - whole_mean) ** 2)
+    return whole_mean.float(), (squares / (n - 1)).sqrt().float()
+
+
+def _shard_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                    idx: torch.Tensor) -> None:
+    """Gradients of the mean loss over the minibatch ``idx`` (positions in the whole set), on every rank: this
+    rank's part summed, over the whole minibatch's size, then all-reduced (a rank holding none of it adds zero)."""
+    local, _ = locate(rows, idx)
+    (F.cross_entropy(model(x[local]), y[local], reduction="sum") / len(idx)).backward()
+    for p in model.parameters():
+        all_reduce_sum(p.grad)
 
 
 class _Standardise(nn.Module):
@@ -423,7 +459,14 @@ class EvalJob:
     def batch(self) -> int:  # feature extraction batch
         return min(self.cfg.fc_batch_size, 512)
 
+    def train_shard(self, backbone: nn.Module) -> FeatureShard:
+        """This rank's rows of the training features (all of them in one process), of the label subset if any."""
+        shard = extract_shard(backbone, self.train, self.device, self.batch, self.cfg.workers, "train features",
+                              self.dist.is_main)
+        return shard if self.train_indices is None else shard.select(self.train_indices)
+
     def train_features(self, backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole training features on every rank, for a protocol that cannot take shards."""
         x, y = extract_features(backbone, self.train, self.device, self.batch, self.cfg.workers, "train features",
                                 self.dist.is_main)
         if self.train_indices is None:
@@ -442,8 +485,9 @@ Protocol = Callable[[EvalJob, nn.Module, int, torch.Tensor], tuple[torch.Tensor,
 
 
 def knn_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.Tensor):
-    train_x, train_y = job.train_features(backbone)
-    scores = knn_scores(train_x, train_y, test_x, job.train.num_classes, job.cfg.knn_k, job.cfg.knn_temperature)
+    shard = job.train_shard(backbone)  # test_x: the whole test set on every rank, the train set sharded
+    scores = knn_scores_sharded(shard.feats, shard.labels, test_x, job.train.num_classes, job.cfg.knn_k,
+                                job.cfg.knn_temperature)
     return scores, dict(k=job.cfg.knn_k, temperature=job.cfg.knn_temperature), test_x
 
 
@@ -451,10 +495,10 @@ def linear_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch.T
     cfg = job.cfg
     if cfg.fc_augment:
         return _train_through(job, backbone, dim, test_x, finetune=False)
-    train_x, train_y = job.train_features(backbone)
-    head = fit_linear_on_features(train_x, train_y, job.train.num_classes, cfg.fc_epochs, cfg.fc_batch_size,
+    shard = job.train_shard(backbone)
+    head = fit_linear_on_features(shard.feats, shard.labels, job.train.num_classes, cfg.fc_epochs, cfg.fc_batch_size,
                                   cfg.fc_lr, cfg.fc_weight_decay, cfg.fc_momentum, cfg.fc_optimizer,
-                                  cfg.fc_scheduler, cfg.seed, job.dist.is_main)
+                                  cfg.fc_scheduler, cfg.seed, job.dist.is_main, rows=shard.rows)
     with torch.no_grad():
         scores = head(test_x)
     return scores, dict(path="cached features", **job.fc_settings()), test_x
@@ -481,7 +525,7 @@ def logistic_protocol(job: EvalJob, backbone: nn.Module, dim: int, test_x: torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    train_x, train_y = job.train_features(backbone)
+    train_x, train_y = job.train_features(backbone)  # scikit-learn fits in one process: the whole set on every rank
     scaler = StandardScaler().fit(train_x.double().cpu().numpy())
     clf = LogisticRegression(solver="lbfgs", C=1.0, max_iter=job.cfg.logistic_max_iter, random_state=job.cfg.seed)
     clf.fit(scaler.transform(train_x.double().cpu().numpy()), train_y.cpu().numpy())

@@ -171,3 +171,16 @@ def test_decode_on_gpu_needs_files_and_faster_version_is_exclusive(tmp_path, cap
                  f"--results_dir={tmp_path}", "--device=cpu"]) == 2
     assert "pick one" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_resumed_hybrid_run_ends_with_the_weights_of_the_uninterrupted_one(jpeg_folder, tmp_path):
+    from engine.checkpoint import load_checkpoint
+
+    common = TINY_FOLDER + [f"--data={jpeg_folder}", "--epochs=2", "--workers=0", "--input_pipeline=hybrid",
+                            "--clr=simclr"]
+    assert main(common + [f"--log_dir={tmp_path / 'straight'}"]) == 0
+    assert main(common + [f"--log_dir={tmp_path / 'cut'}", "--stop_after_epoch=1"]) == 0
+    assert main([f"--log_dir={tmp_path / 'cut'}", "--train_from=latest", "--workers=2"]) == 0  # other workers
+    a = load_checkpoint(str(tmp_path / "straight" / "checkpoint_0002.pth.tar"))["model"]
+    b = load_checkpoint(str(tmp_path / "cut" / "checkpoint_0002.pth.tar"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
