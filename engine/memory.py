@@ -6,6 +6,7 @@ memory, no compute) under ``saved_tensors_hooks`` and the tensors it saves are a
 Checked against real tensors on the CPU (the difference between batches of 4 and 2): ResNet-50 at 224 px 86.3
 vs 85.9 MB an image, ResNet-18 at 224 px 22.3 vs 22.2, ResNet-18 at 32 px (CIFAR stem) 4.8 vs 4.7. Under bf16
 autocast the same measurement gave 0.51 (ResNet-50) and 0.54 (ResNet-18) of the fp32 figure: ``HALF`` below.
+``benchmarks/memory_estimate.py`` repeats the comparison.
 """
 from __future__ import annotations
 
