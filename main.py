@@ -576,7 +576,9 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         raise UserError(f"--keep_checkpoints must not be negative (0 keeps every checkpoint), got "
                         f"{cfg.keep_checkpoints}")
     m = cfg.milestone_every_n_epochs
-    if m is not None and (m < 0 or (m and m % cfg.save_every_n_epochs)):
+    if m is not None and m < 0:
+        raise UserError(f"--milestone_every_n_epochs must not be negative (0: no milestones), got {m}")
+    if m and m % cfg.save_every_n_epochs:
         raise UserError(f"--milestone_every_n_epochs {m} is not a multiple of --save_every_n_epochs "
                         f"{cfg.save_every_n_epochs}, so no checkpoint would be written at its epochs; pass a multiple "
                         "(or 0: no milestones)")
@@ -644,6 +646,8 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
         for key, value in saved.items():
             if hasattr(cfg, key) and key not in explicit and key not in PER_INVOCATION_KEYS:
                 setattr(cfg, key, value)
+        if "keep_checkpoints" not in saved and "keep_checkpoints" not in explicit:
+            cfg.keep_checkpoints = 0  # a run from before retention existed keeps every checkpoint, as it did
 
     if cfg.train_mode == "ssl":
         cfg.train_mode = "pretrain"
@@ -741,8 +745,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--train_mode=summary needs --checkpoint_dir: a run directory or results/")
             print_summary(cfg.checkpoint_dir)
         else:
-            run_dir, finished = pretrain(cfg, resume, resume_path)
-            if cfg.final_eval and (finished or resume is not None):
+            resumed, held = resume is not None, [resume]
+            del resume  # pretrain holds the only reference and drops it once restored: the file is mapped, not read
+            run_dir, finished = pretrain(cfg, held.pop(), resume_path)
+            if cfg.final_eval and (finished or resumed):
                 final_evaluations(cfg, run_dir, only_missing=not finished)
     except UserError as err:
         return report_error(worker_message(str(err)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from data.augment import ViewSpec
+from data.augment import ViewSpec, gaussian_blur
 
 GRAY = (0.2989, 0.587, 0.114)  # the luma weights of torchvision's rgb_to_grayscale
 # On the CPU a batch is augmented in chunks of about this many values per float tensor (1.5 MB), so that
@@ -261,24 +261,6 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
         y = torch.baddbmm(offset, mats[:, s], y).clamp_(0, 1)
     # x + 0 * (y - x) is x exactly, where the matrices' identity and a zero hue shift are only close to it
     return y.sub_(flat).mul_(apply.to(x.dtype).view(n, 1, 1)).add_(flat).view(n, c, height, width)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (reflect padding, as torchvision)."""
-    n, c, h, w = x.shape
-    half = (kernel - 1) / 2
-    t = torch.linspace(-half, half, kernel, device=x.device)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None]) ** 2)
-    k = k / k.sum(dim=1, keepdim=True)  # (n, kernel)
-    identity = torch.zeros_like(k)
-    identity[:, kernel // 2] = 1.0
-    k = torch.where(apply[:, None], k, identity)
-    weight = k.repeat_interleave(c, dim=0)  # (n*c, kernel)
-    pad = kernel // 2
-    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    y = F.conv2d(y, weight.view(n * c, 1, 1, kernel), groups=n * c)
-    y = F.conv2d(y, weight.view(n * c, 1, kernel, 1), groups=n * c)
-    return y.view(n, c, h, w)
 
 
 class DeviceLoader:

@@ -3,9 +3,9 @@ what must happen per file, the training device does the rest in batches.
 
 * Workers draw every parameter of an item's views from its own generator seeded by (seed, epoch, index), with
   the rules of ``data.batched_augment`` (torchvision's crop sampling, jitter factors and order, grayscale, blur
-  sigma, solarize), then read and decode the file, take the random resized crop and the flip with PIL (as the
-  standard pipeline does) and return uint8 crops and the parameters: 3 x 224 x 224 bytes a view instead of the
-  standard pipeline's float32 (4x), and no colour work on the CPU.
+  sigma, solarize), then read and decode the file, take the random resized crop and the flip with PIL
+  (antialiased bilinear, as torchvision's resize of a uint8 image) and return uint8 crops and the parameters:
+  3 x 224 x 224 bytes a view instead of the standard pipeline's float32 (4x), and no colour work on the CPU.
 * With ``--decode_on_gpu`` a worker only reads the file's bytes and its header (for the image size the crop
   needs); the main process decodes the batch with ``torchvision.io.decode_jpeg`` on the training device (on the
   CPU when there is no GPU) and crops there. A file that is not a JPEG is decoded by PIL in the worker; a JPEG
@@ -42,8 +42,9 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 def crop_pil(image, box: torch.Tensor, flip: bool, size: int) -> torch.Tensor:
-    """The standard pipeline's crop of a PIL image (crop, then bilinear antialiased resize, then flip) as a uint8
-    CHW tensor."""
+    """The random resized crop of a PIL image (crop, then antialiased bilinear resize, then flip) as a uint8 CHW
+    tensor. PIL's resize, where the standard pipeline resizes the uint8 tensor with torchvision
+    (tests/test_hybrid.py compares the views of the two)."""
     from PIL import Image
 
     top, left, h, w = (int(v) for v in box.tolist())
@@ -66,10 +67,10 @@ class HybridItems(Dataset):
     index). ``base`` is an ``(image, label)`` dataset; with ``encoded`` it must be an image folder (``samples``)."""
 
     def __init__(self, base: Dataset, views: list[BatchedViews], seed: int, encoded: bool = False,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, samples: list | None = None) -> None:
         self.base, self.views, self.seed, self.encoded, self.skip = base, views, seed, encoded, skip_bad_images
         self.size = views[0].size
-        self.samples = getattr(base, "samples", None)
+        self.samples = samples if samples is not None else getattr(base, "samples", None)  # (path, label) per item
         if encoded and self.samples is None:
             raise UserError("--decode_on_gpu decodes image files, and this dataset is held in memory; drop "
                             "--decode_on_gpu")
@@ -90,9 +91,9 @@ class HybridItems(Dataset):
                 try:
                     width, height = _header_size(data)
                     p = self.params(epoch, i, height, width)
-                    return ENCODED, torch.frombuffer(bytearray(data), dtype=torch.uint8), _packed(p), i
-                except OSError:
-                    pass  # a header PIL cannot parse: decode_jpeg could not either; read it fully below
+                    return ENCODED, data, _packed(p), i
+                except HEADER_ERRORS:
+                    pass  # a header PIL cannot parse: decode_jpeg could not either; read_image below names it
         crops, p = self.cropped(epoch, i)
         return CROPPED, crops, _packed(p), i
 
@@ -140,6 +141,15 @@ class HybridItems(Dataset):
         raise UserError("no image of the dataset can be read")
 
 
+def _header_errors() -> tuple:
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError  # read_image's
+
+
+HEADER_ERRORS = _header_errors()
+
+
 def _header_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
@@ -153,7 +163,9 @@ def _packed(params: list[ViewParams]) -> torch.Tensor:
 
 def collate(items: list) -> dict:
     """A batch of HybridItems' items: the crops (V, B, 3, S, S) (zeros where the item is encoded), the encoded files
-    as a list, the parameters (V, B, 18) and the indices."""
+    as one byte buffer and their end offsets (one tensor a batch: a tensor per file would hold a file descriptor
+    per file between a worker and the main process, past the usual limit of 1,024 at ImageNet batch sizes), the
+    parameters (V, B, 18) and the indices."""
     kinds = torch.tensor([kind for kind, *_ in items])
     params = torch.stack([p for _, _, p, _ in items], dim=1)
     index = torch.tensor([i for *_, i in items])
@@ -163,8 +175,10 @@ def collate(items: list) -> dict:
         v, c, s, _ = cropped[0].shape
         crops = torch.zeros((v, len(items), c, s, s), dtype=torch.uint8)
         crops[:, kinds == CROPPED] = torch.stack(cropped, dim=1)
-    return {"kind": kinds, "crops": crops, "files": [x for kind, x, _, _ in items if kind == ENCODED],
-            "params": params, "index": index}
+    files = [x for kind, x, _, _ in items if kind == ENCODED]
+    return {"kind": kinds, "crops": crops, "files": torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+            if files else None, "ends": torch.tensor([len(f) for f in files]).cumsum(0), "params": params,
+            "index": index}
 
 
 class HybridLoader:
@@ -190,7 +204,7 @@ class HybridLoader:
             crops = batch["crops"].to(dev, non_blocking=True).float().div_(255)  # (V, B, 3, S, S)
         else:
             crops = torch.empty((len(self.views), len(index), 3, self.items.size, self.items.size), device=dev)
-        if batch["files"]:
+        if batch["files"] is not None:
             self._decode_into(crops, batch)
         views = [view.colour_crops(crops[v], ViewParams.unpack(params[v])) for v, view in enumerate(self.views)]
         return views, index.to(dev, non_blocking=True)
@@ -198,7 +212,9 @@ class HybridLoader:
     def _decode_into(self, crops: torch.Tensor, batch: dict) -> None:
         """Decodes the batch's JPEGs on the device and writes their crops into ``crops``."""
         rows = (batch["kind"] == ENCODED).nonzero()[:, 0].tolist()
-        images = self._decode(batch["files"], [int(batch["index"][r]) for r in rows])
+        ends = batch["ends"].tolist()
+        files = [batch["files"][start:end] for start, end in zip([0] + ends[:-1], ends)]
+        images = self._decode(files, [int(batch["index"][r]) for r in rows])
         params = batch["params"]  # on the host: the boxes are read per image
         for r, (decoded, image) in zip(rows, images):
             if decoded:

@@ -138,12 +138,25 @@ class BackgroundWriter:
         while True:
             job = self.jobs.get()
             try:
+                if job is None:  # close()
+                    return
                 if self.failure is None:
                     job()
             except BaseException as err:  # noqa: BLE001 - reported on the run's next step
                 self.failure = err
             finally:
+                del job  # a write job holds a host copy of the whole state
                 self.jobs.task_done()
+
+    def close(self) -> None:
+        """Waits for the jobs given so far (raising a failure not handed over yet) and ends the thread."""
+        try:
+            self.wait()
+        finally:
+            if self.thread is not None:
+                self.jobs.put(None)
+                self.thread.join()
+                self.thread = None
 
     def take_failure(self) -> BaseException | None:
         """The failure of a job that has run, once; does not wait for the jobs in flight."""
@@ -246,9 +259,9 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     then load with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
 
     The tensors are mapped from the file (``mmap=True``, copy-on-write: writing to them never reaches the file)
-    rather than read into memory: restoring copies them into the model once, and the ranks of a node that map
-    one file share the page cache. ``verify=False`` skips the checksum, which reads the whole file: for the
-    ranks of a resume other than rank 0, which verifies for all of them."""
+    rather than read into memory: restoring copies them into the model and the optimizer once (:func:`restore`),
+    and the ranks of a node that map one file share the page cache. ``verify=False`` skips the checksum, which
+    reads the whole file: for the ranks of a resume other than rank 0, which verifies for all of them."""
     sidecar = path + ".sha256"
     if verify and os.path.isfile(sidecar):
         with open(sidecar) as f:
@@ -352,7 +365,7 @@ def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Op
     except RuntimeError as err:
         raise UserError(f"{path} does not match this model ({str(err).splitlines()[0]}); "
                         "resume with the run's own --model/--clr/head flags") from err
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(to_host(state["optimizer"]))  # copies: the loaded tensors map the file
     scaler.load_state_dict(state["scaler"])
     epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
     if batch:  # a mid-epoch position only means something to the same loader, batch and number of processes

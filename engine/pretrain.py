@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.provenance import provenance
-from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                get_world_size, init_distributed, on_main_only, shared_outcome)
+from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
+                                init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, hold_out, load_split
@@ -50,6 +50,14 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     """Run (or continue) pretraining; returns the run directory and whether this call trained up to --epochs
     (then ``--final_eval`` follows). Raises ``Preempted`` after saving the exact position when SIGTERM or
     SIGUSR1 arrives."""
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)
+    if resume is not None:  # each rank chose the checkpoint on its own: they must have chosen the same
+        chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
+        if len(set(chosen)) > 1:  # e.g. rank 0 found the newest corrupt (only it reads the checksums) and moved it
+            raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
+                            "every node sees the same run directory, then resume again (a corrupt newest checkpoint "
+                            "has been moved aside by rank 0)")
     saved_steps = (resume or {}).get("scheduler", {}).get("steps_per_epoch")
     if cfg.iters and saved_steps:  # a resumed --iters run: its epochs as the (possibly new) --iters makes them
         cfg.epochs = math.ceil(cfg.iters / saved_steps)
@@ -58,17 +66,6 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
             raise UserError(f"{resume_path} ends epoch {done} cut at step {resume['global_step']} by the old --iters; "
                             "a cut epoch cannot be continued: start a new run from it with --from_pretrained")
     last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
-    device = pick_device(cfg.device)
-    dist = init_distributed(device.type)
-    if resume is not None:
-        first = broadcast_object(resume_path)
-        if resume_path != first and os.path.isfile(first):  # rank 0 verified the checksum the others skipped
-            resume_path, resume = first, ckpt_io.load_checkpoint(first, verify=False)
-        # each rank chose the checkpoint on its own: they must have chosen the same
-        chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
-        if len(set(chosen)) > 1:
-            raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
-                            "every node sees the same run directory, then resume again")
     if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
         if dist.is_main:
             print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
@@ -108,12 +105,13 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                                                          steps_per_epoch, dist.world_size, vars(cfg))
     model = wrap_model(method, cfg, dist, device)
 
-    with RunClaim(cfg, dist, resuming=resume is not None, resume_path=resume_path) as claim:
+    resuming = resume is not None
+    with RunClaim(cfg, dist, resuming=resuming, resume_path=resume_path) as claim:
         run_dir = claim.dir
         run = RunFiles(cfg, dist, claim, schedule.record(), epoch_setters)
         def open_run() -> None:
             write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
-            run.open_logs(purge_step=step + 1 if resume else None, resume_epoch=start_epoch if resume else None)
+            run.open_logs(purge_step=step + 1 if resuming else None, resume_epoch=start_epoch if resuming else None)
             print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
 
         shared_outcome(on_main_only(open_run) if dist.is_main else None)
@@ -129,6 +127,7 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                               seed=cfg.seed, rank=dist.rank, accu_iter=cfg.accu_iter,
                               save_failure=run.writes.take_failure)
             meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
+            resume = None  # restored: the last reference to the mapped checkpoint, which retention may delete
             try:
                 for epoch in range(start_epoch, last_epoch):
                     for target in epoch_setters:
@@ -400,6 +399,8 @@ class _StepCheck:
             self.ready.synchronize()
         bad, stop, save, runaway, growth, failed = self.counts.tolist()
         self.save_failed = failed > 0
+        if self.save_failed:  # the caller raises the write's error first: it is what the user must fix
+            return stop > 0, save > 0
         where = f"resume from {last_ckpt} " if last_ckpt else ""
         if runaway:
             raise UserError(runaway_message(growth / get_world_size(), not self.weights_finite(),
@@ -631,11 +632,11 @@ class RunFiles:
         if quiet:
             if self.dist.is_main:
                 try:
-                    self.writes.wait()
+                    self.writes.close()
                 except BaseException as err:  # noqa: BLE001 - the run's own error is the one to raise
                     print(f"warning: the last checkpoint write failed too: {err}", file=sys.stderr)
             return
-        shared_outcome(on_main_only(self.writes.wait) if self.dist.is_main else None)
+        shared_outcome(on_main_only(self.writes.close) if self.dist.is_main else None)
 
     def close(self, message: str) -> None:
         if self.writer is not None:

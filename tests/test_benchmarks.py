@@ -93,11 +93,11 @@ def test_gpu_check_reports_a_failed_part_and_runs_the_rest(monkeypatch, tmp_path
 
 
 def test_a_hybrid_worker_feeds_at_least_five_times_the_views_of_the_standard_one(tmp_path):
-    """Issue 16's target, on real JPEGs of ImageNet's size, one core each (measured 24.8x on the CPU machine)."""
+    """Issue 16's target, on real JPEGs of ImageNet's size, one core each (measured 20.3x on the idle CPU machine)."""
     pytest.importorskip("sklearn")
     from benchmarks.input_pipeline import imagenet_sized_folder, measure
 
-    rows = {r["path"]: r["views_s"] for r in measure(imagenet_sized_folder(str(tmp_path), 8), 0.5, "cpu")}
+    rows = {r["path"]: r["views_s"] for r in measure(imagenet_sized_folder(str(tmp_path), 8), 0.3, "cpu")}
     before = rows["standard, 2-D blur (before)"]
     assert rows["hybrid worker (decode, crop, flip)"] >= 5 * before, rows
     assert rows["decode_on_gpu worker (bytes, header)"] > rows["hybrid worker (decode, crop, flip)"], rows

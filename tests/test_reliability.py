@@ -443,13 +443,13 @@ def test_epoch_end_pruning_keeps_the_newest_and_the_milestones_and_nothing_after
 
 def test_retention_keeps_exactly_what_it_says_across_a_resume(tmp_path):
     run = tmp_path / "run"
-    keep = ["--keep_checkpoints=2", "--milestone_every_n_epochs=3"]
-    assert main(TINY + ["--clr=simclr", "--epochs=6", "--stop_after_epoch=4", f"--log_dir={run}"] + keep) == 0
-    assert sorted(all_checkpoints(str(run))) == [(3, 0), (4, 0)]  # 1, 2 pruned; 3 a milestone and among the newest
+    keep = ["--keep_checkpoints=1", "--milestone_every_n_epochs=2"]
+    assert main(TINY + ["--clr=simclr", "--epochs=5", "--stop_after_epoch=3", f"--log_dir={run}"] + keep) == 0
+    assert sorted(all_checkpoints(str(run))) == [(2, 0), (3, 0)]  # 1 pruned; 2 a milestone, 3 the newest
     assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # the retention settings come from the run
-    assert sorted(all_checkpoints(str(run))) == [(3, 0), (5, 0), (6, 0)]
+    assert sorted(all_checkpoints(str(run))) == [(2, 0), (4, 0), (5, 0)]  # 3 pruned, 4 a milestone
     assert sorted(f for f in os.listdir(run) if f.endswith(".sha256")) == [
-        f"checkpoint_{e:04d}.pth.tar.sha256" for e in (3, 5, 6)]
+        f"checkpoint_{e:04d}.pth.tar.sha256" for e in (2, 4, 5)]
 
 
 def test_a_failed_background_write_stops_the_run_on_the_next_step_with_one_line(tmp_path, monkeypatch, capsys):
@@ -490,3 +490,16 @@ def test_a_checkpoint_is_mapped_not_read_and_its_tensors_never_write_back(two_ep
         if value.is_floating_point():
             value.add_(1.0)  # copy-on-write: a resumed optimizer's in-place updates stay in memory
     assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+
+
+def test_a_run_from_before_retention_keeps_every_checkpoint_when_resumed(two_epochs, tmp_path):
+    import engine.checkpoint as ckpt
+
+    run = _copy(two_epochs, tmp_path / "run")
+    for epoch in (1, 2):  # as this tool wrote them before --keep_checkpoints existed
+        path = str(run / f"checkpoint_{epoch:04d}.pth.tar")
+        state = torch.load(path, weights_only=True)
+        del state["args"]["keep_checkpoints"], state["args"]["milestone_every_n_epochs"]
+        ckpt.atomic_save(state, path)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=5"]) == 0
+    assert sorted(all_checkpoints(str(run))) == [(e, 0) for e in range(1, 6)]  # the default would keep 3, 4, 5
