@@ -10,6 +10,7 @@ autocast the same measurement gave 0.51 (ResNet-50) and 0.54 (ResNet-18) of the 
 """
 from __future__ import annotations
 
+import functools
 import os
 from argparse import Namespace
 
@@ -45,13 +46,23 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@functools.lru_cache(maxsize=64)
+def backbone_activation_bytes(arch: str, cifar_stem: bool, width: float, image_size: int) -> int:
+    """``activation_bytes`` of a backbone, once per process for each shape (runs in one process repeat it)."""
+    from models.backbones import build_backbone
+
+    with torch.device("meta"):
+        backbone, _ = build_backbone(arch, cifar_stem, width)
+    return activation_bytes(backbone, image_size)
+
+
 def step_estimate(cfg: Namespace, num_data: int, image_size: int, cifar_stem: bool, world_size: int) -> dict:
     """Activations of one micro-batch and the state (weights, gradients, optimizer, buffers) of the method."""
     from models import build_method
 
     with torch.device("meta"):
         method = build_method(cfg, num_data=num_data, cifar_stem=cifar_stem)
-    per_image = activation_bytes(method.backbone, image_size)
+    per_image = backbone_activation_bytes(cfg.arch, cifar_stem, cfg.width_multiplier, image_size)
     if cfg.precision in ("bf16", "fp16"):
         per_image = int(per_image * HALF)
     micro = cfg.batch_size // world_size // cfg.accu_iter
