@@ -15,7 +15,7 @@ import sys
 import torch
 import yaml
 
-from common.distributed import cleanup
+from common.distributed import cleanup, launched_rank
 from common import provenance
 from common.errors import EXIT_PREEMPTED, Preempted, UserError, worker_message
 from data.datasets import DATASETS
@@ -340,7 +340,7 @@ def map_seed_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
             raise UserError(f"--loss insd is --insdis_loss softmax, not {cfg.insdis_loss}; pass one of them")
         cfg.insdis_loss = "softmax"
     map_meta_spellings(cfg, explicit)
-    if (cfg.cudaenv is not None or cfg.gpus is not None) and os.environ.get("RANK", "0") == "0":
+    if (cfg.cudaenv is not None or cfg.gpus is not None) and launched_rank() == 0:
         print("note: --cudaenv/--gpus are accepted for seed 001's commands and not used: choose devices with "
               "CUDA_VISIBLE_DEVICES and run several with torchrun --nproc_per_node", file=sys.stderr)
 
@@ -350,7 +350,7 @@ def run_id_dir(cfg: argparse.Namespace) -> None:
     if cfg.run_id is None:
         return
     if cfg.train_mode == "eval":
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print("note: --run_id names pretraining runs; an evaluation writes into its run's eval/ directory",
                   file=sys.stderr)
         return
@@ -397,7 +397,7 @@ def map_meta_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
             raise UserError(f"in eval mode --lr is the classifier's rate (--fc_lr); --lr {cfg.lr:g} and --fc_lr "
                             f"{cfg.fc_lr:g} disagree: pass one of them")
         cfg.fc_lr = cfg.lr
-    if evaluating and {"eval_every_n_steps", "log_every_n_steps"} & explicit and os.environ.get("RANK", "0") == "0":
+    if evaluating and {"eval_every_n_steps", "log_every_n_steps"} & explicit and launched_rank() == 0:
         print("note: --eval_freq/--log_freq pace pretraining; an evaluation reports its test accuracy once the "
               "classifier is trained", file=sys.stderr)
     if evaluating:  # --iters on an evaluation's command line is the classifier's length; a run's is not
@@ -406,7 +406,7 @@ def map_meta_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:
                             "them")
         cfg.fc_iters = cfg.iters if "iters" in explicit else None
         cfg.iters = None
-    if cfg.dist_address is not None and os.environ.get("RANK", "0") == "0":
+    if cfg.dist_address is not None and launched_rank() == 0:
         print("note: --dist_address is accepted for seed 002's commands and not used: torchrun sets the address "
               "(--rdzv_endpoint, or MASTER_ADDR/MASTER_PORT)", file=sys.stderr)
 
@@ -493,12 +493,12 @@ def map_sthalles_config(values: dict, path: str) -> dict:
         elif target == "from_pretrained":
             if value and os.path.exists(str(value)):
                 out[target] = str(value)
-            elif value and os.environ.get("RANK", "0") == "0":
+            elif value and launched_rank() == 0:
                 print(f"warning: {path}: fine_tune_from {value!r} names no run or checkpoint here; training from "
                       "scratch, as sthalles/SimCLR does (--from_pretrained PATH is the strict form)", file=sys.stderr)
         else:
             out[target] = value
-    if ignored and os.environ.get("RANK", "0") == "0":
+    if ignored and launched_rank() == 0:
         print(f"warning: {path}: {', '.join(ignored)} mean nothing here and are ignored", file=sys.stderr)
     return out
 
@@ -628,7 +628,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
             raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
         if not os.path.isdir(cfg.log_dir):
             raise UserError(f"--log_dir {cfg.log_dir} does not exist; pass the run directory to resume")
-        verify = int(os.environ.get("RANK", "0")) == 0  # rank 0 reads the file for its checksum; the others map it
+        verify = launched_rank() == 0  # rank 0 reads the file for its checksum; the others map it
         if cfg.train_from == "latest":
             resume_path, resume = load_latest(cfg.log_dir, verify)
         else:
@@ -696,7 +696,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
     if epoch < cfg.epochs:  # the run has not reached --epochs (--stop_after_epoch)
         return
     mark = os.path.join(run_dir, PREEMPTED_MARK)
-    if os.path.exists(mark) and os.environ.get("RANK", "0") == "0":
+    if os.path.exists(mark) and launched_rank() == 0:
         os.remove(mark)  # this invocation continues what the mark stood for
     lines = []
     for protocol in cfg.final_eval:
@@ -711,7 +711,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
         try:
             record = evaluate(ev)[-1]
         except Preempted as stop:  # the job script requeues on the mark; the resume finishes this evaluation
-            if os.environ.get("RANK", "0") == "0":
+            if launched_rank() == 0:
                 with open(mark, "w") as f:
                     f.write(f"{stop}\n")
             raise Preempted(f"{str(stop).split('; continue')[0]}; continue with --log_dir {run_dir} "
@@ -725,7 +725,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
             line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
                      "pretraining)")
         lines.append(line)
-    if lines and os.environ.get("RANK", "0") == "0":
+    if lines and launched_rank() == 0:
         print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
 
 
@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(f"CUDA ran out of memory ({first[:160]}); lower --batch_size (it is the global batch, "
                             "split over the GPUs) or use --precision bf16")
     except Preempted as stop:  # every rank stopped at the same step; rank 0 says so
-        if os.environ.get("RANK", "0") == "0":
+        if launched_rank() == 0:
             print(f"preempted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
@@ -773,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_error(message: str) -> int:
     """One line on stderr (prefixed with the rank under torchrun, except rank 0); exit status 2."""
-    rank = os.environ.get("RANK", "0")
-    print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {message}", file=sys.stderr)
+    rank = launched_rank()
+    print(f"{'' if rank == 0 else f'[rank {rank}] '}error: {message}", file=sys.stderr)
     return 2
 
 

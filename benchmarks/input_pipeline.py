@@ -104,13 +104,13 @@ def _measure(folder: str, seconds: float, device: str) -> list[dict]:
     file_batches = [collate([encoded[(0, (b * batch + i) % n)] for i in range(batch)]) for b in range(2)]
     for label, batches, dev in (("hybrid device half", plain_batches, "cpu"),
                                 ("decode_on_gpu device half", file_batches, "cpu")):
-        loader = _loader(hybrid if "hybrid" in label else encoded, dev)
+        loader = HybridLoader(None, hybrid if "hybrid" in label else encoded, torch.device(dev))
         rows.append({"path": f"{label} on the CPU (batches of {batch})", "where": "main process",
                      "views_s": per_second(lambda k: loader.finish(batches[k % 2]), views * batch, seconds)})
     if device == "cuda":
         torch.set_num_threads(os.cpu_count() or 1)
         for label, batches in (("hybrid device half", plain_batches), ("decode_on_gpu device half", file_batches)):
-            loader = _loader(hybrid if "hybrid" in label else encoded, "cuda")
+            loader = HybridLoader(None, hybrid if "hybrid" in label else encoded, torch.device("cuda"))
 
             def step(k, loader=loader, batches=batches):
                 loader.finish(batches[k % 2])
@@ -119,15 +119,6 @@ def _measure(folder: str, seconds: float, device: str) -> list[dict]:
             rows.append({"path": f"{label} on {torch.cuda.get_device_name()} (batches of {batch})",
                          "where": "GPU", "views_s": per_second(step, views * batch, seconds)})
     return rows
-
-
-class _Epoch:
-    epoch = 0
-
-
-def _loader(items: HybridItems, device: str) -> HybridLoader:
-    loader = HybridLoader(type("L", (), {"sampler": _Epoch()})(), items, torch.device(device))
-    return loader
 
 
 def table(rows: list[dict], base: float) -> str:

@@ -48,6 +48,12 @@ def init_distributed(device_kind: str) -> DistInfo:
     return info
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher (torchrun) set it, readable before the process group exists; 0
+    without a launcher."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -99,6 +99,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ker
     return y.view(n, c, h, w)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one item's views in one epoch: the same whichever worker or rank loads it, and at a resume."""
+    state = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(1, np.uint64)[0]
+    return int(state) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class MultiViewDataset(Dataset):
     """Wraps an ``(image, label)`` dataset into ``(list of views, dataset index)`` items."""
 
@@ -118,9 +124,8 @@ class MultiViewDataset(Dataset):
         ``set_epoch`` calls made in the main process."""
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         image, _ = self.base[i]
-        seed = np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1, np.uint64)[0]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.manual_seed(item_seed(self.seed, epoch, i))
             if isinstance(image, torch.Tensor):
                 image = tv_tensors.Image(image)
             views = [t(image) for t in self.transforms]

@@ -142,10 +142,9 @@ class BatchedViews:
         return self._chunked(self.apply, images, p)
 
     def colour_crops(self, crops: torch.Tensor, p: ViewParams) -> torch.Tensor:
-        """The rest of the view for crops already taken (uint8, or float in [0, 1], at ``size``): the device half
-        of the hybrid pipeline, whose workers cropped and flipped with the parameters ``p``."""
-        return self._chunked(lambda x, q: self.colour(x.float().div_(255) if x.dtype == torch.uint8 else x, q),
-                             crops, p)
+        """The rest of the view for crops already taken (float in [0, 1], at ``size``): the device half of the
+        hybrid pipeline, whose workers cropped and flipped with the parameters ``p``."""
+        return self._chunked(self.colour, crops, p)
 
     def _chunked(self, fn, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
         """``fn(images, p)`` in pieces on the CPU: the same parameters, so the same views as in one piece,

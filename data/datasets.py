@@ -10,6 +10,7 @@ plus the facts the pipeline needs (image size, normalisation, classes).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -88,6 +89,14 @@ def _torchvision_set(name: str, folder: str, mean, std, size: int) -> Callable[[
     return load
 
 
+@functools.lru_cache(maxsize=1)
+def image_errors() -> tuple:
+    """What PIL raises for a file it cannot read (PIL imported only when images are read)."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
+
+
 def read_image(path: str):
     """An RGB PIL image, fully decoded here so that a truncated file fails now, naming itself."""
     from PIL import Image
@@ -96,7 +105,7 @@ def read_image(path: str):
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except image_errors() as err:
         raise BadImage(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__});"
                        " replace or remove it, or pass --skip_bad_images") from err
 
@@ -114,16 +123,34 @@ class SkipBadImages(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
-        n = len(self)
-        for j in range(n):
-            try:
-                return self.base[(i + j) % n]
-            except BadImage as err:
-                if not self.warned:
-                    self.warned = True
-                    print(f"warning: skipping unreadable images ({err}); each is replaced by the next readable one",
-                          file=sys.stderr)
-        raise UserError("no image of the dataset can be read")
+        return first_readable(self.base.__getitem__, i, len(self), self)
+
+
+def first_readable(read: Callable[[int], object], i: int, n: int, owner, skip: bool = True):
+    """``read(i)``, or (``skip``) that of the next readable of the ``n`` items: --skip_bad_images' rule, with one
+    warning per process (``owner.warned``) naming the first unreadable file."""
+    for j in range(n if skip else 1):
+        try:
+            return read((i + j) % n)
+        except BadImage as err:
+            if not skip:
+                raise
+            if not owner.warned:
+                owner.warned = True
+                print(f"warning: skipping unreadable images ({err}); each is replaced by the next readable one",
+                      file=sys.stderr)
+    raise UserError("no image of the dataset can be read")
+
+
+def image_files(dataset: Dataset) -> list | None:
+    """(path, label) of each item of an image folder, also through SkipBadImages and a held-out Subset; None
+    for an in-memory dataset."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = image_files(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, SkipBadImages):
+        dataset = dataset.base
+    return getattr(dataset, "samples", None)
 
 
 def _first_readable_size(samples) -> tuple[int, int]:

@@ -20,25 +20,20 @@ the views of the uninterrupted one.
 from __future__ import annotations
 
 import io
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from common.errors import BadImage, UserError
+from data.augment import item_seed
 from data.batched_augment import BatchedViews, ViewParams
-from data.datasets import read_image
+from data.datasets import first_readable, image_errors, image_files, read_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 CROPPED, ENCODED = 0, 1  # what a worker returns for an item: its crops, or the file's bytes
-
-
-def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The item's private stream: the same whichever worker or rank loads it, and at every resume."""
-    state = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def crop_pil(image, box: torch.Tensor, flip: bool, size: int) -> torch.Tensor:
@@ -64,13 +59,13 @@ def crop_tensor(image: torch.Tensor, box: torch.Tensor, flip: bool, size: int) -
 
 class HybridItems(Dataset):
     """Worker side. ``dataset[(epoch, i)]`` -> (kind, crops (V, 3, S, S) uint8 or the file's bytes, params (V, 18),
-    index). ``base`` is an ``(image, label)`` dataset; with ``encoded`` it must be an image folder (``samples``)."""
+    index, epoch). ``base`` is an ``(image, label)`` dataset; with ``encoded`` it must be an image folder."""
 
     def __init__(self, base: Dataset, views: list[BatchedViews], seed: int, encoded: bool = False,
-                 skip_bad_images: bool = False, samples: list | None = None) -> None:
+                 skip_bad_images: bool = False) -> None:
         self.base, self.views, self.seed, self.encoded, self.skip = base, views, seed, encoded, skip_bad_images
         self.size = views[0].size
-        self.samples = samples if samples is not None else getattr(base, "samples", None)  # (path, label) per item
+        self.samples = image_files(base)  # (path, label) per item; None in memory
         if encoded and self.samples is None:
             raise UserError("--decode_on_gpu decodes image files, and this dataset is held in memory; drop "
                             "--decode_on_gpu")
@@ -80,27 +75,22 @@ class HybridItems(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def params(self, epoch: int, i: int, height: int, width: int) -> list[ViewParams]:
-        g = item_generator(self.seed, epoch, i)
+        g = torch.Generator().manual_seed(item_seed(self.seed, epoch, i))
         return [view.sample(1, height, width, g, "cpu") for view in self.views]
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         if self.encoded:
             data = self._file_bytes(i)
-            if data[:3] == JPEG_MAGIC:
-                try:
-                    width, height = _header_size(data)
-                    p = self.params(epoch, i, height, width)
-                    return ENCODED, data, _packed(p), i
-                except HEADER_ERRORS:
-                    pass  # a header PIL cannot parse: decode_jpeg could not either; read_image below names it
+            size = _jpeg_size(data)  # None: not a JPEG, or a header PIL cannot parse (read_image names the file)
+            if size is not None:
+                return ENCODED, data, _packed(self.params(epoch, i, size[1], size[0])), i, epoch
         crops, p = self.cropped(epoch, i)
-        return CROPPED, crops, _packed(p), i
+        return CROPPED, crops, _packed(p), i, epoch
 
-    def cropped(self, epoch: int, i: int, image=None) -> tuple[torch.Tensor, list[ViewParams]]:
-        """Item ``i``'s crops made here (its image decoded by PIL unless given), with the parameters drawn for it."""
-        if image is None:
-            image = self._image(i)
+    def cropped(self, epoch: int, i: int) -> tuple[torch.Tensor, list[ViewParams]]:
+        """Item ``i``'s crops made here (its image decoded by PIL), with the parameters drawn for it."""
+        image = self._image(i)
         if isinstance(image, torch.Tensor):  # an in-memory dataset's uint8 (3, H, W)
             from PIL import Image
 
@@ -110,7 +100,7 @@ class HybridItems(Dataset):
 
     def _image(self, i: int):
         if self.encoded:  # SkipBadImages' rule, over the paths this class reads itself
-            return self.readable(i, lambda j: read_image(self.samples[j][0]))
+            return first_readable(lambda j: read_image(self.samples[j][0]), i, len(self), self, self.skip)
         return self.base[i][0]
 
     def _file_bytes(self, i: int) -> bytes:
@@ -123,38 +113,20 @@ class HybridItems(Dataset):
                 raise BadImage(f"cannot read image {path} ({err.strerror}); replace or remove it, or pass "
                                "--skip_bad_images") from err
 
-        return self.readable(i, read)
-
-    def readable(self, i: int, read):
-        """``read(i)``, or with --skip_bad_images that of the next readable item (one warning per process)."""
-        n = len(self)
-        for j in range(n if self.skip else 1):
-            try:
-                return read((i + j) % n)
-            except BadImage as err:
-                if not self.skip:
-                    raise
-                if not self.warned:
-                    self.warned = True
-                    print(f"warning: skipping unreadable images ({err}); each is replaced by the next readable one",
-                          file=sys.stderr)
-        raise UserError("no image of the dataset can be read")
+        return first_readable(read, i, len(self), self, self.skip)
 
 
-def _header_errors() -> tuple:
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's header (PIL reads only the header), or None."""
     from PIL import Image
 
-    return OSError, ValueError, SyntaxError, Image.DecompressionBombError  # read_image's
-
-
-HEADER_ERRORS = _header_errors()
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only
-        return img.size
+    if data[:3] != JPEG_MAGIC:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except image_errors():
+        return None
 
 
 def _packed(params: list[ViewParams]) -> torch.Tensor:
@@ -162,32 +134,32 @@ def _packed(params: list[ViewParams]) -> torch.Tensor:
 
 
 def collate(items: list) -> dict:
-    """A batch of HybridItems' items: the crops (V, B, 3, S, S) (zeros where the item is encoded), the encoded files
-    as one byte buffer and their end offsets (one tensor a batch: a tensor per file would hold a file descriptor
-    per file between a worker and the main process, past the usual limit of 1,024 at ImageNet batch sizes), the
-    parameters (V, B, 18) and the indices."""
+    """A batch of HybridItems' items: the crops (V, B, 3, S, S) (the rows of encoded items are left for the main
+    process to fill), the encoded files as one byte buffer and their end offsets (one tensor a batch: a tensor
+    per file would hold a file descriptor per file between a worker and the main process, past the usual limit
+    of 1,024 at ImageNet batch sizes), the parameters (V, B, 18), the indices and the epoch."""
     kinds = torch.tensor([kind for kind, *_ in items])
-    params = torch.stack([p for _, _, p, _ in items], dim=1)
-    index = torch.tensor([i for *_, i in items])
-    cropped = [x for kind, x, _, _ in items if kind == CROPPED]
+    params = torch.stack([p for _, _, p, _, _ in items], dim=1)
+    index = torch.tensor([i for _, _, _, i, _ in items])
+    cropped = [(r, x) for r, (kind, x, *_) in enumerate(items) if kind == CROPPED]
     crops = None
     if cropped:
-        v, c, s, _ = cropped[0].shape
-        crops = torch.zeros((v, len(items), c, s, s), dtype=torch.uint8)
-        crops[:, kinds == CROPPED] = torch.stack(cropped, dim=1)
-    files = [x for kind, x, _, _ in items if kind == ENCODED]
-    return {"kind": kinds, "crops": crops, "files": torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8)
+        crops = torch.empty((cropped[0][1].shape[0], len(items), *cropped[0][1].shape[1:]), dtype=torch.uint8)
+        for r, x in cropped:  # written in place: one copy of each crop
+            crops[:, r] = x
+    files = [x for kind, x, *_ in items if kind == ENCODED]
+    return {"kind": kinds, "crops": crops, "files": torch.frombuffer(bytearray().join(files), dtype=torch.uint8)
             if files else None, "ends": torch.tensor([len(f) for f in files]).cumsum(0), "params": params,
-            "index": index}
+            "index": index, "epoch": items[0][4]}
 
 
 class HybridLoader:
-    """Main-process side: iterates the workers' batches and finishes the views on ``device``; yields
-    ``(list of views, dataset indices)`` like the other loaders."""
+    """Main-process side: iterates the workers' batches (``loader``, a DataLoader over ``items`` with
+    :func:`collate`) and finishes the views on ``device``; yields ``(list of views, dataset indices)`` like the
+    other loaders. ``finish`` alone needs no loader (tests, benchmarks)."""
 
     def __init__(self, loader, items: HybridItems, device: torch.device) -> None:
         self.loader, self.items, self.device = loader, items, device
-        self.views = items.views
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -203,10 +175,10 @@ class HybridLoader:
         if batch["crops"] is not None:
             crops = batch["crops"].to(dev, non_blocking=True).float().div_(255)  # (V, B, 3, S, S)
         else:
-            crops = torch.empty((len(self.views), len(index), 3, self.items.size, self.items.size), device=dev)
+            crops = torch.empty((len(self.items.views), len(index), 3, self.items.size, self.items.size), device=dev)
         if batch["files"] is not None:
             self._decode_into(crops, batch)
-        views = [view.colour_crops(crops[v], ViewParams.unpack(params[v])) for v, view in enumerate(self.views)]
+        views = [view.colour_crops(crops[v], ViewParams.unpack(params[v])) for v, view in enumerate(self.items.views)]
         return views, index.to(dev, non_blocking=True)
 
     def _decode_into(self, crops: torch.Tensor, batch: dict) -> None:
@@ -214,36 +186,25 @@ class HybridLoader:
         rows = (batch["kind"] == ENCODED).nonzero()[:, 0].tolist()
         ends = batch["ends"].tolist()
         files = [batch["files"][start:end] for start, end in zip([0] + ends[:-1], ends)]
-        images = self._decode(files, [int(batch["index"][r]) for r in rows])
-        params = batch["params"]  # on the host: the boxes are read per image
+        images = self._decode(files, [int(batch["index"][r]) for r in rows], batch["epoch"])
+        params = [ViewParams.unpack(p) for p in batch["params"]]  # on the host: the boxes are read per image
         for r, (decoded, image) in zip(rows, images):
             if decoded:
-                for v in range(len(self.views)):
-                    box, flip = params[v, r, 0:4], bool(params[v, r, 4] > 0.5)
-                    crops[v, r] = crop_tensor(image, box, flip, self.items.size)
+                for v, p in enumerate(params):
+                    crops[v, r] = crop_tensor(image, p.box[r], bool(p.flip[r]), self.items.size)
             else:  # read by PIL (or replaced): its crops (V, 3, S, S), made with its own parameters
                 crops[:, r] = image.to(crops.device).float().div_(255)
 
-    def _decode(self, files: list[torch.Tensor], indices: list[int]) -> list[tuple[bool, torch.Tensor]]:
+    def _decode(self, files: list[torch.Tensor], indices: list[int], epoch: int) -> list[tuple[bool, torch.Tensor]]:
         """(True, the decoded (3, H, W) image), or (False, the item's crops) where only PIL could read it."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         device = self.device if self.device.type == "cuda" else "cpu"
         try:
             return [(True, image) for image in decode_jpeg(files, mode=ImageReadMode.RGB, device=device)]
-        except RuntimeError:
-            pass
-        out = []  # some file the batched decoder refuses: each alone, then PIL, then the bad-image rule
-        for data, i in zip(files, indices):
-            try:
-                out.append((True, decode_jpeg(data, mode=ImageReadMode.RGB, device=device)))
-            except RuntimeError:
-                out.append((False, self._fallback(i)))
-        return out
+        except RuntimeError:  # some file the batched decoder refuses: each alone, then PIL, then the bad-image rule
+            return [self._decode_one(data, i, epoch, device) for data, i in zip(files, indices)]
 
-    def _fallback(self, i: int) -> torch.Tensor:
-        """Item ``i``'s crops (V, 3, S, S) uint8 from PIL, or those of the next readable item (skip rule).
-        The epoch is the sampler's current one: its batches are the ones being finished."""
-        epoch = self.loader.sampler.epoch
-        crops, _ = self.items.cropped(epoch, i)
-        return crops
+    def _decode_one(self, data: torch.Tensor, i: int, epoch: int, device) -> tuple[bool, torch.Tensor]:
+        try:
+            return True, decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            return False, self.items.cropped(epoch, i)[0]  # PIL, or the next readable item (the skip rule)

@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from common.errors import BadImage, UserError
 from data.augment import EpochSampler, MultiViewDataset, ViewSpec, default_jitter_strength, view_transform
 from data.batched_augment import BatchedViews, DeviceLoader
-from data.datasets import SkipBadImages, Split, read_image
+from data.datasets import Split, read_image
 from data.hybrid import HybridItems, HybridLoader, collate
 
 MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
@@ -60,17 +60,6 @@ def resident_images(split: Split, dataset_name: str, skip_bad_images: bool = Fal
     return torch.stack(images)
 
 
-def image_files(dataset) -> list | None:
-    """(path, label) of each item of an image folder, also through --skip_bad_images' wrapper and a held-out
-    Subset; None for an in-memory dataset."""
-    if isinstance(dataset, Subset):
-        inner = image_files(dataset.dataset)
-        return None if inner is None else [inner[i] for i in dataset.indices]
-    if isinstance(dataset, SkipBadImages):
-        dataset = dataset.base
-    return getattr(dataset, "samples", None)
-
-
 def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: int, *, dataset_name: str = "",
                     rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | None = None,
                     faster: bool = False, jitter_strength: float | None = None, min_crop_scale: float = 0.08,
@@ -93,8 +82,7 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
         return loader, [loader]
     if pipeline == "hybrid" or decode_on_gpu:
         batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
-        dataset = HybridItems(split.dataset, batched, seed, encoded=decode_on_gpu, skip_bad_images=skip_bad_images,
-                              samples=image_files(split.dataset))
+        dataset = HybridItems(split.dataset, batched, seed, encoded=decode_on_gpu, skip_bad_images=skip_bad_images)
     else:
         transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
         dataset = MultiViewDataset(split.dataset, transforms, seed=seed)

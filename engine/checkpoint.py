@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.distributed import DistInfo
+from common.distributed import DistInfo, launched_rank
 from common.errors import UserError
 
 CKPT_RE = re.compile(r"checkpoint_(\d{4,})(?:_step(\d{6,}))?\.pth\.tar$")
@@ -312,7 +312,7 @@ def load_latest(run_dir: str, verify: bool = True) -> tuple[str, dict]:
             return path, load_checkpoint(path, verify)
         except UserError as err:  # renamed aside, so that it is not 'latest' again nor kept by the pruning
             aside = path + ".corrupt"
-            if int(os.environ.get("RANK", "0")) == 0:
+            if launched_rank() == 0:
                 os.replace(path, aside)
             print(f"warning: {os.path.basename(path)} is unusable ({err}); moved to {os.path.basename(aside)}, "
                   "trying the one before", file=sys.stderr)

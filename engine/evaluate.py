@@ -40,7 +40,6 @@ from data.datasets import Split
 from engine import checkpoint as ckpt_io
 from engine.knn import (FeatureShard, Transformed, extract_features, extract_shard, knn_scores_sharded, locate,
                         topk_correct)
-from engine.knn import knn_scores  # noqa: F401 - imported from here by the tests
 from engine.optim import build_optimizer, lr_schedule
 from engine.runlog import new_run_dir, take_back
 from engine.stop import StopRequests
@@ -465,9 +464,9 @@ class EvalJob:
                               self.dist.is_main)
         return shard if self.train_indices is None else shard.select(self.train_indices)
 
-    def train_features(self, backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_features(self, backbone: nn.Module, desc: str = "train features") -> tuple[torch.Tensor, torch.Tensor]:
         """The whole training features on every rank, for a protocol that cannot take shards."""
-        x, y = extract_features(backbone, self.train, self.device, self.batch, self.cfg.workers, "train features",
+        x, y = extract_features(backbone, self.train, self.device, self.batch, self.cfg.workers, desc,
                                 self.dist.is_main)
         if self.train_indices is None:
             return x, y
@@ -550,10 +549,7 @@ class PCAFeatures(nn.Module):
 
 def fit_pca(job: EvalJob, k: int) -> tuple[nn.Module, int]:
     """PCA of the training images' pixels (as the evaluation transform gives them) to ``k`` dimensions."""
-    pixels, _ = extract_features(nn.Flatten(), job.train, job.device, job.batch, job.cfg.workers, "pixels",
-                                 job.dist.is_main)
-    if job.train_indices is not None:
-        pixels = pixels[torch.tensor(job.train_indices, device=pixels.device)]
+    pixels, _ = job.train_features(nn.Flatten(), "pixels")
     k = min(k, pixels.shape[0], pixels.shape[1])
     mean = pixels.mean(dim=0)
     _, _, v = torch.pca_lowrank(pixels - mean, q=k, center=False, niter=4)
@@ -648,10 +644,11 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
     job = EvalJob(cfg, dist, device, train, test, train_indices, out_dir, chosen[0][1] is None, requests, resume)
     cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else train.image_size <= 64
     results = []
+    pca = cfg.checkpoint_dir.lower() == "pca"
     for epoch, path in chosen:
         job.epoch = epoch
         torch.manual_seed(cfg.seed)  # first: the random-init baseline's weights come from this seed
-        if cfg.checkpoint_dir.lower() == "pca":
+        if pca:
             backbone, dim = fit_pca(job, cfg.pca_dim)
         else:
             backbone, dim = load_backbone(path, cfg.arch, cifar_stem, cfg.width_multiplier)
@@ -660,7 +657,6 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
                                           dist.is_main)
         scores, fields, test_x = PROTOCOLS[cfg.transfer_mode](job, backbone, dim, test_x)
         top1, top5 = topk_correct(scores, test_y)
-        pca = cfg.checkpoint_dir.lower() == "pca"
         record = {"mode": cfg.transfer_mode, "dataset": cfg.dataset_name, "checkpoint_epoch": epoch,
                   "checkpoint": path or ("pca" if pca else "random-init"), "arch": f"pca-{dim}" if pca else cfg.arch,
                   "semi_ratio": cfg.semi_ratio,

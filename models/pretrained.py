@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from common.distributed import launched_rank
 from models.backbones import BLOCKS, build_backbone
 from models.heads import projector_from
 
@@ -72,7 +73,7 @@ def foreign_checkpoint(state: dict, path: str) -> dict | None:
         return None
     if arch not in BLOCKS:
         raise ValueError(f"{path} is a {layout} checkpoint of a backbone this tool does not build ({arch})")
-    if path not in _told and os.environ.get("RANK", "0") == "0":
+    if path not in _told and launched_rank() == 0:
         _told.add(path)
         print(f"note: {path} is a {layout} checkpoint: mapped its {arch} backbone ({len(weights)} tensors) onto "
               f"this tool's; {dropped}, optimizer and schedule are not used", file=sys.stderr)

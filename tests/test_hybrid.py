@@ -29,14 +29,8 @@ def _items(folder, encoded, size=SIZE):
     return split, HybridItems(split.dataset, views, seed=3, encoded=encoded)
 
 
-class _Sampler:
-    epoch = 0
-
-
 def _finish(items, keys, device):
-    loader = HybridLoader(None, items, torch.device(device))
-    loader.loader = type("L", (), {"sampler": _Sampler()})()
-    return loader.finish(collate([items[key] for key in keys]))
+    return HybridLoader(None, items, torch.device(device)).finish(collate([items[key] for key in keys]))
 
 
 def reference_view(path, p: ViewParams, kernel: int, uint8: bool, size=SIZE) -> torch.Tensor:
@@ -100,7 +94,7 @@ def test_a_worker_sends_uint8_crops_or_jpeg_bytes_and_views_depend_only_on_seed_
     _, encoded = _items(jpeg_folder, encoded=True)
     png = next(i for i, (path, _) in enumerate(split.dataset.samples) if path.endswith(".png"))
     jpg = next(i for i, (path, _) in enumerate(split.dataset.samples) if path.endswith(".jpg"))
-    kind, crops, params, _ = plain[(0, jpg)]
+    kind, crops, params, _, _ = plain[(0, jpg)]
     assert kind == CROPPED and crops.dtype == torch.uint8 and crops.shape == (2, 3, SIZE, SIZE)
     assert encoded[(0, jpg)][0] == ENCODED and encoded[(0, jpg)][1] == open(split.dataset.samples[jpg][0], "rb").read()
     assert encoded[(0, png)][0] == CROPPED  # not a JPEG: decoded by PIL in the worker
