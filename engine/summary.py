@@ -18,6 +18,7 @@ import yaml
 from common.errors import UserError
 from engine.checkpoint import all_checkpoints
 from engine.pretrain import PREEMPTED_MARK
+from engine.runlog import MetricsLog
 
 
 def find_runs(path: str) -> list[str]:
@@ -39,12 +40,8 @@ def describe_run(run: str) -> dict:
     done = max((e for e, b in ckpts if b == 0), default=0)
     mid = max(((e, b) for e, b in ckpts if b), default=None)
     planned = int(cfg.get("epochs") or 0)
-    loss = None
-    metrics = os.path.join(run, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        with open(metrics) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        loss = lines[-1].get("loss") if lines else None
+    records = MetricsLog(run, resume_epoch=None).read()  # reads only
+    loss = records[-1].get("loss") if records else None
     evals = []
     for record in sorted(glob.glob(os.path.join(run, "eval", "*.json"))):
         with open(record) as f:

@@ -33,15 +33,12 @@ def compare(runs: list[str], layer: str, out: str, data: str | None, seed: int =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import torch
-    import torch.nn.functional as F
     import yaml
-    from sklearn.manifold import TSNE
 
     from data.datasets import load_split
     from engine.checkpoint import list_checkpoints
-    from engine.evaluate import _class_names
+    from engine.evaluate import _class_names, tsne_scatter
     from engine.knn import extract_features
     from models.pretrained import load_pretrained, load_projector
 
@@ -61,18 +58,9 @@ def compare(runs: list[str], layer: str, out: str, data: str | None, seed: int =
         if layer == "projection":
             with torch.no_grad():
                 x = load_projector(run)(x)
-        keep = np.random.default_rng(seed).permutation(len(y))[:max_points]
-        xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, len(keep) / 10)),
-                  random_state=seed).fit_transform(F.normalize(x[keep].float(), dim=1).numpy())
-        labels = y[keep].numpy()
         names = _class_names(test)
-        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-        for c in sorted(set(labels.tolist())):
-            m = labels == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=5, color=cmap(c % cmap.N), label=names[c] if c < len(names) else c)
+        tsne_scatter(ax, x, y, names, seed, max_points, point_size=5)
         ax.set_title(_title(cfg, epoch), fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
     if len(names) <= 20:
         axes[0][-1].legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.suptitle(f"t-SNE of the test {layer} features")
