@@ -5,21 +5,29 @@ plus the facts the pipeline needs (image size, normalisation, classes).
 * cifar10 / cifar100 / stl10: torchvision readers under ``--data`` (``--download`` fetches them);
   STL-10 pretrains on ``train+unlabeled`` (105k images).
 * imagenet: ImageFolder at ``<data>/imagenet/{train,val}``; folder: ImageFolder at ``<data>/{train,test}``.
+  Both walk their folders with :func:`folder_samples` (symbolic-link loops and duplicates refused or counted
+  once), their test split must have the training split's class folders, and a 16-bit image is scaled to 8 bits
+  (:func:`read_image`).
 * digits: scikit-learn's bundled 8x8 digits (no file needed), upscaled to 32x32 RGB, with a fixed
   stratified 80/20 train/test split.
 """
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
+from common.distributed import launched_rank
 from common.errors import BadImage, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -97,6 +105,64 @@ def image_errors() -> tuple:
     return OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
+class RunWarning:
+    """A warning printed once per run (by rank 0), also when the DataLoader workers meet its cause: the flag is
+    in shared memory, made by the main process when it loads a dataset (:func:`load_split`), before it forks
+    workers, which inherit it. Without shared memory (or with workers started by spawn, which do not inherit it)
+    each process warns once. ``reset`` starts a new run in the same process (tests)."""
+
+    def __init__(self) -> None:
+        self.shared, self.local = None, False
+
+    def arm(self) -> None:
+        if self.shared is None:
+            try:
+                self.shared = multiprocessing.Value("b", 0)
+            except (OSError, ImportError):  # no shared memory here: once per process
+                pass
+
+    def reset(self) -> None:
+        self.local = False
+        if self.shared is not None:
+            self.shared.value = 0
+
+    def first(self) -> bool:
+        """True the first time it is asked in the run, False after."""
+        if self.shared is None:
+            first, self.local = not self.local, True
+            return first
+        with self.shared.get_lock():
+            first, self.shared.value = not self.shared.value, 1
+        return bool(first)
+
+    def warn(self, message: str) -> None:
+        if self.first() and launched_rank() == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+SIXTEEN_BIT = RunWarning()  # a 16-bit image scaled to 8 bits
+REPEATS = RunWarning()  # a folder or image reached twice through symbolic links
+
+
+def reset_run_warnings() -> None:
+    """A new run in the same process (tests): the once-a-run warnings may be printed again."""
+    SIXTEEN_BIT.reset()
+    REPEATS.reset()
+
+
+def to_rgb(img, path: str):
+    """An RGB PIL image of ``img``. A 16-bit grayscale image (a 16-bit PNG opens as mode "I;16" or "I") is scaled
+    to 8 bits first (round(v / 257): 65535 -> 255), where PIL's own conversion clips every value above 255 and
+    makes it nearly all white; the first such file of a run is named in one warning."""
+    from PIL import Image
+
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.int64).clip(0, 65535)  # "I" holds int32; "I;16B" big-endian
+        img = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # round half up: no ties occur
+        SIXTEEN_BIT.warn(f"{path} is a 16-bit image; its values are scaled to 8 bits")
+    return img.convert("RGB")
+
+
 def read_image(path: str):
     """An RGB PIL image, fully decoded here so that a truncated file fails now, naming itself."""
     from PIL import Image
@@ -104,7 +170,7 @@ def read_image(path: str):
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img, path)
     except image_errors() as err:
         raise BadImage(f"cannot read image {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__});"
                        " replace or remove it, or pass --skip_bad_images") from err
@@ -165,19 +231,136 @@ def _first_readable_size(samples) -> tuple[int, int]:
     raise UserError(f"no image under {os.path.dirname(os.path.dirname(samples[0][0]))} can be read")
 
 
+def folder_samples(directory: str, class_to_idx: dict[str, int],
+                   extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[tuple[str, int]]:
+    """(path, class index) of every image under ``directory/<class>/``, in torchvision's ImageFolder order, from
+    a walk that follows symbolic links as torchvision's does, but safely (torchvision's follows them blindly: a
+    link ``train/a/loop -> ..`` made 72 files into 2,952 samples):
+
+    * a folder whose real path is one the walk is in (itself or an ancestor), or holds one, is a loop: a
+      ``UserError`` naming the link and where it leads back to;
+    * a folder or image reached a second time within its class (through another link) is counted once (the
+      real folder or file rather than a link to it), with one warning a run naming the first such repeat;
+    * a folder or image reached from two classes (two class folders that are one directory, a link from one
+      class into another) is a ``UserError``: its label would be ambiguous.
+    """
+    root_real = os.path.realpath(directory)
+    folders: dict[str, tuple[str, str]] = {}  # real path -> (the path it was first walked as, its class)
+    images: dict[str, tuple[str, str]] = {}
+    repeats: list[tuple[str, str]] = []  # (path, the path it repeats) within one class
+    samples, available = [], set()
+    for cls in sorted(class_to_idx):
+        top = os.path.join(directory, cls)
+        if not os.path.isdir(top):
+            continue
+        listing: list[tuple[str, str, list[tuple[str, bool]]]] = []  # (folder, its real path, [(file, is link)])
+        _walk(top, os.path.realpath(top), cls, [(directory, root_real)], folders, repeats, listing)
+        found = [(os.path.join(folder, name), os.path.realpath(os.path.join(folder, name)) if link
+                  else os.path.join(real, name), link)
+                 for folder, real, names in sorted(listing)  # torchvision sorts its walk by folder, then files
+                 for name, link in sorted(names) if has_file_allowed_extension(name, extensions)]
+        kept = set()
+        for path, key, link in sorted(found, key=lambda f: f[2]):  # files first, then links to them (stable)
+            if key in images:
+                _repeated(path, *images[key], cls, "image", repeats)
+                continue
+            images[key] = (path, cls)
+            kept.add(path)
+        samples += [(path, class_to_idx[cls]) for path, _, _ in found if path in kept]
+        available.update([cls] if kept else [])
+    empty = sorted(set(class_to_idx) - available)
+    if empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                f"Supported extensions are: {', '.join(extensions)}")
+    if repeats:
+        (path, first), more = repeats[0], len(repeats) - 1
+        REPEATS.warn(f"{path} is {first} again (through a symbolic link); it is counted once"
+                     + (f", as are {more} more such repeat(s) under {directory}" if more else ""))
+    return samples
+
+
+def _walk(path: str, real: str, cls: str, chain: list[tuple[str, str]], folders: dict, repeats: list,
+          listing: list) -> None:
+    """Adds the folder ``path`` (real path ``real``) and the folders below it to ``listing``; ``chain``: the
+    (path, real path) of the folders above it."""
+    for above, above_real in chain:
+        if real == above_real or above_real.startswith(real.rstrip(os.sep) + os.sep):
+            leads_to = above if real == above_real else real
+            raise UserError(f"{path} is a symbolic link back into {leads_to} (a loop); remove it, or point it "
+                            "outside that folder")
+    if real in folders:
+        _repeated(path, *folders[real], cls, "folder", repeats)
+        return
+    folders[real] = (path, cls)
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except OSError:  # an unreadable folder is passed over, as os.walk does
+        return
+    subdirs, files = [], []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()  # follows a link
+        except OSError:
+            is_dir = False
+        (subdirs if is_dir else files).append(entry)
+    listing.append((path, real, [(e.name, e.is_symlink()) for e in files]))
+    for entry in sorted(subdirs, key=lambda e: (e.is_symlink(), e.name)):  # a real folder before a link to it
+        sub_real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+        _walk(entry.path, sub_real, cls, chain + [(path, real)], folders, repeats, listing)
+
+
+def _repeated(path: str, first: str, first_cls: str, cls: str, what: str, repeats: list) -> None:
+    if first_cls != cls:
+        raise UserError(f"{path} and {first} are the same {what} (through a symbolic link), in classes {first_cls} "
+                        f"and {cls}; an image must belong to one class: remove the link")
+    repeats.append((path, first))
+
+
+class LinkSafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose walk is :func:`folder_samples` (no symbolic-link loop, nothing counted
+    twice)."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return folder_samples(str(directory), class_to_idx, extensions or IMG_EXTENSIONS)
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_test_classes(test_classes: list[str], train_path: str, test_path: str) -> None:
+    """The test split's class folders must be the training split's: labels are the index of a folder's name among
+    the sorted names, so a renamed, extra or missing test folder would score against the wrong classes. Nothing
+    to compare when there is no training split there."""
+    try:
+        train_classes, _ = find_classes(train_path)
+    except OSError:  # no (readable) training split: its own load says so
+        return
+    only_train = sorted(set(train_classes) - set(test_classes))
+    only_test = sorted(set(test_classes) - set(train_classes))
+    if only_train or only_test:
+        raise UserError(f"the class folders of {test_path} are not those of {train_path}: only in train: "
+                        f"{_listed(only_train)}; only in test: {_listed(only_test)}; name the test folders as the "
+                        "training ones (a label is a folder name's place among the sorted names)")
+
+
 def _image_folder(subdir: Callable[[str, bool], str], hint: str) -> Callable[[str, bool, bool], Split]:
     def load(root: str, train: bool, download: bool, image_size: int | None = None, **_) -> Split:
-        from torchvision.datasets import ImageFolder
-
         path = subdir(root, train)
         if download:
             raise UserError(f"--download is not available for this dataset; place the images under {path}")
         if not os.path.isdir(path):
             raise UserError(f"no image folder at {path}; {hint}")
         try:
-            ds = ImageFolder(path, loader=read_image)
+            ds = LinkSafeImageFolder(path, loader=read_image)
         except (FileNotFoundError, RuntimeError) as err:
             raise UserError(f"no images found under {path} ({err}); {hint}") from err
+        if not train:
+            check_test_classes(ds.classes, subdir(root, True), path)
         size = image_size
         if size is None:  # square images keep their size (e.g. CIFAR as PNG), others crop to 224
             w, h = _first_readable_size(ds.samples)
@@ -205,10 +388,20 @@ DATASETS: dict[str, Callable[..., Split]] = {
 }
 
 
+FILELESS = ("digits",)  # datasets that read nothing under --data
+
+
+def data_root(name: str, root: str) -> str | None:
+    """The absolute data root dataset ``name`` reads under ``root`` (None for one that reads no file)."""
+    return None if name in FILELESS else os.path.abspath(root)
+
+
 def load_split(name: str, root: str, train: bool, download: bool = False, pretrain: bool = False,
                image_size: int | None = None, skip_bad_images: bool = False) -> Split:
     """One split of dataset ``name``; user-fixable problems raise :class:`UserError`."""
     split = DATASETS[name](root, train, download, pretrain=pretrain, image_size=image_size)
+    if not split.in_memory:
+        SIXTEEN_BIT.arm()  # here, before any DataLoader worker starts: the workers share the warning's flag
     if skip_bad_images and not split.in_memory:
         split.dataset = SkipBadImages(split.dataset)
     if image_size is not None:

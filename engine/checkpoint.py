@@ -1,6 +1,9 @@
-"""Checkpoints, both directions: what one holds (:func:`training_state`), how it is written
-(:func:`atomic_save`), found (:func:`list_checkpoints`, :func:`resolve_checkpoint`), read
-(:func:`load_checkpoint`) and restored into a run (:func:`restore`, :func:`restore_rng`).
+"""The checkpoint manager of a run: what a checkpoint holds (:func:`training_state`), which one a resume takes
+(:func:`resolve_checkpoint`, :func:`load_latest` with its fallback), whether it belongs to the run
+(:func:`check_identity`), retention (:func:`prune_epoch_ends`, :func:`prune_mid_epoch`), background writes
+(:class:`BackgroundWriter`) and restore (:func:`restore`, :func:`restore_rng`). The file format itself (names,
+the verified read, atomic writes with their checksum, backbone extraction, the original repositories' layouts)
+is :mod:`models.checkpoint_file`, the one module that calls ``torch.load``.
 
 One naming scheme: ``checkpoint_{E:04d}.pth.tar`` after E completed epochs, and
 ``checkpoint_{E:04d}_step{k:06d}.pth.tar`` k steps into epoch E + 1 (mid-epoch: a preemption or
@@ -20,46 +23,76 @@ unpickling.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
-import pickle
 import queue
 import random
-import re
-import shutil
 import sys
-import tempfile
 import threading
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from common.distributed import DistInfo, launched_rank
 from common.errors import UserError
+from models import METHODS
+from models.checkpoint_file import (CKPT_RE, UMASK, CheckpointError, all_checkpoints, atomic_save,  # noqa: F401
+                                    checkpoint_name, list_checkpoints, read_checkpoint, read_file,
+                                    remove_checkpoint)
 
-CKPT_RE = re.compile(r"checkpoint_(\d{4,})(?:_step(\d{6,}))?\.pth\.tar$")
-
-
-def checkpoint_name(epoch: int, batch: int = 0) -> str:
-    """``epoch`` epochs completed and ``batch`` steps done of the next one (0: an epoch-end checkpoint)."""
-    return f"checkpoint_{epoch:04d}.pth.tar" if batch == 0 else f"checkpoint_{epoch:04d}_step{batch:06d}.pth.tar"
-
-
-def all_checkpoints(run_dir: str) -> dict[tuple[int, int], str]:
-    """{(epochs completed, steps into the next epoch): path} of every checkpoint in ``run_dir``, in order."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(run_dir), "checkpoint_*.pth.tar")):
-        m = CKPT_RE.search(os.path.basename(path))
-        if m:
-            found[(int(m.group(1)), int(m.group(2) or 0))] = path
-    return dict(sorted(found.items()))
+# Settings that define what a run *is*: a resumed run keeps them, a flag that changes one is an error, and a
+# checkpoint that differs in one is not this run's. Each method adds its own (MethodSpec.identity).
+IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
+                 "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
+                 "width_multiplier", "image_size", "optimizer", "rot_pred_weight")
 
 
-def list_checkpoints(run_dir: str) -> dict[int, str]:
-    """{epoch: path} of the epoch-end checkpoints in ``run_dir`` (what evaluation reads)."""
-    return {epoch: path for (epoch, batch), path in all_checkpoints(run_dir).items() if batch == 0}
+def identity_keys(clr: str) -> tuple[str, ...]:
+    """The settings a resume of a ``clr`` run must not change."""
+    return IDENTITY_KEYS + (METHODS[clr].identity if clr in METHODS else ())
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """A checkpoint read through the one verified reader (:func:`models.checkpoint_file.read_checkpoint`):
+    checksum (``verify``; the ranks of a resume other than rank 0 skip it, rank 0 checks for all), then
+    ``weights_only`` with the tensors mapped from the file (copy-on-write), then the layout checks."""
+    return read_checkpoint(path, verify)
+
+
+def run_identity(run_dir: str) -> dict | None:
+    """The settings a run directory was started with (its config.yaml), or None when it has none."""
+    own = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(own):
+        return None
+    try:
+        with open(own) as f:
+            values = yaml.safe_load(f)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{own} is not valid yaml ({str(err).splitlines()[0]}); restore it from the run's "
+                        "checkpoint (its 'args') or start a new run") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{own} is not a mapping of settings; restore it from the run's checkpoint (its 'args') "
+                        "or start a new run")
+    return values
+
+
+def check_identity(run_dir: str, path: str, saved: dict) -> None:
+    """A checkpoint continues ``run_dir`` only if it is the same kind of run (the identity settings of its
+    config.yaml), wherever the file sits: one from outside the directory, or one placed inside it."""
+    mine = run_identity(run_dir)
+    if mine is None:
+        return
+    inside = os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_dir)
+    for key in identity_keys(mine.get("clr", "")):
+        if key in mine and key in saved and mine[key] != saved[key]:
+            if inside:
+                raise UserError(f"{path} is not a checkpoint of this run: it was trained with --{key}={saved[key]}, "
+                                f"the run with --{key}={mine[key]} (its config.yaml); move that file out of {run_dir}, "
+                                "then resume")
+            raise UserError(f"{path} comes from another kind of run (--{key}={saved[key]}) than {run_dir} "
+                            f"(--{key}={mine[key]}); resume a run from its own checkpoints or start a new one")
 
 
 def prune_mid_epoch(run_dir: str, keep: int, current: tuple[int, int]) -> list[str]:
@@ -173,54 +206,6 @@ class BackgroundWriter:
             raise err
 
 
-def atomic_save(obj, path: str) -> None:
-    """Temp file in the same directory, fsync, rename; then ``<path>.sha256`` with the file's checksum, which
-    every load verifies. The file gets the mode of the run's other files (mkstemp would leave it 0600)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth.tar", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)
-        digest = _sha256(tmp)
-        if os.path.exists(path + ".sha256"):  # a replaced checkpoint's old checksum must not outlive it
-            os.remove(path + ".sha256")
-        os.replace(tmp, path)
-        _write_text_atomically(path + ".sha256", f"{digest}  {os.path.basename(path)}\n")
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = err if isinstance(err, OSError) else err.__context__  # torch.save wraps ENOSPC in a RuntimeError
-        if isinstance(err, (OSError, RuntimeError)) and isinstance(cause, OSError):
-            try:
-                free = f"{shutil.disk_usage(directory).free / 2**20:,.0f} MiB are free there"
-            except OSError:
-                free = "the directory cannot be read"
-            raise UserError(f"could not write checkpoint {path} ({cause.strerror or cause}); it needs about "
-                            f"{_nbytes(obj) / 2**20:,.0f} MiB and {free}: make room, then resume with "
-                            "--train_from latest") from err
-        raise
-
-
-def _nbytes(obj) -> int:
-    """Bytes of the tensors in a nested checkpoint dict."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
-
-
-def remove_checkpoint(path: str) -> None:
-    for p in (path, path + ".sha256"):
-        if os.path.exists(p):
-            os.remove(p)
-
-
 def remove_stale_temp_files(run_dir: str) -> list[str]:
     """Temp files a killed save left behind (the caller holds the run's lock, so none is being written)."""
     stale = [p for pattern in (".tmp_*.pth.tar", ".tmp_checkpoint_*.sha256")
@@ -228,77 +213,6 @@ def remove_stale_temp_files(run_dir: str) -> list[str]:
     for path in stale:
         os.remove(path)
     return stale
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _read_umask()  # read once, at import, before any thread that creates files runs
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    tmp = f"{os.path.dirname(os.path.abspath(path))}/.tmp_{os.path.basename(path)}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, verify: bool = True) -> dict:
-    """Verify the checksum (when the checkpoint has one: those written before checksums existed have none),
-    then load with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
-
-    The tensors are mapped from the file (``mmap=True``, copy-on-write: writing to them never reaches the file)
-    rather than read into memory: restoring copies them into the model and the optimizer once (:func:`restore`),
-    and the ranks of a node that map one file share the page cache. ``verify=False`` skips the checksum, which
-    reads the whole file: for the ranks of a resume other than rank 0, which verifies for all of them."""
-    sidecar = path + ".sha256"
-    if verify and os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            words = f.read().split()
-        expected = words[0] if words else ""
-        if _sha256(path) != expected:
-            raise UserError(f"checkpoint {path} is corrupt: its content does not match the checksum in {sidecar}; "
-                            "resume from an earlier checkpoint")
-    try:
-        state = _load_mapped(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "eights only load failed" in first or "weights_only" in first:
-            first = "it holds objects other than tensors and plain values"
-        first = first[:200]
-        raise UserError(f"cannot load checkpoint {path}: {first}; it is corrupt or was not written by this tool "
-                        "(only weights_only-safe checkpoints are read)") from err
-    if isinstance(state, dict) and not isinstance(state.get("model"), dict):  # FlatCLR's "model" is its arch name
-        from models.pretrained import foreign_checkpoint
-
-        try:
-            state = foreign_checkpoint(state, path) or state
-        except ValueError as err:
-            raise UserError(str(err)) from err
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise UserError(f"{path} is not a checkpoint of this tool (no model state in it); pass one of the run's "
-                        "checkpoint_*.pth.tar files")
-    return state
-
-
-def _load_mapped(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:  # a file of torch's legacy (pre-zip) format cannot be mapped
-        if "mmap" not in str(err):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_latest(run_dir: str, verify: bool = True) -> tuple[str, dict]:
@@ -310,7 +224,7 @@ def load_latest(run_dir: str, verify: bool = True) -> tuple[str, dict]:
     for path in reversed(list(available.values())):
         try:
             return path, load_checkpoint(path, verify)
-        except UserError as err:  # renamed aside, so that it is not 'latest' again nor kept by the pruning
+        except CheckpointError as err:  # renamed aside, so that it is not 'latest' again nor kept by the pruning
             aside = path + ".corrupt"
             if launched_rank() == 0:
                 os.replace(path, aside)
@@ -364,7 +278,7 @@ def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Op
         method.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not match this model ({str(err).splitlines()[0]}); "
-                        "resume with the run's own --model/--clr/head flags") from err
+                        "resume with the run's own --arch/--clr/head flags") from err
     optimizer.load_state_dict(to_host(state["optimizer"]))  # copies: the loaded tensors map the file
     scaler.load_state_dict(state["scaler"])
     epoch, batch = int(state["epoch"]), int(state.get("batch", 0))

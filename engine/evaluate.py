@@ -10,12 +10,18 @@
   run so every checkpoint sees the same images (ImageNet: the standard 1%/10% lists when present).
 
 ``PROTOCOLS`` maps each ``--transfer_mode`` to its function; a new protocol is one function and one entry.
+
+Each result is a json record ``RUN/eval/<mode>[_semi<ratio>]_epoch<N>.json`` naming the data it measured (dataset,
+absolute data root, image counts); an evaluation on other data than the run's own puts a data tag in the names of
+the files it writes, so that one run evaluated on several data sets keeps a record of each (``records_data_tag``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 from argparse import Namespace
 from contextlib import nullcontext
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
+import yaml
 
 from common.device import pick_device
 from common.provenance import provenance
@@ -36,14 +43,15 @@ from common.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_obj
                                 on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data import load_split
-from data.datasets import Split
+from data.datasets import Split, data_root
 from engine import checkpoint as ckpt_io
 from engine.knn import (FeatureShard, Transformed, extract_features, extract_shard, knn_scores_sharded, locate,
                         topk_correct)
 from engine.optim import build_optimizer, lr_schedule
 from engine.runlog import new_run_dir, take_back
 from engine.stop import StopRequests
-from models.backbones import build_backbone
+from models.backbones import build_backbone, cifar_stem_for
+from models.checkpoint_file import backbone_weights
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -301,9 +309,11 @@ def fit_settings(cfg: Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- semi-supervised subsets
-def semi_subset(split: Split, ratio: float, seed: int, data_root: str, dataset_name: str, save_dir: str) -> list[int]:
-    """Class-balanced seeded subset of the training labels, saved as json and reused if present."""
-    path = os.path.join(save_dir, f"semi_{ratio:g}_seed{seed}.json")
+def semi_subset(split: Split, ratio: float, seed: int, data_root: str, dataset_name: str, save_dir: str,
+                data: str | None = None) -> list[int]:
+    """Class-balanced seeded subset of the training labels, saved as json and reused if present; ``data``: the
+    data tag of an evaluation on other data than its run's (``records_data_tag``), whose subset is its own."""
+    path = os.path.join(save_dir, f"semi_{ratio:g}_seed{seed}{'' if data is None else f'_{data}'}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["indices"]
@@ -364,8 +374,11 @@ def tsne_scatter(ax, feats: torch.Tensor, labels: torch.Tensor, class_names: lis
     keep = np.random.default_rng(seed).permutation(feats.shape[0])[:max_points]
     x = F.normalize(feats[keep].float(), dim=1).cpu().numpy()
     y = labels[keep].cpu().numpy()
-    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, len(x) / 10)),
-              random_state=seed).fit_transform(x)
+    if len(x) < 3:  # no neighbourhood to keep: the points as they are, on their first two coordinates
+        xy = np.pad(x, ((0, 0), (0, max(0, 2 - x.shape[1]))))[:, :2]
+    else:  # perplexity must stay below the number of points (a test split of a handful of images)
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, len(x) / 10), len(x) - 1.0),
+                  random_state=seed).fit_transform(x)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for c in sorted(set(y.tolist())):
         m = y == c
@@ -424,20 +437,20 @@ def load_backbone(path: str | None, arch: str, cifar_stem: bool, width: float = 
     if path is None:
         return build_backbone(arch, cifar_stem, width)
     state = ckpt_io.load_checkpoint(path)
-    weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    weights = backbone_weights(state["model"])
     if not weights:
         raise UserError(f"{path} holds no backbone weights; it was not written by this tool's pretraining")
     trained_arch = state.get("arch", arch)
     if trained_arch != arch:
-        raise UserError(f"{path} holds a {trained_arch} backbone, not {arch}; drop --model (or pass "
-                        f"--model {trained_arch})")
+        raise UserError(f"{path} holds a {trained_arch} backbone, not {arch}; drop --arch (or pass "
+                        f"--arch {trained_arch})")
     stem = weights["conv1.weight"].shape[-1] == 3
     backbone, dim = build_backbone(arch, stem, state.get("width_multiplier", 1.0))
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"{path} does not fit a {arch} backbone ({str(err).splitlines()[0]}); "
-                        "pass the --model it was pretrained with") from err
+                        "pass the --arch it was pretrained with") from err
     return backbone, dim
 
 
@@ -580,7 +593,7 @@ def evaluate(cfg: Namespace) -> list[dict]:
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
                       skip_bad_images=skip)
     random_init = chosen[0][1] is None
-    if getattr(cfg, "fc_iters", None):  # MetaContrastive's eval --iters: classifier steps, in whole epochs
+    if cfg.fc_iters:  # classifier steps (MetaContrastive's eval --iters), in whole epochs
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
         bs = min(cfg.fc_batch_size, n)
         steps = max(1, n // bs) if trains_through(cfg) else math.ceil(n / bs)  # the fit's loader drops a remainder
@@ -620,7 +633,9 @@ def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dic
     if not os.path.exists(path):
         raise UserError(f"--train_from latest: there is no interrupted evaluation to continue ({path} does not "
                         "exist); drop --train_from to start it")
-    state = ckpt_io.load_checkpoint(path)
+    state = ckpt_io.read_file(path)
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict) or "model" not in state:
+        raise UserError(f"{path} is not an interrupted evaluation of this tool; delete it to start afresh")
     for key, value in state["settings"].items():
         if getattr(cfg, key, None) != value:
             raise UserError(f"{path} was saved with --{key}={value}, not {getattr(cfg, key, None)}; continue with "
@@ -635,7 +650,7 @@ def trains_through(cfg: Namespace) -> bool:
 
 def partial_path(out_dir: str, cfg: Namespace, epoch: int) -> str:
     """Where a fit of checkpoint ``epoch`` saves its position (removed once its result is written)."""
-    return record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch, PARTIAL)
+    return record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch, PARTIAL, data=records_data_tag(cfg))
 
 
 def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list, train: Split, test: Split,
@@ -648,9 +663,9 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
     train_indices = None
     if cfg.semi_ratio is not None:
         train_indices = broadcast_object(semi_subset(train, cfg.semi_ratio, cfg.seed, cfg.data, cfg.dataset_name,
-                                                     out_dir) if dist.is_main else None)
+                                                     out_dir, records_data_tag(cfg)) if dist.is_main else None)
     job = EvalJob(cfg, dist, device, train, test, train_indices, out_dir, chosen[0][1] is None, requests, resume)
-    cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else train.image_size <= 64
+    cifar_stem = cifar_stem_for(cfg.cifar_stem, train.image_size)
     results = []
     pca = cfg.checkpoint_dir.lower() == "pca"
     for epoch, path in chosen:
@@ -665,7 +680,8 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
                                           dist.is_main)
         scores, fields, test_x = PROTOCOLS[cfg.transfer_mode](job, backbone, dim, test_x)
         top1, top5 = topk_correct(scores, test_y)
-        record = {"mode": cfg.transfer_mode, "dataset": cfg.dataset_name, "checkpoint_epoch": epoch,
+        record = {"mode": cfg.transfer_mode, **measured_data(cfg), "data_train_images": len(train.dataset),
+                  "data_test_images": len(test.dataset), "checkpoint_epoch": epoch,
                   "checkpoint": path or ("pca" if pca else "random-init"), "arch": f"pca-{dim}" if pca else cfg.arch,
                   "semi_ratio": cfg.semi_ratio,
                   "train_images": len(train_indices) if train_indices is not None else len(train.dataset),
@@ -698,28 +714,103 @@ def _output_dir(cfg: Namespace, dist: DistInfo, random_init: bool) -> str:
     return out_dir
 
 
-def record_tag(transfer_mode: str, semi_ratio: float | None) -> str:
-    """The name of an evaluation's records: ``<mode>[_semi<ratio>]`` (its json is ``<tag>_epoch<N>.json``)."""
-    return f"{transfer_mode}{'' if semi_ratio is None else f'_semi{semi_ratio:g}'}"
+def record_tag(transfer_mode: str, semi_ratio: float | None, data: str | None = None) -> str:
+    """The name of an evaluation's records: ``<mode>[_semi<ratio>][_<data tag>]`` (its json is
+    ``<tag>_epoch<N>.json``); the data tag only for an evaluation on other data than its run's."""
+    return f"{transfer_mode}{'' if semi_ratio is None else f'_semi{semi_ratio:g}'}{'' if data is None else f'_{data}'}"
 
 
 def record_path(out_dir: str, transfer_mode: str, semi_ratio: float | None, epoch: int,
-                suffix: str = ".json") -> str:
+                suffix: str = ".json", data: str | None = None) -> str:
     """``<out_dir>/<tag>_epoch<N><suffix>``: an evaluation's json record, or with ``PARTIAL`` the saved
-    position of its fit (what --final_eval and the sweeps look for too)."""
-    return os.path.join(out_dir, f"{record_tag(transfer_mode, semi_ratio)}_epoch{epoch:04d}{suffix}")
+    position of its fit (what --final_eval and the sweeps look for too: the run's own data, ``data`` None)."""
+    return os.path.join(out_dir, f"{record_tag(transfer_mode, semi_ratio, data)}_epoch{epoch:04d}{suffix}")
 
 
 PARTIAL = ".partial.pth.tar"
 
 
-def _tag(cfg: Namespace) -> str:
-    return record_tag(cfg.transfer_mode, cfg.semi_ratio)
+def measured_data(cfg: Namespace) -> dict:
+    """What an evaluation measures, as its record says it: the dataset and the absolute data root (None for a
+    dataset that reads no file, such as digits)."""
+    return {"dataset": cfg.dataset_name, "data_root": data_root(cfg.dataset_name, cfg.data)}
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two records (or a run's settings as ``measured_data``) measured the same data: the same dataset
+    and data root, compared as real paths. A record from before data roots were recorded: its dataset alone."""
+    if a.get("dataset") != b.get("dataset"):
+        return False
+    if "data_root" not in a or "data_root" not in b:
+        return True
+    roots = a["data_root"], b["data_root"]
+    if not all(isinstance(r, str) for r in roots):  # None: a dataset that reads no file
+        return roots[0] == roots[1]
+    return os.path.realpath(roots[0]) == os.path.realpath(roots[1])
+
+
+def data_tag(dataset: str, root: str | None) -> str:
+    """``<dataset>[-<folder name>-<6 hex digits of the root's real path>]``: names the data of an evaluation in
+    the names of its files, when that is not its run's own data."""
+    if root is None:
+        return dataset
+    real = os.path.realpath(root)
+    folder = re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.basename(real.rstrip(os.sep)) or "root")[:24]
+    return f"{dataset}-{folder}-{hashlib.sha1(real.encode()).hexdigest()[:6]}"
+
+
+def _run_data(run_dir: str) -> dict | None:
+    """The data a run was pretrained on (its config.yaml's dataset_name and data), None when unknown."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in ("dataset_name", "data")):
+        return None
+    return measured_data(Namespace(dataset_name=saved["dataset_name"], data=saved["data"]))
+
+
+def records_data_tag(cfg: Namespace) -> str | None:
+    """The data tag in the names of the files an evaluation writes (records, t-SNE, accuracy plot, label subset,
+    a fit's saved position): None -- the plain names that --final_eval, the sweeps and summaries read -- when it
+    measures its run's own data (the dataset and data root in the run's config.yaml, which an evaluation inherits
+    without --dataset_name/--data), and for a baseline or a run without config.yaml; else ``data_tag`` of its
+    data, so that evaluating a run on other data (transfer) keeps its own-data records and vice versa."""
+    if cfg.checkpoint_dir.lower() in BASELINES:
+        return None
+    run, mine = _run_data(cfg.checkpoint_dir), measured_data(cfg)
+    return None if run is None or same_data(run, mine) else data_tag(mine["dataset"], mine["data_root"])
+
+
+def record_file(cfg: Namespace, record: dict, out_dir: str) -> str:
+    """Where ``record`` is written: ``record_path`` with ``records_data_tag``. A record already there that
+    measured other data (a record of an older version, or of a run whose config.yaml is missing) is never
+    overwritten: the new one goes under its own data's tag. A record of the same data is replaced, as a rerun
+    should."""
+    epoch = record["checkpoint_epoch"]
+    path = record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch, data=records_data_tag(cfg))
+    try:
+        with open(path, encoding="utf-8") as f:
+            there = json.load(f)
+    except (OSError, ValueError):  # none there (or not a record): written as before
+        return path
+    if isinstance(there, dict) and not same_data(there, record):
+        path = record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch,
+                           data=data_tag(record["dataset"], record["data_root"]))
+    return path
+
+
+def _mode_tag(cfg: Namespace) -> str:
+    """``<mode>[_<data tag>]``: the name of an evaluation's t-SNE and accuracy-against-epoch files."""
+    return record_tag(cfg.transfer_mode, None, records_data_tag(cfg))
 
 
 def _report(cfg: Namespace, record: dict, out_dir: str, writer) -> None:
-    tag, epoch = _tag(cfg), record["checkpoint_epoch"]
-    with open(record_path(out_dir, cfg.transfer_mode, cfg.semi_ratio, epoch), "w") as f:
+    epoch = record["checkpoint_epoch"]
+    path = record_file(cfg, record, out_dir)
+    tag = os.path.basename(path)[:-len(f"_epoch{epoch:04d}.json")]
+    with open(path, "w") as f:
         json.dump(record, f, indent=1)
     writer.add_scalar(f"eval/{tag}_top1", record["top1"], epoch)
     writer.add_scalar(f"eval/{tag}_top5", record["top5"], epoch)
@@ -742,15 +833,15 @@ def _finish(cfg: Namespace, results: list[dict], out_dir: str, writer, test: Spl
                                 "backbone")
             with torch.no_grad():
                 test_x = load_projector(path, test_x.device)(test_x)
-        png = os.path.join(out_dir, f"tsne_{cfg.transfer_mode}{'_projection' * (layer == 'projection')}"
-                                    f"_epoch{epoch:04d}.png")
+        png = os.path.join(out_dir, f"tsne_{_mode_tag(cfg)}"
+                                    f"{'_projection' * (layer == 'projection')}_epoch{epoch:04d}.png")
         plot_tsne(test_x, test_y, names, png, f"t-SNE of test {layer} features ({cfg.transfer_mode}), "
                   f"checkpoint epoch {epoch}", cfg.seed)
         writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]],
                              tag=f"test_features_epoch{epoch:04d}")
         print(f"t-SNE: {png}")
     if cfg.eval_all:
-        summary = os.path.join(out_dir, f"{cfg.transfer_mode}_all_epochs")
+        summary = os.path.join(out_dir, f"{_mode_tag(cfg)}_all_epochs")
         with open(summary + ".json", "w") as f:
             json.dump(results, f, indent=1)
         plot_accuracy_vs_epoch(results, summary + ".png",

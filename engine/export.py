@@ -12,12 +12,11 @@ import json
 import os
 from argparse import Namespace
 
-import torch
 
 from common.errors import UserError
 from data.datasets import load_split
 from engine import checkpoint as ckpt_io
-from engine.evaluate import select_checkpoints
+from engine.evaluate import BASELINES, select_checkpoints
 from models.pretrained import backbone_weights, describe
 
 
@@ -36,8 +35,11 @@ def input_stats(state: dict, cfg: Namespace) -> dict:
 
 
 def export_run(cfg: Namespace) -> list[str]:
-    if cfg.checkpoint_dir.lower() == "none":
-        raise UserError("--train_mode=export needs --checkpoint_dir RUN_DIR (a pretraining run), not none")
+    if cfg.checkpoint_dir.lower() in BASELINES:  # a random-init or PCA baseline: no trained backbone to export
+        here = f"; for the run directory {cfg.checkpoint_dir} pass ./{cfg.checkpoint_dir}" \
+            if os.path.isdir(cfg.checkpoint_dir) else ""
+        raise UserError(f"--train_mode=export needs --checkpoint_dir RUN_DIR (a pretraining run), not "
+                        f"{cfg.checkpoint_dir} (an evaluation baseline, with no trained backbone to export){here}")
     written = []
     for epoch, path in select_checkpoints(cfg):
         state = ckpt_io.load_checkpoint(path)
@@ -51,14 +53,29 @@ def export_run(cfg: Namespace) -> list[str]:
                         dataset=args.get("dataset_name"), epoch=epoch, source=os.path.abspath(path),
                         **input_stats(state, cfg))
         out_dir = os.path.join(cfg.checkpoint_dir, "export")
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"could not create {out_dir} ({err.strerror or err}); make the run directory "
+                            "writable or make room, then export again") from err
         out = os.path.join(out_dir, f"{arch}_{method}_ep{epoch}.pth")
-        tmp = out + ".tmp"
-        torch.save({k: v.clone() for k, v in weights.items()}, tmp)
-        os.replace(tmp, out)
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump(meta, f, indent=2)
+        ckpt_io.atomic_save({k: v.clone() for k, v in weights.items()}, out,  # with its .sha256, as every file
+                            fix="make room, then export again")
+        _write_json(meta, os.path.splitext(out)[0] + ".json")
         print(f"exported {path} -> {out} (+ .json): {arch}, {'CIFAR' if meta['cifar_stem'] else 'ImageNet'} stem, "
               f"{meta['feat_dim']}-d features", flush=True)
         written.append(out)
     return written
+
+
+def _write_json(meta: dict, path: str) -> None:
+    """The export's description, written whole or not at all; a failure is one line naming the file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path} ({err.strerror or err}); make room, then export again") from err

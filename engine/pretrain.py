@@ -37,10 +37,12 @@ from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.memory import check_fits
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
-from engine.runlog import Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
+from engine.runlog import EventLog, Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
 from engine.stop import StopRequests
 from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
 from models import METHODS, build_method
+from models.backbones import cifar_stem_for
+from models.checkpoint_file import CheckpointError, read_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
@@ -76,7 +78,11 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
     held_out = None
     if cfg.valid_size:  # sthalles/SimCLR's --valid_size: a fixed held-out part of the pretraining set
+        total = len(split.dataset)
         split, held_out = hold_out(split, cfg.valid_size, cfg.seed)
+        if len(split.dataset) < cfg.batch_size:
+            raise UserError(f"--valid_size {cfg.valid_size:g} leaves {len(split.dataset)} of {total} images for "
+                            f"pretraining, fewer than --batch_size {cfg.batch_size}; lower --valid_size")
     # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
     cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
     cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
@@ -195,7 +201,7 @@ def build_loader(cfg: Namespace, split: Split, dist: DistInfo, device: torch.dev
 
 
 def cifar_stem_of(cfg: Namespace, split: Split) -> bool:
-    return cfg.cifar_stem if cfg.cifar_stem is not None else split.image_size <= 64
+    return cifar_stem_for(cfg.cifar_stem, split.image_size)
 
 
 def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.device):
@@ -211,13 +217,12 @@ def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.devi
 def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None:
     """--from_pretrained: a new run starts from the backbone (and with ``head`` the projector) of another run's
     checkpoint, a run directory or an export; another architecture, stem or width is refused with one line."""
-    from models.pretrained import describe, read_backbone
+    from models.pretrained import EXPORT_SUFFIX, describe, projector_weights, read_backbone
 
     try:
         weights, meta = read_backbone(path)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"--from_pretrained {path}: {str(err).splitlines()[0]}; pass a run directory, a "
-                        "checkpoint_*.pth.tar or an export .pth") from err
+    except CheckpointError as err:
+        raise UserError(f"--from_pretrained: {err}") from err
     own = method.backbone.state_dict()
     if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}:
         mine = describe("", own, 1.0)  # only to word the error
@@ -230,8 +235,8 @@ def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None
     method.backbone.load_state_dict(weights, strict=True)
     loaded = "backbone"
     if head:
-        state = torch.load(path if not os.path.isdir(path) else meta["source"], map_location="cpu", weights_only=True)
-        projector = {k[len("projector."):]: v for k, v in state.get("model", {}).items() if k.startswith("projector.")}
+        export = not os.path.isdir(path) and path.endswith(EXPORT_SUFFIX)
+        projector = {} if export else projector_weights(read_checkpoint(meta["source"]))
         if not projector:
             raise UserError(f"--from_pretrained_head: {path} holds no projector (an export keeps the backbone only); "
                             "pass a run directory or checkpoint, or drop --from_pretrained_head")
@@ -265,6 +270,7 @@ class RunClaim:
     def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool, resume_path: str | None = None) -> None:
         self.cfg, self.dist, self.resuming, self.resume_path = cfg, dist, resuming, resume_path
         self.dir, self.lock, self.created, self.saved_any = None, None, False, False
+        self.results_existed = os.path.isdir(cfg.results_dir)
         self.before: set[str] = set()
         self.texts: dict[str, bytes] = {}
 
@@ -325,8 +331,10 @@ class RunClaim:
         for name, content in self.texts.items():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(content)
-        if self.created:
-            take_back(self.dir, None, True, stop_at=self.cfg.results_dir, only_if_empty=True)
+        if self.created:  # and the parents it made, --results_dir included when this run made it
+            top = self.cfg.results_dir if self.results_existed else os.path.dirname(os.path.abspath(
+                self.cfg.results_dir))
+            take_back(self.dir, None, True, stop_at=top, only_if_empty=True)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -567,10 +575,8 @@ class RunFiles:
         self.writes = ckpt_io.BackgroundWriter()  # rank 0's checkpoint writes
 
     def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(self.dir, purge_step=purge_step)
-        self.metrics = MetricsLog(self.dir, resume_epoch=resume_epoch)
+        self.metrics = MetricsLog(self.dir, resume_epoch=resume_epoch)  # first: a broken record creates nothing
+        self.writer = EventLog(self.dir, purge_step=purge_step)  # its failed writes are one line naming the file
         print(f"run directory: {self.dir}", flush=True)
 
     def scalars(self, values: dict, step: int, prefix: str = "train") -> None:
@@ -711,7 +717,7 @@ class HeldOutCheck:
         sub = Namespace(**{**vars(cfg), "batch_size": batch, "n_views": 2})
         self.loader, self.setters = build_loader(sub, held, dist, device)
         self.device, self.temperature = device, cfg.temperature
-        self.cosine = getattr(cfg, "similarity", "cosine") == "cosine"
+        self.cosine = cfg.similarity == "cosine"
 
     @torch.no_grad()
     def __call__(self, method: nn.Module) -> dict:

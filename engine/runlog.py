@@ -1,18 +1,39 @@
-"""Run outputs besides checkpoints: the run directory, metrics.jsonl, TensorBoard, the curves PNG."""
+"""Run outputs besides checkpoints: the run directory, metrics.jsonl, TensorBoard, the curves PNG.
+
+A file that cannot be written (a full disk, a read-only mount) is one line naming it: :func:`unwritable`.
+"""
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
+import sys
+import threading
 
 import torch
 import yaml
 
+from common.errors import UserError
+
+RESUME_HINT = "make room, then resume with --train_from latest"
+RERUN_HINT = "make room, then run the same command again"
+
+
+def unwritable(path: str, err: OSError, fix: str = RESUME_HINT) -> UserError:
+    """The one line for a run file that could not be written: the file, the system's reason, the fix."""
+    return UserError(f"could not write {path} ({err.strerror or err}); {fix}")
+
+
+def runs_of(results_dir: str, dataset: str, batch_size: int, method: str) -> str:
+    """``results/<dataset>/<bs>_<Method>``: where the runs of one kind live (the one naming rule)."""
+    return os.path.join(results_dir, dataset, f"{batch_size}_{method}")
+
 
 def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) -> str:
     """``results/<dataset>/<bs>_<Method>/<YYYY-MM-DD-HH-MM-SS>`` (suffixed if that second is taken)."""
-    parent = os.path.join(results_dir, dataset, f"{batch_size}_{method}")
+    parent = runs_of(results_dir, dataset, batch_size, method)
     os.makedirs(parent, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     for n in range(1000):
@@ -52,10 +73,24 @@ def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | 
 
 
 def write_config(run_dir: str, cfg: dict) -> None:
-    """The run's resolved settings (flag names as keys), as ``--config`` reads them."""
+    """The run's resolved settings (flag names as keys), as ``--config`` reads them; written whole or not at all."""
     kept = {k: v for k, v in cfg.items() if k not in PER_INVOCATION_KEYS}
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(kept, f, sort_keys=True)
+    path = os.path.join(run_dir, "config.yaml")
+    _replace(path, lambda f: yaml.safe_dump(kept, f, sort_keys=True), RERUN_HINT)
+
+
+def _replace(path: str, write, fix: str) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then the file in one rename; a failure leaves ``path``
+    as it was and is one line naming it."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise unwritable(path, err, fix) from err
 
 
 class Meter:
@@ -98,26 +133,113 @@ class Meter:
 
 
 class MetricsLog:
-    """Append-only JSON lines, one record per epoch; on resume, records past the checkpoint go."""
+    """Append-only JSON lines, one record (a json object with its ``epoch``) per epoch; on resume, records past
+    the checkpoint go. A last line that is not valid json is one a killed process half-wrote: a resume drops it
+    with a warning, a reader (:meth:`read`) names it. Any other line that is not a record is one line saying
+    which, and how to fix it."""
 
     def __init__(self, run_dir: str, resume_epoch: int | None) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_epoch is not None and os.path.exists(self.path):
-            kept = [r for r in self.read() if r.get("epoch", 0) <= resume_epoch]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
+            records, torn = self.parse()
+            if torn is not None:
+                print(f"warning: {self.path} line {torn} is not valid json (half-written by a run that was killed); "
+                      "this resume drops it", file=sys.stderr)
+            kept = [r for r in records if r["epoch"] <= resume_epoch]
+            _replace(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept), RERUN_HINT)
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise unwritable(self.path, err) from err
 
     def read(self) -> list[dict]:
+        """Every record; a half-written last line is one line too (a resume drops it)."""
+        records, torn = self.parse()
+        if torn is not None:
+            raise UserError(f"{self.path} line {torn} is not valid json (half-written?); resuming the run "
+                            "(--train_from latest) drops it")
+        return records
+
+    def parse(self) -> tuple[list[dict], int | None]:
+        """(the records, the number of a half-written last line or None); a broken line before the last is
+        one line naming it."""
         if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [], None
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise UserError(f"cannot read {self.path} ({reason}); fix its permissions or move it away, "
+                            "then run again") from err
+        records, torn = [], None
+        for i, (n, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    torn = n
+                    break
+                raise UserError(f"{self.path} line {n} is not valid json; delete or repair that line (the other "
+                                "lines are the run's records), then run again") from None
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch):
+                raise UserError(f"{self.path} line {n} is not a record of this tool (a json object with its epoch); "
+                                "delete or repair that line, then run again")
+            records.append(record)
+        return records, torn
+
+
+class EventLog:
+    """TensorBoard's SummaryWriter for a run directory, whose failed writes (a full disk) are one line naming
+    the events file instead of a traceback from TensorBoard's writer thread."""
+
+    def __init__(self, run_dir: str, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_event_writer_threads()
+        self.path = os.path.join(run_dir, "events.out.tfevents.*")  # the file's own name once it exists
+        try:
+            self.writer = SummaryWriter(run_dir, purge_step=purge_step)
+        except OSError as err:
+            raise unwritable(self.path, err, RERUN_HINT) from err
+        self.path = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", self.path)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        try:
+            self.writer.add_scalar(tag, value, step)
+        except OSError as err:
+            raise unwritable(self.path, err) from err
+
+    def close(self) -> None:
+        """Flushes first: TensorBoard's close alone would not report a write its thread failed."""
+        try:
+            self.writer.flush()
+            self.writer.close()
+        except OSError as err:
+            raise unwritable(self.path, err) from err
+
+
+def _quiet_event_writer_threads() -> None:
+    """TensorBoard's writer thread hands a failed write to the next ``add_scalar``/``close`` (which EventLog
+    makes one line) and then re-raises it, which Python would print as a second report with a traceback."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another TensorBoard: its thread's report stays
+        return
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writers", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_event_writers = True
+    threading.excepthook = hook
 
 
 def plot_curves(records: list[dict], path: str, title: str) -> None:
@@ -173,6 +295,12 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise unwritable(path, err) from err
+    finally:
+        plt.close(fig)

@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from engine.runlog import PER_INVOCATION_KEYS  # noqa: E402
 
 SEED_AXIS = "seed"
 
@@ -126,48 +127,96 @@ def parse_sets(items: list[str]) -> dict:
     return sets
 
 
+def _read_mapping(path: str, what: str) -> dict:
+    """A yaml file that must hold a mapping; any problem is one line starting with ``what``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise UserError(f"{what} is not valid yaml ({reason})") from err
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise UserError(f"{what} must be a mapping, not a {_kind(spec)}")
+    return spec
+
+
+def _kind(value) -> str:
+    return {list: "list", dict: "mapping", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+# Keys a sweep sets itself (each cell's run directory, the evaluations of ``eval``) or that would change what one
+# invocation of a cell does; in a cell's settings they would be ignored or break the sweep's resume.
+SWEEP_OWNED = ("final_eval",) + PER_INVOCATION_KEYS
+
+
 def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
+    from engine.evaluate import PROTOCOLS
+
     if not os.path.isfile(path):
         raise UserError(f"sweep file {path} not found; pass one of experiments/*.yaml")
-    with open(path) as f:
-        try:
-            spec = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{path} is not valid yaml ({str(err).splitlines()[0]})") from err
-    if not isinstance(spec, dict):
-        raise UserError(f"{path} must be a mapping with name, base, grid and eval")
-    unknown = sorted(set(spec) - {"name", "config", "base", "grid", "eval", "table"})
+    try:
+        spec = _read_mapping(path, path)
+    except UserError as err:
+        raise UserError(f"{err}; a sweep file is a mapping with name, base, grid and eval") from err
+    unknown = sorted(map(str, set(spec) - {"name", "config", "base", "grid", "eval", "table"}))
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; use name, config, base, grid, eval, table")
-    name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+    name = spec.get("name")
+    if name is not None and (not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip()
+                             or os.sep in str(name) or str(name) in (".", "..")):
+        raise UserError(f"{path}: name {name!r} is not a directory name (results/sweeps/<name>); give one, e.g. "
+                        f"{os.path.splitext(os.path.basename(path))[0]}")
+    name = str(name if name is not None else os.path.splitext(os.path.basename(path))[0])
+    sources: list[tuple[str, dict, bool]] = []  # (label, settings, strict: only flag names as keys)
     base: dict = {}
-    if spec.get("config"):
-        preset = os.path.join(ROOT, spec["config"]) if not os.path.isabs(spec["config"]) else spec["config"]
-        if not os.path.isfile(preset):
-            raise UserError(f"{path}: config {spec['config']} not found")
-        with open(preset) as f:
-            base.update(yaml.safe_load(f) or {})
-    base.update(spec.get("base") or {})
-    grids = spec.get("grid") or {}
+    if spec.get("config") is not None:
+        preset = spec["config"]
+        if not isinstance(preset, str) or not preset.strip():
+            raise UserError(f"{path}: config must be the path of a preset yaml (e.g. configs/quickstart.yaml), not "
+                            f"{preset!r}")
+        full = os.path.join(ROOT, preset) if not os.path.isabs(preset) else preset
+        if not os.path.isfile(full):
+            raise UserError(f"{path}: config {preset} not found")
+        values = _read_mapping(full, f"{path}: config {preset}")
+        values.pop("final_eval", None)  # a preset's own evaluations: the sweep's eval replaces them
+        sources.append((f"{path}: config {preset}", values, False))
+        base.update(values)
+    own = spec.get("base")
+    if own is not None and not isinstance(own, dict):
+        raise UserError(f"{path}: base must be a mapping of flag names to values (as in a --config yaml), not a "
+                        f"{_kind(own)}")
+    sources.append((f"{path}: base", own or {}, True))
+    base.update(own or {})
+    grids = spec.get("grid")
     grids = grids if isinstance(grids, list) else [grids]
     if not grids or not all(isinstance(g, dict) and g and all(isinstance(v, list) and v for v in g.values())
                             for g in grids):
         raise UserError(f"{path}: grid must map each swept flag to a non-empty list of values (or be a list of "
                         "such maps, whose cells are joined)")
+    for g in grids:
+        for axis, values in g.items():
+            for v in values:
+                sources.append((f"{path}: grid", {axis: v}, True))
     grid = {a: [v for g in grids for v in g.get(a, [])] for g in grids for a in g}
     swept = sorted(set(sets or {}) & set(grid))
     if swept:
         raise UserError(f"--set {swept[0]}: {swept[0]} is an axis of the grid of {path}; edit the grid instead")
+    sources.append(("--set", sets or {}, True))
     base.update(sets or {})
+    _check_values(sources)
     evals = spec.get("eval", ["knn"])
-    evals = [evals] if isinstance(evals, str) else list(evals)
-    table = spec.get("table") or {}
-    axes = [a for a in grid if a != SEED_AXIS]
-    rows = table.get("rows", axes[0] if axes else None)
-    columns = table.get("columns", axes[1] if len(axes) > 1 else None)
-    for key, axis in (("rows", rows), ("columns", columns)):
-        if axis is not None and axis not in grid:
-            raise UserError(f"{path}: table {key} {axis!r} is not an axis of the grid ({', '.join(grid)})")
+    evals = [e.strip() for e in evals.split(",") if e.strip()] if isinstance(evals, str) else evals
+    if not isinstance(evals, list) or not evals or not all(isinstance(e, str) for e in evals):
+        raise UserError(f"{path}: eval must be a list of protocol names, e.g. [knn, linear_eval] (choose from "
+                        f"{', '.join(PROTOCOLS)}), not {evals!r}")
+    bad = [e for e in evals if e not in PROTOCOLS]
+    if bad:
+        raise UserError(f"{path}: eval: unknown protocol {', '.join(bad)}; choose from {', '.join(PROTOCOLS)}")
+    evals = list(dict.fromkeys(evals))
+    rows, columns = _table(spec.get("table"), grid, path)
     sweep = Sweep(name, base, grids, evals, rows, columns, out or os.path.join(ROOT, "results", "sweeps", name))
     seen: dict[str, dict] = {}
     for g in grids:
@@ -180,22 +229,83 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     return sweep
 
 
+def _table(table, grid: dict, path: str) -> tuple[str | None, str | None]:
+    """``table: {rows: AXIS, columns: AXIS}``; by default the first two axes that are not seed (and not the
+    other one)."""
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: table must be a mapping {{rows: AXIS, columns: AXIS}}, not a {_kind(table)}")
+    unknown = sorted(map(str, set(table) - {"rows", "columns"}))
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) in table: {', '.join(unknown)}; use rows and columns")
+    for key in ("rows", "columns"):
+        axis = table.get(key)
+        if axis is not None and (not isinstance(axis, str) or axis not in grid):
+            raise UserError(f"{path}: table {key} {axis!r} is not an axis of the grid ({', '.join(grid)})")
+    if table.get("rows") is not None and table.get("rows") == table.get("columns"):
+        raise UserError(f"{path}: table rows and columns are both {table['rows']}; pick two axes of the grid")
+    axes = [a for a in grid if a != SEED_AXIS]
+    rows = table["rows"] if "rows" in table else next((a for a in axes if a != table.get("columns")), None)
+    columns = table["columns"] if "columns" in table else next((a for a in axes if a != rows), None)
+    return rows, columns
+
+
+def _check_values(sources: list[tuple[str, dict, bool]]) -> None:
+    """The shape of the sweep's settings, named by where each comes from (a preset, base, a grid axis, --set),
+    before any cell starts: flag names as keys (a preset may be in another repository's layout, which main.py
+    reads), none that the sweep sets itself, one value per flag. The values' types are main.py's --config check,
+    which :func:`_check_cells` runs for every cell."""
+    from main import build_parser
+
+    flags = {action.dest for action in build_parser()._actions if action.option_strings and action.dest != "help"}
+    for label, values, strict in sources:
+        for key, value in values.items():
+            if not isinstance(key, str) or (strict and key not in flags):
+                raise UserError(f"{label}: {key!r} is not a flag name; keys are flag names as in main.py --help")
+            if key in SWEEP_OWNED:
+                fix = "list the evaluations under eval" if key == "final_eval" else "the sweep sets it for each cell"
+                raise UserError(f"{label}: {key} is not a setting of a sweep cell; {fix}")
+            if isinstance(value, (list, dict)) and (strict or key in flags and not isinstance(value, dict)):
+                where = f"{label} {key}={value!r}" if label == "--set" else f"{label} {key}: {value!r}"
+                axis = "; sweep several values as a grid axis" if "grid" not in label else ""
+                raise UserError(f"{where} is a {_kind(value)}, but --{key} takes one value{axis}")
+
+
 def _check_cells(sweep: Sweep, path: str) -> None:
     """Every cell's settings must be accepted by main.py, read as its run will read them (a --config yaml),
-    before anything runs (one line if not)."""
+    and by the set-up checks of its pretraining (one process, this machine's device), before anything runs (one
+    line if not). main.py's notes and warnings about the settings are printed once, not once per cell."""
+    import contextlib
+    import io
     import tempfile
 
+    from common.device import pick_device
+    from common.distributed import DistInfo
+    from engine.pretrain import check_setup
     from main import resolve
 
+    told: dict[str, None] = {}
     with tempfile.TemporaryDirectory() as tmp:
         config = os.path.join(tmp, "cell.yaml")
         for cell in sweep.cells():
             with open(config, "w") as f:
                 yaml.safe_dump(cell.settings(), f, sort_keys=False)
+            said = io.StringIO()
             try:
-                resolve([f"--config={config}", f"--log_dir={os.path.join(tmp, 'run')}"])
-            except UserError as err:
-                raise UserError(f"{path}: cell {cell.name}: {err}") from err
+                with contextlib.redirect_stderr(said):
+                    cfg, _, _ = resolve([f"--config={config}", f"--log_dir={os.path.join(tmp, 'run')}"])
+                    check_setup(cfg, DistInfo(), pick_device(cfg.device))
+            except UserError as err:  # main.py names the yaml it read: here, the cell's settings
+                message = str(err).replace(f"{config}: ", "").replace(config, "its settings")
+                raise UserError(f"{path}: cell {cell.name}: {message}") from err
+            except Exception as err:  # noqa: BLE001 - a value main.py's checks let through: still one line
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise UserError(f"{path}: cell {cell.name}: its settings are not accepted ({type(err).__name__}: "
+                                f"{first}); check the types of its values") from err
+            told.update(dict.fromkeys(line for line in said.getvalue().splitlines() if line.strip()))
+    for line in told:
+        print(line, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- state of a cell on disk
@@ -203,8 +313,11 @@ def _epochs(run_dir: str) -> int | None:
     config = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config):
         return None
-    with open(config) as f:
-        return int((yaml.safe_load(f) or {}).get("epochs", 0)) or None
+    try:
+        with open(config) as f:
+            return int((yaml.safe_load(f) or {}).get("epochs", 0)) or None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+        return None  # unreadable: the cell resumes from its checkpoint, whose settings main.py checks
 
 
 def cell_state(cell: Cell) -> str:
@@ -219,11 +332,21 @@ def cell_state(cell: Cell) -> str:
     cell.records = {}
     for protocol in cell.sweep.evals:
         record = _record(cell, protocol, epochs)
-        if not os.path.isfile(record):
+        cell.records[protocol] = _read_record(record)
+        if cell.records[protocol] is None:
             return "evaluate"
-        with open(record) as f:
-            cell.records[protocol] = yaml.safe_load(f)
     return "done"
+
+
+def _read_record(path: str) -> dict | None:
+    """An evaluation's json record, or None when there is none or it is unreadable (then it is evaluated again)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (ValueError, OSError):
+        return None
+    top1 = record.get("top1") if isinstance(record, dict) else None
+    return record if isinstance(top1, (int, float)) and not isinstance(top1, bool) else None
 
 
 def _record(cell: Cell, protocol: str, epoch: int, suffix: str = ".json") -> str:
@@ -247,7 +370,7 @@ def command(cell: Cell, state: str) -> list[list[str]]:
     if state == "resume":
         return [[f"--log_dir={cell.run_dir}", "--train_from=latest"]]
     epochs = _epochs(cell.run_dir)
-    evals = [p for p in cell.sweep.evals if not os.path.isfile(_record(cell, p, epochs))]
+    evals = [p for p in cell.sweep.evals if _read_record(_record(cell, p, epochs)) is None]
     return [[f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
              f"--transfer_mode={p}", "--final_eval=", "--no-tsne"]
             + ["--train_from=latest"] * os.path.isfile(_record(cell, p, epochs, PARTIAL)) for p in evals]

@@ -70,3 +70,7 @@ def build_backbone(arch: str, cifar_stem: bool, width: float = 1.0) -> tuple[nn.
     net.feat_dim = feat_dim  # recorded in checkpoints
     return net, feat_dim
 
+
+def cifar_stem_for(setting: bool | None, image_size: int) -> bool:
+    """``--cifar_stem`` as given, or by default the CIFAR stem for images of 64 px or less."""
+    return setting if setting is not None else image_size <= 64

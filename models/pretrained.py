@@ -9,81 +9,23 @@ export (``RUN/export/<arch>_<method>_ep<N>.pth`` with its ``.json`` beside it, w
 The backbone is a torchvision ResNet with ``fc = nn.Identity()``; with the ImageNet stem and width 1 an export
 loads into ``torchvision.models.<arch>()`` (strict, once its ``fc`` is replaced by ``nn.Identity()``). With the
 CIFAR stem ``conv1`` is 3x3 stride 1 and there is no max-pool: :func:`rebuild` makes that module.
-Reads with ``weights_only=True`` only; imports nothing from ``engine/``.
+Every file is read through :mod:`models.checkpoint_file` (checksum, then ``weights_only=True``); imports
+nothing from ``engine/``.
 """
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import os
-import re
-import sys
 
 import torch
 import torch.nn as nn
 
-from common.distributed import launched_rank
 from models.backbones import BLOCKS, build_backbone
+from models.checkpoint_file import (CheckpointError, backbone_weights, foreign_checkpoint,  # noqa: F401
+                                    latest_epoch_end, read_checkpoint, read_export)
 from models.heads import projector_from
 
 EXPORT_SUFFIX = ".pth"
-CHECKPOINT = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
-# MetaContrastive's checkpoints hold their argparse hyper-parameters: a plain container, allowed in weights_only
-# loads (which refuse arbitrary objects).
-torch.serialization.add_safe_globals([argparse.Namespace])
-FLATCLR_MODELS = {f"res{d}": f"resnet{d}" for d in (18, 34, 50, 101, 152)}
-_told: set[str] = set()
-
-
-def arch_of(weights: dict[str, torch.Tensor]) -> str | None:
-    """The ResNet whose blocks these backbone weights have (counted per stage), or None."""
-    bottleneck = any(k.endswith(".conv3.weight") for k in weights)
-    counts = [len({k.split(".")[1] for k in weights if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
-    for name, (block, layers) in BLOCKS.items():
-        if layers == counts and (block.expansion == 4) == bottleneck:
-            return name
-    return None
-
-
-def foreign_checkpoint(state: dict, path: str) -> dict | None:
-    """A checkpoint written by the original FlatCLR code (``model_state_dict``: its torchvision-style ResNet
-    with the projection head as ``fc`` and an input ``normalize`` module, ``module.`` prefixes under
-    DataParallel) or by MetaContrastive (``state_dict`` of its encoder: ``convnet.`` backbone, ``projection.``
-    head, ``hparams``), as this tool's layout: the backbone only (their heads, optimizers and schedules are not
-    used). None for anything else. Says once per file what was mapped."""
-    if not isinstance(state, dict):
-        return None
-    if isinstance(state.get("model_state_dict"), dict):
-        layout, raw = "FlatCLR", state["model_state_dict"]
-        raw = {k[len("module."):] if k.startswith("module.") else k: v for k, v in raw.items()}
-        weights = {k: v for k, v in raw.items() if not k.startswith(("fc.", "normalize."))}
-        arch = FLATCLR_MODELS.get(str(state.get("model"))) or arch_of(weights)
-        epoch = int(m.group(1)) if (m := CHECKPOINT.search(os.path.basename(path))) else int(state.get("epoch") or 0)
-        dropped = "its projection head (fc) and input normalisation (this tool normalises with the dataset's stats)"
-    elif isinstance(state.get("state_dict"), dict) and any("convnet." in k for k in state["state_dict"]):
-        layout, raw = "MetaContrastive", state["state_dict"]
-        raw = {k[k.index("convnet."):]: v for k, v in raw.items() if "convnet." in k}
-        weights = {k[len("convnet."):]: v for k, v in raw.items() if not k.startswith("convnet.fc.")}
-        hparams = state.get("hparams")
-        arch = str(getattr(hparams, "arch", "")).lower() or arch_of(weights)
-        epoch = int(state.get("iter") or 0)
-        dropped = "its projection head and rotation head"
-    else:
-        return None
-    if arch not in BLOCKS:
-        raise ValueError(f"{path} is a {layout} checkpoint of a backbone this tool does not build ({arch})")
-    if path not in _told and launched_rank() == 0:
-        _told.add(path)
-        print(f"note: {path} is a {layout} checkpoint: mapped its {arch} backbone ({len(weights)} tensors) onto "
-              f"this tool's; {dropped}, optimizer and schedule are not used", file=sys.stderr)
-    return {"model": {f"backbone.{k}": v for k, v in weights.items()}, "arch": arch, "epoch": epoch,
-            "width_multiplier": 1.0, "foreign": layout, "args": {"arch": arch, "clr": layout.lower()}}
-
-
-def backbone_weights(model_state: dict) -> dict[str, torch.Tensor]:
-    """The ``backbone.`` entries of a method's state dict, without the prefix."""
-    return {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
 
 
 def stem_of(weights: dict[str, torch.Tensor]) -> bool:
@@ -113,30 +55,32 @@ def rebuild(meta: dict) -> nn.Module:
     return backbone
 
 
-def _latest_checkpoint(run_dir: str) -> str:
-    found = {int(m.group(1)): p for p in glob.glob(os.path.join(run_dir, "checkpoint_*.pth.tar"))
-             if (m := CHECKPOINT.search(os.path.basename(p)))}
-    if not found:
-        raise FileNotFoundError(f"no checkpoint_NNNN.pth.tar in {run_dir}")
-    return found[max(found)]
+def _checkpoint_path(path: str) -> str:
+    """A run directory's newest epoch-end checkpoint, or ``path`` itself."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint_*.pth.tar or an export")
+    return latest_epoch_end(path) if os.path.isdir(path) else path
 
 
 def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(backbone weights, metadata) of a run directory, checkpoint or export."""
-    if os.path.isdir(path):
-        path = _latest_checkpoint(path)
+    """(backbone weights, metadata) of a run directory, checkpoint or export, each file checked against its
+    checksum; a bad one raises :class:`models.checkpoint_file.CheckpointError` (one line)."""
+    path = _checkpoint_path(path)
     meta_path = os.path.splitext(path)[0] + ".json"
     if path.endswith(EXPORT_SUFFIX) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        return torch.load(path, map_location="cpu", weights_only=True), meta
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and not isinstance(state.get("model"), dict):  # FlatCLR's "model" is its arch name
-        state = foreign_checkpoint(state, path) or state
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{path} is neither a checkpoint of this tool (or of FlatCLR or MetaContrastive) nor an "
-                         "export (no model state, no .json)")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{meta_path} is not readable json ({err}); export the run again") from err
+        if not isinstance(meta, dict) or not {"arch", "cifar_stem"} <= set(meta):
+            raise CheckpointError(f"{meta_path} does not describe an export (no arch, cifar_stem); export the run "
+                                  "again")
+        return read_export(path), meta
+    state = read_checkpoint(path)
     weights = backbone_weights(state["model"])
+    if not weights:
+        raise CheckpointError(f"{path} holds no backbone weights; it was not written by this tool's pretraining")
     args = state.get("args", {})
     stats = args.get("input_stats") or {}
     meta = describe(state.get("arch", args.get("arch")), weights, float(state.get("width_multiplier") or 1.0),
@@ -148,24 +92,41 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 def load_pretrained(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The pretrained backbone at ``path`` (run directory, checkpoint or export) in eval mode on ``map_location``,
-    and its metadata (arch, cifar_stem, width_multiplier, feat_dim, and mean/std/image_size when recorded)."""
+    and its metadata (arch, cifar_stem, width_multiplier, feat_dim, and mean/std/image_size when recorded).
+    A path that holds no usable backbone raises :class:`models.checkpoint_file.CheckpointError` (a
+    :class:`common.errors.UserError`) with one line."""
     weights, meta = read_backbone(path)
+    if meta.get("arch") not in BLOCKS:
+        raise CheckpointError(f"{path} holds a backbone of an architecture this tool does not build "
+                              f"({meta.get('arch')!r})")
     backbone = rebuild(meta)
-    backbone.load_state_dict(weights, strict=True)
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit the {meta['arch']} its metadata names "
+                              f"({str(err).splitlines()[0][:160]})") from err
     return backbone.to(map_location).eval(), meta
+
+
+def projector_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The ``projector.`` entries of a checkpoint's model state, without the prefix."""
+    return {k[len("projector."):]: v for k, v in state.get("model", {}).items() if k.startswith("projector.")}
 
 
 def load_projector(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
     """The projection head of a run's checkpoint (or a run directory's latest), rebuilt from its saved settings,
     in eval mode: the "FC/projection output" a t-SNE of the seed-001 kind draws."""
-    if os.path.isdir(path):
-        path = _latest_checkpoint(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    args, model = state.get("args", {}), state.get("model", {})
-    weights = {k[len("projector."):]: v for k, v in model.items() if k.startswith("projector.")}
+    path = _checkpoint_path(path)
+    state = read_checkpoint(path)
+    args, model = state.get("args", {}), state["model"]
+    weights = projector_weights(state)
     if not weights and args.get("proj_head_mode", "nonlinear") != "none":
-        raise ValueError(f"{path} holds no projection head (an export keeps the backbone only)")
+        raise CheckpointError(f"{path} holds no projection head (an export keeps the backbone only)")
     feat_dim = describe("", backbone_weights(model), 1.0)["feat_dim"]
     head, _ = projector_from(args, feat_dim)
-    head.load_state_dict(weights, strict=True)
+    try:
+        head.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its projection head does not fit its saved settings "
+                              f"({str(err).splitlines()[0][:160]})") from err
     return head.to(map_location).eval()

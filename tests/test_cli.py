@@ -84,13 +84,14 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 
 def test_cuda_out_of_memory_is_one_line_naming_the_flag(monkeypatch, capsys):
+    import engine.final_eval
     import main as cli
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\n"
                                           "See documentation for Memory Management")
 
-    monkeypatch.setattr(cli, "pretrain", oom)
+    monkeypatch.setattr(engine.final_eval, "pretrain", oom)
     monkeypatch.setattr(cli, "evaluate", oom)
     assert cli.main(["--dataset_name=digits"]) == 2
     err = capsys.readouterr().err
@@ -163,3 +164,47 @@ def test_a_step_that_cannot_fit_the_device_is_refused_before_anything_is_allocat
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(memory, "device_memory", lambda device: 2**40)
     assert memory.check_fits(resolve(args)[0], 1000, 64, False, 1, torch.device("cpu")) is None
+
+
+def test_help_is_grouped_by_concern_and_other_tools_spellings_are_only_in_help_all_and_the_docs(capsys):
+    import re
+
+    from cli.compat import ALIASES, SEED_FLAGS
+    from cli.parser import build_parser
+    from tests.conftest import ROOT
+
+    core = build_parser().format_help()
+    for group in ("mode:", "data:", "model:", "objective:", "optimisation:", "evaluation (--train_mode=eval):",
+                  "run:", "SimCLR (--clr simclr):", "BYOL (--clr byol):"):
+        assert f"\n{group}" in core, group
+    spellings = list(ALIASES) + list(SEED_FLAGS)
+    assert not [s for s in spellings if re.search(re.escape(s) + r"\b(?!_)", core)]
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--help-all"])
+    assert done.value.code == 0
+    full = capsys.readouterr().out
+    docs = open(os.path.join(ROOT, "docs", "compatibility.md")).read()
+    for spelling in spellings:
+        assert re.search(re.escape(spelling) + r"\b(?!_)", full), spelling
+        assert f"`{spelling}" in docs, spelling
+    for spelling, (dest, _) in ALIASES.items():
+        assert f"= --{dest} (" in full
+        assert re.search(rf"\| `{re.escape(spelling)}` \| `--{dest}`", docs), spelling
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (["--t=0.3"], "temperature", 0.3), (["--exp=somewhere"], "log_dir", "somewhere"),
+    (["--model=ResNet18"], "arch", "resnet18"), (["--dataset=digits"], "dataset_name", "digits"),
+    (["--rottlr=0.5", "--adpt"], "rot_pred_decay", True), (["--rottlr_p=0.25"], "rot_task_p", 0.25),
+    (["--save_freq=7"], "save_every_n_steps", 7), (["--log_freq=9"], "log_every_n_steps", 9),
+])
+def test_each_alias_sets_its_one_flag_and_errors_name_the_flag(argv, dest, value):
+    from cli.resolve import resolve
+    from common.errors import UserError
+
+    cfg, _, _ = resolve(["--dataset_name=digits", *argv])
+    assert getattr(cfg, dest) == value
+    spelling = argv[-1].split("=")[0]
+    if "=" in argv[-1] and dest not in ("log_dir", "arch", "dataset_name"):
+        with pytest.raises(UserError, match=rf"^argument --{dest}: "):
+            resolve([f"{spelling}=oops"])

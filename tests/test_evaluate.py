@@ -126,7 +126,7 @@ def test_eval_errors_are_one_line(pretrained, tmp_path, capsys):
         f"error: no checkpoint for epoch 7 in {pretrained} (epochs available: 1, 2); "
         "pass one of those to --transfer_from_epoch")
     assert main(EVAL + [f"--checkpoint_dir={pretrained}", "--model=resnet50"]) == 2
-    assert "was pretrained with --model resnet18, not resnet50" in capsys.readouterr().err
+    assert "was pretrained with --arch resnet18, not resnet50" in capsys.readouterr().err
     assert main(EVAL) == 2
     assert "--train_mode=eval needs --checkpoint_dir" in capsys.readouterr().err
 

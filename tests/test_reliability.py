@@ -33,9 +33,12 @@ def _copy(run, to):
 
 
 def _snapshot(root):
-    """Every file's hash but the lock's (it names the last process that held the run)."""
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(root) for f in files if f != ".lock"}
+    """Every file's hash but the lock's (it names the last process that held the run), and every directory
+    (a refused run must not leave an empty one behind)."""
+    files = {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+             for d, _, names in os.walk(root) for f in names if f != ".lock"}
+    return {**files, **{os.path.relpath(os.path.join(d, s), root) + "/": "dir" for d, subs, _ in os.walk(root)
+                        for s in subs}}
 
 
 def test_a_corrupt_checkpoint_is_named_and_latest_falls_back_to_the_one_before(two_epochs, tmp_path, capsys):
@@ -328,7 +331,7 @@ def _bad_invocations(run, tmp):
         (ev + ["--checkpoint_dir=/nonexistent/run"], "--checkpoint_dir /nonexistent/run does not exist"),
         (ev + [f"--checkpoint_dir={tmp / 'empty'}"], "no checkpoint_*.pth.tar in"),
         (ev + [f"--checkpoint_dir={run}", "--transfer_from_epoch=7"], "no checkpoint for epoch 7"),
-        (ev + [f"--checkpoint_dir={run}", "--model=resnet50"], "was pretrained with --model resnet18, not resnet50"),
+        (ev + [f"--checkpoint_dir={run}", "--model=resnet50"], "was pretrained with --arch resnet18, not resnet50"),
         ([f"--log_dir={run}", "--train_from=checkpoint_0007.pth.tar"], "checkpoint checkpoint_0007.pth.tar not found"),
         ([f"--log_dir={run}", "--train_from=latest", "--arch=resnet34"], "was trained with --arch=resnet18"),
         ([f"--log_dir={run}", f"--train_from={tmp / 'tensor.pth.tar'}"], "is not a checkpoint of this tool"),
@@ -407,7 +410,7 @@ def test_an_error_from_a_dataloader_worker_keeps_its_one_line():
 def test_latest_is_checked_again_once_the_run_directory_is_locked(two_epochs, tmp_path, capsys, monkeypatch):
     import shutil
 
-    import main as cli
+    import cli.resolve as cli
 
     run = _copy(two_epochs, tmp_path / "run")
     real = cli.load_latest
@@ -478,12 +481,13 @@ def test_a_failed_background_write_stops_the_run_on_the_next_step_with_one_line(
 
 def test_a_checkpoint_is_mapped_not_read_and_its_tensors_never_write_back(two_epochs, tmp_path, monkeypatch):
     import engine.checkpoint as ckpt
+    import models.checkpoint_file as ckpt_file
 
     run = _copy(two_epochs, tmp_path / "run")
     path = str(run / "checkpoint_0002.pth.tar")
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     verified = ckpt.load_checkpoint(path)
-    monkeypatch.setattr(ckpt, "_sha256", lambda p: pytest.fail("verify=False must not read the file for a checksum"))
+    monkeypatch.setattr(ckpt_file, "sha256", lambda p: pytest.fail("verify=False must not read the file for a checksum"))
     state = ckpt.load_checkpoint(path, verify=False)
     for key, value in state["model"].items():
         assert torch.equal(value, verified["model"][key])
@@ -503,3 +507,280 @@ def test_a_run_from_before_retention_keeps_every_checkpoint_when_resumed(two_epo
         ckpt.atomic_save(state, path)
     assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=5"]) == 0
     assert sorted(all_checkpoints(str(run))) == [(e, 0) for e in range(1, 6)]  # the default would keep 3, 4, 5
+
+
+# ----------------------------------------------------------------------------- third round: typed files, every load
+@pytest.fixture(scope="module")
+def resnet34_run(tmp_path_factory):
+    """A finished 1-epoch resnet34 run: a checkpoint of another architecture, with its own valid sidecar."""
+    run = tmp_path_factory.mktemp("rel34") / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--arch=resnet34", f"--log_dir={run}"]) == 0
+    return run
+
+
+def _sidecar(path):
+    """Writes ``path``'s checksum beside it, as this tool does: a file that passes the checksum."""
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    open(f"{path}.sha256", "w").write(f"{digest}  {os.path.basename(path)}\n")
+
+
+class _Payload:
+    """A pickle whose loading would create the file ``MARK``: it must never run."""
+    MARK = ""
+
+    def __reduce__(self):
+        return (open, (self.MARK, "w"))
+
+
+def _malicious(path, mark, sidecar=True):
+    _Payload.MARK = str(mark)
+    torch.save({"model": {"backbone.conv1.weight": torch.zeros(1)}, "epoch": 1, "args": {"clr": "simclr"},
+                "extra": _Payload()}, path)
+    if sidecar:
+        _sidecar(path)
+
+
+def test_a_checkpoint_of_another_architecture_inside_the_run_is_refused_and_nothing_changes(
+        two_epochs, resnet34_run, tmp_path, capsys):
+    """The data-loss case: a resnet34 checkpoint with a valid sidecar as the newest file of a resnet18 run."""
+    import shutil
+
+    run = _copy(two_epochs, tmp_path / "run")
+    for name in ("checkpoint_0003.pth.tar", "checkpoint_0002_step000001.pth.tar"):
+        shutil.copy(resnet34_run / "checkpoint_0001.pth.tar", run / name)
+        _sidecar(run / name)
+        before = _snapshot(run)
+        for train_from in ("latest", name):
+            assert main([f"--log_dir={run}", f"--train_from={train_from}", "--epochs=5"]) == 2
+            err = capsys.readouterr().err
+            assert err == (f"error: {run / name} is not a checkpoint of this run: it was trained with --arch=resnet34, "
+                           f"the run with --arch=resnet18 (its config.yaml); move that file out of {run}, then "
+                           "resume\n"), err
+            assert _snapshot(run) == before  # config.yaml, the other checkpoints, metrics.jsonl: untouched
+        os.remove(run / name)
+        os.remove(run / f"{name}.sha256")
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 0  # once it is gone, the run goes on
+
+
+def test_a_malicious_pickle_never_runs_through_any_entry_point(two_epochs, tmp_path, capsys, monkeypatch):
+    from models.pretrained import load_pretrained
+
+    from tests.conftest import ROOT
+
+    mark = tmp_path / "PAYLOAD_RAN"
+    run = _copy(two_epochs, tmp_path / "run")
+    evil_run = tmp_path / "evil_run"
+    evil_run.mkdir()
+    _malicious(evil_run / "checkpoint_0001.pth.tar", mark)
+    _malicious(run / "checkpoint_0003.pth.tar", mark)
+    export = tmp_path / "export" / "resnet18_simclr_ep1.pth"
+    export.parent.mkdir()
+    _malicious(export, mark)
+    export.with_suffix(".json").write_text(json.dumps({"arch": "resnet18", "cifar_stem": True}))
+    ev = ["--train_mode=eval", "--device=cpu", "--workers=0", "--no-tsne"]
+    clis = [
+        [f"--log_dir={run}", "--train_from=checkpoint_0003.pth.tar", "--epochs=4"],
+        TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={evil_run}", f"--log_dir={tmp_path / 'w'}"],
+        TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={export}", f"--log_dir={tmp_path / 'w'}"],
+        ev + [f"--checkpoint_dir={evil_run}", "--transfer_mode=knn", "--dataset_name=digits", "--arch=resnet18"],
+        ["--train_mode=export", f"--checkpoint_dir={evil_run}", "--dataset_name=digits"],
+    ]
+    for argv in clis:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "objects other than tensors" in err and "weights_only=False" not in err, err
+    for path in (evil_run, evil_run / "checkpoint_0001.pth.tar", export):
+        with pytest.raises(UserError, match="objects other than tensors") as caught:
+            load_pretrained(str(path))
+        assert "weights_only=False" not in str(caught.value)
+        with pytest.raises(UserError, match="objects other than tensors"):
+            torch.hub.load(ROOT, "backbone", source="local", path=str(path))
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 0  # moved aside, falls back to 2
+    assert "checkpoint_0003.pth.tar is unusable" in capsys.readouterr().err
+    assert not mark.exists()
+
+
+def test_every_load_checks_the_checksum(two_epochs, tmp_path, capsys):
+    """One flipped bit with the old sidecar: warm start, evaluation, export, load_pretrained, the hub and the
+    projector all refuse it (before, all but resume and evaluation trained on or returned the weights)."""
+    from models.pretrained import load_pretrained, load_projector
+
+    from tests.conftest import ROOT
+
+    run = _copy(two_epochs, tmp_path / "run")
+    path = run / "checkpoint_0002.pth.tar"
+    data = bytearray(path.read_bytes())
+    state = torch.load(path, weights_only=True)
+    first = next(v for k, v in state["model"].items() if k.endswith("bn1.running_var") and v.numel() >= 64)
+    offset = data.find(first.numpy().tobytes()[:64])
+    assert offset > 0 and data.find(first.numpy().tobytes()[:64], offset + 1) == -1
+    data[offset + 3] ^= 0x80  # the sign bit of one weight
+    path.write_bytes(bytes(data))
+    corrupt = f"checkpoint {path} is corrupt: its content does not match the checksum"
+    for argv in (TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={run}", f"--log_dir={tmp_path / 'w'}"],
+                 TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={path}", f"--log_dir={tmp_path / 'w'}"],
+                 ["--train_mode=eval", f"--checkpoint_dir={run}", "--transfer_mode=knn", "--device=cpu",
+                  "--workers=0", "--no-tsne"],
+                 ["--train_mode=export", f"--checkpoint_dir={run}"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and corrupt in err, err
+        assert not (tmp_path / "w").exists() and not (run / "export").exists() and not (run / "eval").exists()
+    for load in (load_pretrained, load_projector,
+                 lambda p: torch.hub.load(ROOT, "backbone", source="local", path=p)):
+        for target in (run, path):
+            with pytest.raises(UserError, match="is corrupt"):
+                load(str(target))
+
+
+def test_run_paths_with_glob_characters_are_taken_literally(two_epochs, tmp_path, capsys):
+    from models.pretrained import load_pretrained
+
+    from tests.conftest import ROOT
+
+    exp1 = _copy(two_epochs, tmp_path / "exp1")  # what 'exp[12]' matches as a pattern
+    empty = tmp_path / "exp[12]"
+    empty.mkdir()
+    literal = _copy(two_epochs, tmp_path / "run[1]")
+    with pytest.raises(UserError, match=re.escape(f"no checkpoint_NNNN.pth.tar in {empty}")):
+        load_pretrained(str(empty))
+    with pytest.raises(UserError, match="no checkpoint_NNNN.pth.tar in"):
+        torch.hub.load(ROOT, "backbone", source="local", path=str(empty))
+    backbone, meta = load_pretrained(str(literal))
+    assert meta["source"] == str(literal / "checkpoint_0002.pth.tar") and meta["epoch"] == 2
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={empty}", f"--log_dir={tmp_path / 'w'}"]) == 2
+    assert "no checkpoint_NNNN.pth.tar in" in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert main(TINY + ["--clr=simclr", "--epochs=1", f"--from_pretrained={literal}", "--no-tsne",
+                        f"--log_dir={tmp_path / 'w2'}"]) == 0
+    assert f"warm start: backbone from {literal / 'checkpoint_0002.pth.tar'}" in capsys.readouterr().out
+    assert exp1.exists()
+
+
+def _configs(tmp):
+    """(file name, yaml text) of bad config files; each must be refused with the line that follows it."""
+    return [
+        ("list_int.yaml", "epochs: [1, 2]\n", "epochs: is a list ([1, 2]) but takes one value"),
+        ("null_int.yaml", "epochs: null\n", "epochs: is null but needs a value"),
+        ("float_int.yaml", "epochs: 2.5\n", "epochs: expected an integer, got 2.5"),
+        ("bool_int.yaml", "epochs: true\n", "epochs: expected an integer, got True"),
+        ("word_int.yaml", "batch_size: many\n", "batch_size: expected an integer, got 'many'"),
+        ("inf_float.yaml", "lr: .inf\n", "lr: expected a finite number, got 'inf'"),
+        ("nan_float.yaml", "temperature: .nan\n", "temperature: expected a finite number, got 'nan'"),
+        ("word_float.yaml", "lr: fast\n", "lr: expected a number, got 'fast'"),
+        ("bool_float.yaml", "weight_decay: false\n", "weight_decay: expected a number, got False"),
+        ("nan_string.yaml", "momentum: nan\n", "momentum: expected a finite number, got 'nan'"),
+        ("bad_bool.yaml", "faster_version: maybe\n", "faster_version: expected a boolean"),
+        ("int_bool.yaml", "faster_version: 2\n", "faster_version: expected true or false, got 2"),
+        ("list_bool.yaml", "blur: [true]\n", "blur: is a list ([True]) but takes one value"),
+        ("int_choice.yaml", "clr: 5\n", "clr: '5' is not one of"),
+        ("bad_choice.yaml", "optimizer: adam\n", "optimizer: 'adam' is not one of lars, sgd, adamw"),
+        ("map_str.yaml", "data: {root: x}\n", "data: is a mapping ({'root': 'x'}) but takes one value"),
+        ("null_choice.yaml", "dataset_name: null\n", "dataset_name: is null but needs a value"),
+        ("list_arch.yaml", "arch: [resnet18]\n", "arch: is a list (['resnet18']) but takes one value"),
+        ("bool_str.yaml", "clr: yes\n", "clr: expected a word, got True"),
+        ("protocols.yaml", "final_eval: knn,bogus\n", "final_eval: unknown protocol bogus"),
+        ("protocols_list.yaml", "final_eval: [knn, 3]\n", "final_eval: is a list (['knn', 3]) but takes one value"),
+        ("nested_config.yaml", "config: other.yaml\nepochs: 3\n", "a config file cannot name another (config: "
+                                                                  "other.yaml)"),
+        ("method_flag.yaml", "clr: byol\nbyol_base_momentum: .inf\n", "byol_base_momentum: expected a finite number"),
+        ("range.yaml", "color_jitter_strength: 3\n", "--color_jitter_strength must be in [0, 2.5]"),
+        ("sthalles_shape.yaml", "model: {out_dim: 8}\ndataset: {input_shape: '(16,32,3)'}\n",
+         "dataset.input_shape '(16,32,3)' is not a square image shape"),
+        ("sthalles_bool.yaml", "loss: {use_cosine_similarity: perhaps}\n",
+         "loss.use_cosine_similarity: expected true or false, got 'perhaps'"),
+        ("sthalles_fp16.yaml", "model: {out_dim: 8}\nfp16_precision: [no]\n",
+         "fp16_precision: expected true or false, got [False]"),
+        ("sthalles_list.yaml", "model: {out_dim: [8]}\n", "proj_out_dim: is a list ([8]) but takes one value"),
+    ]
+
+
+def _more_bad_invocations(run, tmp):
+    """Third round: non-finite and out-of-range numbers, contradictions, misleading messages, checkpoints that are
+    not this run's or not this tool's."""
+    tiny = TINY + [f"--results_dir={tmp / 'results'}"]
+    ev = ["--train_mode=eval", "--device=cpu", "--workers=0", "--no-tsne"]
+    return [
+        (tiny + ["--lr=nan"], "argument --lr: expected a finite number, got 'nan'"),
+        (tiny + ["--lr=inf"], "argument --lr: expected a finite number, got 'inf'"),
+        (tiny + ["--lr=-inf"], "argument --lr: expected a finite number, got '-inf'"),
+        (tiny + ["--temperature=nan"], "argument --temperature: expected a finite number"),
+        (tiny + ["--weight_decay=1e400"], "argument --weight_decay: expected a finite number"),
+        (tiny + ["--clr=byol", "--byol_base_momentum=nan"], "argument --byol_base_momentum: expected a finite number"),
+        (tiny + ["--min_crop_scale=nan"], "argument --min_crop_scale: expected a finite number"),
+        (tiny + ["--lr=fast"], "argument --lr: expected a number, got 'fast'"),
+        (tiny + ["--color_jitter_strength=-1"], "--color_jitter_strength must be in [0, 2.5]"),
+        (tiny + ["--color_jitter_strength=3"], "--color_jitter_strength must be in [0, 2.5]"),
+        (tiny + ["--color_jitter_strength=3", "--faster_version"], "--color_jitter_strength must be in [0, 2.5]"),
+        (tiny + ["--valid_size=0.995"], "--valid_size 0.995 leaves 7 of 1437 images for pretraining, fewer than "
+                                        "--batch_size 16"),
+        ([f"--log_dir={run}", "--train_from=latest", f"--from_pretrained={run}"],
+         "--train_from resumes a run with its own weights and --from_pretrained starts a new run"),
+        (ev + [f"--checkpoint_dir={run / 'checkpoint_0002.pth.tar'}"], "is a file; pass its run directory"),
+        ([f"--config={tmp}"], f"--config {tmp} is a directory; pass a yaml file"),
+        (ev + [f"--checkpoint_dir={run}", "--transfer_mode=knn", "--fc_augment"],
+         "--fc_augment trains a linear classifier on augmented images; it means nothing to --transfer_mode knn"),
+        (ev + ["--checkpoint_dir=pca", "--transfer_mode=finetune", "--dataset_name=digits"],
+         "--checkpoint_dir pca is a fixed projection of the pixels; evaluate it with linear_eval, knn or logistic"),
+        (["--train_mode=export", "--checkpoint_dir=pca"], "export needs --checkpoint_dir RUN_DIR (a pretraining run), not pca"),
+        ([f"--log_dir={run}", f"--train_from={tmp / 'argsless.pth.tar'}"], "is not a checkpoint of this tool (it "
+                                                                           "lacks args.clr, args.arch"),
+        ([f"--log_dir={run}", f"--train_from={tmp / 'no_epoch.pth.tar'}"], "is not a checkpoint of this tool (it "
+                                                                           "lacks epoch)"),
+        (ev + [f"--checkpoint_dir={tmp / 'argsless'}", "--transfer_mode=knn"], "is not a checkpoint of this tool"),
+        ([f"--log_dir={run}", f"--train_from={tmp / 'evil.pth.tar'}"], "holds objects other than tensors"),
+        ([f"--log_dir={run}", f"--train_from={tmp / 'other34' / 'checkpoint_0001.pth.tar'}"],
+         "comes from another kind of run (--arch=resnet34)"),
+        ([f"--log_dir={tmp / 'badconfig'}", "--train_from=latest"], "config.yaml is not a mapping of settings"),
+    ] + [([f"--config={tmp / name}"] + tiny, message) for name, _, message in _configs(tmp)]
+
+
+def test_the_third_round_of_bad_inputs_each_end_in_one_line_and_change_nothing(two_epochs, resnet34_run, tmp_path,
+                                                                               capsys, monkeypatch):
+    import shutil
+
+    run = _copy(two_epochs, tmp_path / "run")
+    _copy(resnet34_run, tmp_path / "other34")
+    for name, text, _ in _configs(tmp_path):
+        (tmp_path / name).write_text(text)
+    state = torch.load(run / "checkpoint_0002.pth.tar", weights_only=True)
+    torch.save({"model": state["model"], "epoch": 2}, tmp_path / "argsless.pth.tar")  # a foreign dict, sidecar and all
+    _sidecar(tmp_path / "argsless.pth.tar")
+    (tmp_path / "argsless").mkdir()
+    shutil.copy(tmp_path / "argsless.pth.tar", tmp_path / "argsless" / "checkpoint_0002.pth.tar")
+    _sidecar(tmp_path / "argsless" / "checkpoint_0002.pth.tar")
+    torch.save({"model": state["model"], "args": state["args"]}, tmp_path / "no_epoch.pth.tar")
+    _malicious(tmp_path / "evil.pth.tar", tmp_path / "PAYLOAD_RAN")
+    _copy(run, tmp_path / "badconfig")
+    (tmp_path / "badconfig" / "config.yaml").write_text("- not\n- a mapping\n")
+    monkeypatch.chdir(tmp_path)
+    cases = _more_bad_invocations(run, tmp_path)
+    assert len(cases) >= 50
+    for argv, message in cases:
+        before = _snapshot(tmp_path)
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
+        assert _snapshot(tmp_path) == before, argv
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("faster_version: 'False'\n", {"faster_version": False}),  # the command line's --faster_version=False
+    ("faster_version: 'yes'\nblur: 0\n", {"faster_version": True, "blur": False}),
+    ("epochs: '7'\nlr: 1e-2\nweight_decay: 10e-6\n", {"epochs": 7, "lr": 0.01, "weight_decay": 1e-5}),
+    ("epochs: 3.0\nbatch_size: 1e2\n", {"epochs": 3, "batch_size": 100}),
+    ("lr: null\nfinal_eval: [knn, logistic]\n", {"lr": 0.3, "final_eval": ["knn", "logistic"]}),
+    ("arch: ResNet18\n", {"arch": "resnet18"}),
+    ("model: {out_dim: 8}\ndataset: {input_shape: '(3,16,16)'}\nloss: {use_cosine_similarity: 'False'}\n"
+     "fp16_precision: 'False'\n", {"image_size": 16, "similarity": "dot", "precision": "fp32", "proj_out_dim": 8}),
+    ("model: {out_dim: 8}\ndataset: {input_shape: [32, 32, 3]}\nfp16_precision: false\n",
+     {"image_size": 32, "precision": "fp32"}),
+])
+def test_yaml_values_are_read_as_the_command_line_reads_them(text, expected, tmp_path):
+    from main import resolve
+
+    (tmp_path / "c.yaml").write_text(text)
+    cfg, _, _ = resolve([f"--config={tmp_path / 'c.yaml'}"])
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    assert all(type(getattr(cfg, key)) is type(value) for key, value in expected.items())

@@ -106,9 +106,9 @@ def test_rotation_prediction_adds_the_weighted_cross_entropy_of_a_linear_head(tm
 
 
 def test_rotation_mistakes_are_one_line(tmp_path, capsys):
-    cases = [(["--rot_task_p=1.5"], "error: --rot_task_p (--rottlr_p) is a probability in [0, 1], got 1.5"),
-             (["--rottlr=-1"], "error: --rot_pred_weight (--rottlr) must not be negative (0 is off), got -1.0"),
-             (["--adpt"], "error: --rot_pred_decay (--adpt) decays --rot_pred_weight, which is off; pass "
+    cases = [(["--rot_task_p=1.5"], "error: --rot_task_p must be a probability in [0, 1], got 1.5"),
+             (["--rottlr=-1"], "error: --rot_pred_weight must not be negative (0 is off), got -1.0"),
+             (["--adpt"], "error: --rot_pred_decay decays --rot_pred_weight, which is off; pass "
                           "--rot_pred_weight"),
              (["--clr=insdis", "--rot_task_p=0.5"], "error: --rot_task_p makes a rotated image a new class, but "
               "InsDis's memory bank keeps one entry per image; use it with --clr simclr, flatclr or byol")]

@@ -51,8 +51,9 @@ def test_a_sweep_writes_a_table_of_means_over_seeds_and_skips_done_cells(tmp_pat
 def test_sweep_mistakes_are_one_line(tmp_path, capsys):
     bad = _write(tmp_path, {"clr": ["simclr", "nosuch"], "batch_size": [16]}, name="bad")
     assert sweep_main([str(bad), f"--out={tmp_path / 'o1'}"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {bad}: cell clr-nosuch__batch_size-16: clr='nosuch' is not "
-                                               "one of simclr, flatclr, byol, insdis")
+    assert capsys.readouterr().err.strip() == (f"error: {bad}: cell clr-nosuch__batch_size-16: clr: 'nosuch' is not "
+                                               "one of simclr, flatclr, byol, insdis; fix the value (as --clr takes "
+                                               "it) or leave the key out")
     assert not (tmp_path / "o1").exists()
     good = _write(tmp_path, {"clr": ["simclr"], "batch_size": [16]}, name="good")
     (tmp_path / "o2").mkdir()
@@ -67,8 +68,9 @@ def test_sweep_mistakes_are_one_line(tmp_path, capsys):
     assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs"]) == 2
     assert capsys.readouterr().err.strip() == "error: --set epochs: write it as KEY=VALUE, e.g. --set device=cuda"
     assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs=zero"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: good.yaml: cell clr-simclr__batch_size-16: argument --epochs: "
-                                               "invalid int value: 'zero' (see --help)").replace("good.yaml", str(good))
+    assert capsys.readouterr().err.strip() == ("error: good.yaml: cell clr-simclr__batch_size-16: epochs: expected an "
+                                               "integer, got 'zero'; fix the value (as --epochs takes it) or leave "
+                                               "the key out").replace("good.yaml", str(good))
     assert not (tmp_path / "o3").exists()
 
 

@@ -55,8 +55,7 @@ class ContrastiveMethod(SSLMethod):
 def _builder(loss: str):
     def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
         return ContrastiveMethod(backbone, projector, cfg.n_views, cfg.temperature, loss,
-                                 head=getattr(cfg, "head", "contrastive"), n_supp=getattr(cfg, "n_supp", 1),
-                                 reg=getattr(cfg, "reg", 50.0), similarity=getattr(cfg, "similarity", "cosine"))
+                                 head=cfg.head, n_supp=cfg.n_supp, reg=cfg.reg, similarity=cfg.similarity)
 
     return build
 

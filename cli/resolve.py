@@ -1,0 +1,230 @@
+"""Settings, from the command line to the values a run uses: parse (``--config`` as defaults, the command line
+winning), translate the other tools' spellings, merge a resumed run's saved settings (the checkpoint is read and
+checked by :mod:`engine.checkpoint`), inherit an evaluated run's dataset and architecture, and check every value.
+Nothing downstream changes them, except the settings a method settles (:meth:`MethodSpec.settle`)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from cli.compat import run_id_dir, translate
+from cli.config import apply_yaml, read_yaml
+from cli.options import split_list
+from cli.parser import build_parser
+from common.distributed import launched_rank
+from common.errors import UserError
+from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, load_checkpoint, load_latest,
+                               resolve_checkpoint)
+from engine.evaluate import PROTOCOLS
+from engine.final_eval import eval_defaults
+from engine.optim import default_lr
+from engine.runlog import PER_INVOCATION_KEYS
+from models import ARCH_ALIASES, METHODS
+
+# What an evaluation takes from the run it evaluates, unless given on the command line.
+EVAL_INHERITED_KEYS = ("dataset_name", "data", "image_size", "arch")
+
+
+def explicit_dests(argv: list[str]) -> set[str]:
+    """Names of the settings given on the command line (not defaults, not yaml)."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    ns, _ = shadow.parse_known_args(argv)
+    return set(vars(ns))
+
+
+# The range of each number setting: (lowest, highest, what the range is); None where the setting may be unset.
+AT_LEAST_1 = ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim", "accu_iter",
+              "limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim", "iters", "fc_epochs",
+              "fc_iters", "fc_batch_size", "knn_k", "fc_micro_batch_size", "pca_dim", "logistic_max_iter",
+              "valid_every_n_epochs", "keep_mid_epoch_checkpoints")
+NOT_NEGATIVE = ("lr", "weight_decay", "fc_lr", "fc_weight_decay", "momentum", "fc_momentum", "eval_every_n_epochs",
+                "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes", "workers", "warmup_epochs",
+                "keep_checkpoints", "milestone_every_n_epochs", "rot_pred_weight")
+RANGES = {
+    "batch_size": (2, None, "be at least 2 (contrastive losses need negatives)"),
+    "temperature": (0, None, "be positive"), "knn_temperature": (0, None, "be positive"),
+    "width_multiplier": (0, None, "be positive"),
+    "seed": (0, 2**32 - 1, "be in [0, 2**32)"),
+    "valid_size": (0, 1, "be the held-out fraction of the pretraining set, in [0, 1)"),
+    "rot_task_p": (0, 1, "be a probability in [0, 1]"),
+    "color_jitter_strength": (0, 2.5, "be in [0, 2.5] (hue is 0.2 x strength, at most 0.5)"),
+    "min_crop_scale": (0, 1, "be in (0, 1]"),
+    "semi_ratio": (0, 1, "be a fraction in (0, 1), e.g. 0.01 or 0.1"),
+    **{name: (1, None, "be at least 1") for name in AT_LEAST_1},
+    **{name: (0, None, "not be negative") for name in NOT_NEGATIVE},
+    "rot_pred_weight": (0, None, "not be negative (0 is off)"),
+    "keep_checkpoints": (0, None, "not be negative (0 keeps every checkpoint)"),
+    "milestone_every_n_epochs": (0, None, "not be negative (0: no milestones)"),
+}
+OPEN_BELOW = {"temperature", "knn_temperature", "width_multiplier", "min_crop_scale", "semi_ratio"}  # (0, ...
+OPEN_ABOVE = {"valid_size", "semi_ratio"}  # ..., 1)
+
+
+def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every value in its range and among its choices (yaml and a resumed run's values bypass argparse's own
+    checks), then the method's own checks and the settings that must agree with each other."""
+    for action in parser._actions:
+        value = getattr(cfg, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise UserError(f"{action.dest}={value!r} is not one of {', '.join(map(str, action.choices))}")
+    for name, (low, high, what) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        below = value <= low if name in OPEN_BELOW else value < low
+        above = high is not None and (value >= high if name in OPEN_ABOVE else value > high)
+        if below or above:
+            raise UserError(f"--{name} must {what}, got {value}")
+    spec = METHODS[cfg.clr]
+    spec.settle(cfg)
+    if cfg.n_views is None:  # a method's own settle may leave it
+        cfg.n_views = 2
+    if cfg.n_views < spec.min_views:
+        raise UserError(f"--n_views must be at least {spec.min_views} for {cfg.clr}, got {cfg.n_views}")
+    spec.validate(cfg)
+    if isinstance(cfg.final_eval, str):  # a run's settings saved before protocol lists were parsed
+        cfg.final_eval = split_list(cfg.final_eval)
+    unknown = [p for p in cfg.final_eval if p not in PROTOCOLS]
+    if unknown:
+        raise UserError(f"--final_eval: unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    check_agreement(cfg)
+
+
+def check_agreement(cfg: argparse.Namespace) -> None:
+    """Settings that only mean something together."""
+    if cfg.rot_pred_decay and not cfg.rot_pred_weight:
+        raise UserError("--rot_pred_decay decays --rot_pred_weight, which is off; pass --rot_pred_weight")
+    if cfg.from_pretrained_head and not cfg.from_pretrained:
+        raise UserError("--from_pretrained_head takes the head of --from_pretrained's run, which is not given; pass "
+                        "--from_pretrained PATH")
+    if cfg.from_pretrained and not os.path.exists(cfg.from_pretrained):
+        raise UserError(f"--from_pretrained {cfg.from_pretrained} does not exist; pass a run directory, a "
+                        "checkpoint_*.pth.tar or an export .pth")
+    if cfg.faster_version and (cfg.input_pipeline == "hybrid" or cfg.decode_on_gpu):
+        raise UserError("--faster_version holds the dataset on the device, which --input_pipeline hybrid and "
+                        "--decode_on_gpu read from files; pick one")
+    m = cfg.milestone_every_n_epochs
+    if m and m % cfg.save_every_n_epochs:
+        raise UserError(f"--milestone_every_n_epochs {m} is not a multiple of --save_every_n_epochs "
+                        f"{cfg.save_every_n_epochs}, so no checkpoint would be written at its epochs; pass a multiple "
+                        "(or 0: no milestones)")
+
+
+def inherit_from_run(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """Evaluate on the run's own dataset and architecture unless the command line says otherwise."""
+    if not cfg.checkpoint_dir:
+        raise UserError(f"--train_mode={cfg.train_mode} needs --checkpoint_dir RUN_DIR (a pretraining run)"
+                        + (", or --checkpoint_dir none for a random-init baseline" if cfg.train_mode == "eval" else ""))
+    if cfg.checkpoint_dir.lower() in ("none", "pca"):  # baselines: no run to inherit from
+        return
+    if os.path.isfile(cfg.checkpoint_dir):
+        raise UserError(f"--checkpoint_dir {cfg.checkpoint_dir} is a file; pass its run directory "
+                        f"({os.path.dirname(cfg.checkpoint_dir) or '.'}), and --transfer_from_epoch for its epoch")
+    if not os.path.isdir(cfg.checkpoint_dir):
+        raise UserError(f"--checkpoint_dir {cfg.checkpoint_dir} does not exist; pass a pretraining run directory")
+    available = list_checkpoints(cfg.checkpoint_dir)
+    if not available:
+        raise UserError(f"no checkpoint_*.pth.tar in {cfg.checkpoint_dir}; pass the directory of a pretraining "
+                        "run (results/<dataset>/<bs>_<Method>/<date>) or --checkpoint_dir none")
+    config = os.path.join(cfg.checkpoint_dir, "config.yaml")
+    if os.path.isfile(config):
+        saved = read_yaml(config)
+    else:
+        saved = load_checkpoint(available[max(available)]).get("args", {})
+    if "arch" in explicit and saved.get("arch") not in (None, ARCH_ALIASES.get(cfg.arch, cfg.arch)):
+        raise UserError(f"{cfg.checkpoint_dir} was pretrained with --arch {saved['arch']}, not {cfg.arch}; "
+                        f"drop --arch or pass --arch {saved['arch']}")
+    for key in EVAL_INHERITED_KEYS:
+        if key not in explicit and key in saved:
+            setattr(cfg, key, saved[key])
+
+
+def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | None]:
+    """Parse ``argv`` into the final settings; load the checkpoint when resuming."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        apply_yaml(parser, pre.config)
+    cfg = parser.parse_args(argv)
+    explicit = explicit_dests(argv)
+    run_id_dir(cfg)
+    resume, resume_path = merge_resumed_run(cfg, explicit)
+    if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
+        raise UserError("--iters and --epochs both set the length of the run; pass one of them")
+    if "epochs" in explicit and "iters" not in explicit:  # the command line's length wins over a yaml's or run's
+        cfg.iters = None
+    translate(cfg, explicit)
+    if cfg.train_mode in ("eval", "export"):
+        inherit_from_run(cfg, explicit)
+    if cfg.train_mode == "eval":
+        refuse_meaningless_eval(cfg, explicit)
+    if cfg.lr is None:
+        cfg.lr = default_lr(cfg.optimizer, cfg.learning_rate_scaling)
+    validate(cfg, parser)
+    refuse_other_methods_flags(cfg, explicit)
+    if cfg.train_mode == "eval":
+        eval_defaults(cfg)
+    return cfg, resume, resume_path
+
+
+def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict | None, str | None]:
+    """``--train_from`` of a pretraining run: the checkpoint chosen and read by :mod:`engine.checkpoint` (checksum,
+    fallback, identity), and its saved settings taken for every setting the command line does not give; one that
+    would change what the run is, refused."""
+    if cfg.train_from is not None and not cfg.train_from.strip():
+        raise UserError("--train_from is empty (an unset shell variable?); pass a checkpoint file name or 'latest'")
+    if not cfg.train_from or cfg.train_mode == "eval":  # eval mode: engine/evaluate.py continues its own fits
+        return None, None
+    if "from_pretrained" in explicit:
+        raise UserError("--train_from resumes a run with its own weights and --from_pretrained starts a new run from "
+                        "another's; pass one of them")
+    if not cfg.log_dir:
+        raise UserError("--train_from needs --log_dir RUN_DIR (the run to continue)")
+    if not os.path.isdir(cfg.log_dir):
+        raise UserError(f"--log_dir {cfg.log_dir} does not exist; pass the run directory to resume")
+    verify = launched_rank() == 0  # rank 0 reads the file for its checksum; the others map it
+    if cfg.train_from == "latest":
+        resume_path, resume = load_latest(cfg.log_dir, verify)
+    else:
+        resume_path = resolve_checkpoint(cfg.log_dir, cfg.train_from)
+        resume = load_checkpoint(resume_path, verify)
+    if resume.get("foreign"):
+        raise UserError(f"{resume_path} is a {resume['foreign']} checkpoint, which has no state of this tool to "
+                        f"resume; start a new run from its weights with --from_pretrained {resume_path}")
+    saved = resume.get("args", {})
+    check_identity(cfg.log_dir, resume_path, saved)
+    for key in identity_keys(saved.get("clr", cfg.clr)):
+        if key in explicit and key in saved and getattr(cfg, key) != saved[key]:
+            raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
+                            f"drop --{key} to resume, or start a new run")
+    for key, value in saved.items():
+        if hasattr(cfg, key) and key not in explicit and key not in PER_INVOCATION_KEYS:
+            setattr(cfg, key, value)
+    if "keep_checkpoints" not in saved and "keep_checkpoints" not in explicit:
+        cfg.keep_checkpoints = 0  # a run from before retention existed keeps every checkpoint, as it did
+    return resume, resume_path
+
+
+def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """A method's exclusive flag given on the command line of another method would do nothing: one line."""
+    own = {f.name for f in METHODS[cfg.clr].flags}
+    for spec in METHODS.values():
+        for flag in spec.flags:
+            if flag.exclusive and flag.name in explicit and flag.name not in own and cfg.train_mode == "pretrain":
+                users = [n for n, s in METHODS.items() if any(f.name == flag.name for f in s.flags)]
+                raise UserError(f"--{flag.name} is a setting of --clr {' or '.join(users)}, not of {cfg.clr}; drop "
+                                f"it or pass --clr {users[0]}")
+
+
+def refuse_meaningless_eval(cfg: argparse.Namespace, explicit: set[str]) -> None:
+    """Evaluation settings that would be silently ignored by the protocol asked for: one line."""
+    if cfg.fc_augment and "fc_augment" in explicit and cfg.transfer_mode != "linear_eval":
+        raise UserError(f"--fc_augment trains a linear classifier on augmented images; it means nothing to "
+                        f"--transfer_mode {cfg.transfer_mode}: drop it or pass --transfer_mode linear_eval")
+    if (cfg.checkpoint_dir or "").lower() == "pca" and (cfg.transfer_mode == "finetune" or cfg.fc_augment):
+        raise UserError("--checkpoint_dir pca is a fixed projection of the pixels; evaluate it with linear_eval, knn "
+                        "or logistic (without --fc_augment)")
+
+

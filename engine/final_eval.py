@@ -1,0 +1,73 @@
+"""``--final_eval``: when pretraining reaches ``--epochs``, the last checkpoint evaluated with each protocol into
+``RUN/eval/`` (as ``--train_mode eval`` would), with a random-init baseline beside it on request; and the
+protocol-dependent defaults every evaluation takes (:func:`eval_defaults`)."""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+from common.distributed import launched_rank
+from common.errors import Preempted
+from engine.checkpoint import list_checkpoints
+from engine.evaluate import PARTIAL, evaluate, record_path
+from engine.pretrain import PREEMPTED_MARK, pretrain
+
+
+def pretrain_then_evaluate(cfg: argparse.Namespace, resume: dict | None, resume_path: str | None) -> None:
+    """Pretraining, then ``--final_eval`` when it finished (or, on a resume, the evaluations still missing)."""
+    resumed, held = resume is not None, [resume]
+    del resume  # pretrain holds the only reference and drops it once restored: the file is mapped, not read
+    run_dir, finished = pretrain(cfg, held.pop(), resume_path)
+    if cfg.final_eval and (finished or resumed):
+        final_evaluations(cfg, run_dir, only_missing=not finished)
+
+
+def eval_defaults(cfg: argparse.Namespace) -> None:
+    """Settings of an evaluation that depend on its protocol."""
+    if cfg.fc_lr is None:
+        cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
+
+
+def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool = False) -> None:
+    """``--final_eval``: each protocol on the run's last checkpoint (and a random-init baseline with
+    ``--final_eval_baseline``), then one summary line per protocol. ``only_missing`` (a resume): the
+    protocols whose record is not written yet, an interrupted fine-tuning continuing from its saved position;
+    nothing when all are written."""
+    epoch = max(list_checkpoints(run_dir))
+    if epoch < cfg.epochs:  # the run has not reached --epochs (--stop_after_epoch)
+        return
+    mark = os.path.join(run_dir, PREEMPTED_MARK)
+    if os.path.exists(mark) and launched_rank() == 0:
+        os.remove(mark)  # this invocation continues what the mark stood for
+    lines = []
+    for protocol in cfg.final_eval:
+        ev = argparse.Namespace(**{**vars(cfg), "train_mode": "eval", "checkpoint_dir": run_dir, "eval_all": False,
+                                   "transfer_mode": protocol, "transfer_from_epoch": epoch, "train_from": None})
+        path_of = functools.partial(record_path, os.path.join(run_dir, "eval"), protocol, cfg.semi_ratio, epoch)
+        if only_missing and os.path.isfile(path_of()):
+            continue
+        if os.path.isfile(path_of(PARTIAL)):
+            ev.train_from = "latest"
+        eval_defaults(ev)
+        try:
+            record = evaluate(ev)[-1]
+        except Preempted as stop:  # the job script requeues on the mark; the resume finishes this evaluation
+            if launched_rank() == 0:
+                with open(mark, "w") as f:
+                    f.write(f"{stop}\n")
+            raise Preempted(f"{str(stop).split('; continue')[0]}; continue with --log_dir {run_dir} "
+                            "--train_from latest") from stop
+        line = f"{protocol}: top-1 {record['top1']:.2f}% (epoch {epoch})"
+        if cfg.final_eval_baseline:
+            base = argparse.Namespace(**{**vars(ev), "checkpoint_dir": "none", "transfer_from_epoch": None,
+                                         "train_from": None,
+                                         "results_dir": os.path.join(run_dir, "eval", "random_init")})
+            baseline = evaluate(base)[-1]
+            line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
+                     "pretraining)")
+        lines.append(line)
+    if lines and launched_rank() == 0:
+        print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
+
+
