@@ -30,7 +30,7 @@ def step_ms(cfg, channels_last: bool, batch: int, size: int, steps: int, device:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
-        loss, _ = method(views, index)
+        loss, _, _ = method(views, index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -135,11 +135,11 @@ def measure_step(cfg, device, steps: int, flop_counter, build_method, build_opti
         if cl:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with autocast:
-            loss, _ = method(views, index.to(device))
+            loss, _, outputs = method(views, index.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        method.after_step(1, 100)
+        method.after_step(1, 100, outputs)
 
     counter = flop_counter(display=False)
     with counter:

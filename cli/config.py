@@ -27,8 +27,9 @@ def read_yaml(path: str) -> dict:
     return values
 
 
-def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
-    """``--config``'s values as the parser's defaults, each checked as the command line checks its flag."""
+def apply_yaml(parser: argparse.ArgumentParser, path: str) -> set[str]:
+    """``--config``'s values as the parser's defaults, each checked as the command line checks its flag; returns
+    the settings it gave."""
     if os.path.isdir(path):
         raise UserError(f"--config {path} is a directory; pass a yaml file, e.g. configs/quickstart.yaml")
     if not os.path.isfile(path):
@@ -38,7 +39,7 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
     for action in parser._actions:  # a boolean's first action is --x (its --no-x follows)
         if action.dest != "help":
             actions.setdefault(action.dest, action)
-    for recorded in ("schedule", "input_stats", "provenance"):  # recorded in a run's config.yaml: not flags
+    for recorded in ("schedule", "input_stats", "provenance", "sources"):  # a run's config.yaml records: not flags
         if isinstance(values.get(recorded), dict):
             del values[recorded]
     if any(isinstance(values.get(k), dict) for k in STHALLES_SECTIONS) or "fine_tune_from" in values:
@@ -50,6 +51,7 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> None:
         raise UserError(f"{path}: a config file cannot name another (config: {values['config']}); merge the two "
                         "files, or pass the other one with --config")
     parser.set_defaults(**{key: yaml_value(actions[key], key, value, path) for key, value in values.items()})
+    return set(values)
 
 
 def yaml_value(action: argparse.Action, key: str, value, path: str):

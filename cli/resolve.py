@@ -145,12 +145,20 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     """Parse ``argv`` into the final settings; load the checkpoint when resuming."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        apply_yaml(parser, pre.config)
+    from_yaml = apply_yaml(parser, pre.config) if pre.config else set()
     cfg = parser.parse_args(argv)
     explicit = explicit_dests(argv)
+    sources = {key: "command line" for key in explicit} | {key: f"--config {pre.config}" for key in from_yaml
+                                                             if key not in explicit}
+    for key, value in METHODS[cfg.clr].defaults.items() if cfg.clr in METHODS else ():
+        if key not in sources:
+            setattr(cfg, key, value)
+            sources[key] = f"the default of --clr {cfg.clr}"
     run_id_dir(cfg)
     resume, resume_path = merge_resumed_run(cfg, explicit)
+    if resume is not None:
+        sources = {**{k: "the resumed run" for k in resume.get("args", {}) if k not in explicit}, **{
+            k: v for k, v in sources.items() if k in explicit}}
     if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
         raise UserError("--iters and --epochs both set the length of the run; pass one of them")
     if "epochs" in explicit and "iters" not in explicit:  # the command line's length wins over a yaml's or run's
@@ -166,6 +174,8 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     refuse_other_methods_flags(cfg, explicit)
     if cfg.train_mode == "eval":
         eval_defaults(cfg)
+    cfg.sources = {k: v for k, v in sorted(sources.items())  # where each setting came from: in config.yaml
+                   if k in vars(cfg) and k not in PER_INVOCATION_KEYS + ("sources",)}
     return cfg, resume, resume_path
 
 

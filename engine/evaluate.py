@@ -204,15 +204,8 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
     if not finetune:
         backbone.requires_grad_(False)
     model = nn.Sequential(backbone, head).to(device)
-    dataset: Dataset = Transformed(split.dataset, train_transform(split))
-    if train_indices is not None:
-        dataset = Subset(dataset, train_indices)
-    bs = min(cfg.fc_batch_size, len(dataset))
     micro = micro_batch(cfg, finetune)
-    local_bs = max(bs // dist.world_size, 1)
-    sampler = _ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", drop_last=len(dataset) > local_bs * dist.world_size)
+    sampler, loader, local_bs = _fit_loader(split, train_indices, cfg, dist, device)
     steps = len(loader)
     trainable = model if finetune else head
     opt = build_optimizer(cfg.fc_optimizer, trainable, cfg.fc_lr, cfg.fc_weight_decay, cfg.fc_momentum)
@@ -220,13 +213,8 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step, start_epoch, start_batch = 0, 0, 0
     loss_sum = torch.zeros((), device=device)  # the epoch's summed loss, on the device: no host sync a step
-    if fit.state is not None:
-        model.load_state_dict(fit.state["model"])
-        opt.load_state_dict(fit.state["optimizer"])
-        step, start_epoch, start_batch = fit.state["step"], fit.state["fc_epoch"], fit.state["batch"]
-        loss_sum += fit.state["loss_sum"]
+    step, start_epoch, start_batch = _restore_fit(fit.state, model, opt, loss_sum)
     name = "finetune" if finetune else "linear"
     for epoch in range(start_epoch, cfg.fc_epochs):
         sampler.set_epoch(epoch)
@@ -255,21 +243,52 @@ def fit_network(backbone: nn.Module, feat_dim: int, split: Split, train_indices:
             loss_sum += loss
             stop, save = _agree(fit.requests(step), dist, device)
             if (stop or save) and step < cfg.fc_epochs * steps:
-                position = (epoch, i + 1) if i + 1 < steps else (epoch + 1, 0)
-                saved = _save_fit(fit, model, opt, step, position, float(loss_sum) if i + 1 < steps else 0.0, cfg,
-                                  dist)
-                if stop:
-                    bar.close()
-                    where = (f"after saving {saved}; continue with the same command and --train_from latest"
-                             if saved else "a random-init baseline is not resumable: run it again")
-                    raise Preempted(f"{fit.stop_message(getattr(fit.requests, 'received', None))} at {name} epoch "
-                                    f"{epoch + 1}, step {i + 1} of {steps}, {where}")
+                _save_or_stop(fit, model, opt, step, (epoch, i, steps), loss_sum, stop, bar, name, cfg, dist)
         bar.close()
     model.eval()
     fields = {"fc_micro_batch_size": micro, "fc_train_loss": float(loss_sum) / max(steps, 1)}
     if fit.state is not None:
         fields["resumed_at_step"] = fit.state["step"]
     return model, fields
+
+
+def _restore_fit(state: dict | None, model: nn.Module, opt: torch.optim.Optimizer,
+                 loss_sum: torch.Tensor) -> tuple[int, int, int]:
+    """A saved fit's weights, optimizer and running loss; returns (steps, epoch, batch) where it stopped."""
+    if state is None:
+        return 0, 0, 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    loss_sum += state["loss_sum"]
+    return state["step"], state["fc_epoch"], state["batch"]
+
+
+def _fit_loader(split: Split, train_indices: list[int] | None, cfg: Namespace, dist: DistInfo,
+                device: torch.device) -> tuple["_ResumableSampler", DataLoader, int]:
+    """The augmented (labelled subset of the) training images, each rank its share of ``--fc_batch_size``."""
+    dataset: Dataset = Transformed(split.dataset, train_transform(split))
+    if train_indices is not None:
+        dataset = Subset(dataset, train_indices)
+    local_bs = max(min(cfg.fc_batch_size, len(dataset)) // dist.world_size, 1)
+    sampler = _ResumableSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=local_bs, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", drop_last=len(dataset) > local_bs * dist.world_size)
+    return sampler, loader, local_bs
+
+
+def _save_or_stop(fit: FitRun, model: nn.Module, opt: torch.optim.Optimizer, step: int, where: tuple[int, int, int],
+                  loss_sum: torch.Tensor, stop: bool, bar, name: str, cfg: Namespace, dist: DistInfo) -> None:
+    """A signal or a timer during a fit: save its exact position (epoch, batch ``i`` of ``steps``), and on a
+    signal stop with the line that says how to continue."""
+    epoch, i, steps = where
+    position = (epoch, i + 1) if i + 1 < steps else (epoch + 1, 0)
+    saved = _save_fit(fit, model, opt, step, position, float(loss_sum) if i + 1 < steps else 0.0, cfg, dist)
+    if stop:
+        bar.close()
+        how = (f"after saving {saved}; continue with the same command and --train_from latest" if saved
+               else "a random-init baseline is not resumable: run it again")
+        raise Preempted(f"{fit.stop_message(getattr(fit.requests, 'received', None))} at {name} epoch {epoch + 1}, "
+                        f"step {i + 1} of {steps}, {how}")
 
 
 def _agree(wishes: tuple[bool, bool], dist: DistInfo, device: torch.device) -> tuple[bool, bool]:

@@ -1,8 +1,8 @@
 """Self-supervised pretraining: one loop for every method.
 
 views -> method(views, index) -> loss (negatives gathered from every rank inside the method) ->
-finite check on all ranks -> backward -> optimizer step with the per-step LR -> method.after_step
-(BYOL EMA, InsDis bank) -> metrics; a checkpoint every ``--save_every_n_epochs`` and at the end.
+finite check on all ranks -> backward -> optimizer step with the per-step LR -> method.after_step with the
+step's outputs (BYOL EMA, InsDis bank) -> metrics; a checkpoint every ``--save_every_n_epochs`` and at the end.
 
 Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one step),
 :func:`train_epoch` (one pass with progress and logs), :func:`end_epoch` (monitor, metrics, checkpoint).
@@ -17,6 +17,7 @@ import sys
 import time
 from argparse import Namespace
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -54,7 +55,24 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     SIGUSR1 arrives."""
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
-    if resume is not None:  # each rank chose the checkpoint on its own: they must have chosen the same
+    last_epoch = plan_resume(cfg, dist, resume, resume_path)
+    if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
+        if dist.is_main:
+            print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
+        return cfg.log_dir, False
+    check_setup(cfg, dist, device)
+    setup = build_setup(cfg, dist, device, resume, resume_path)
+    # what the loop still needs of the checkpoint: its RNG and loader states, and a mid-epoch one's running sums
+    carry = None if resume is None else {"rng": resume.get("rng", []), "loader": resume.get("loader"),
+                                         "meter": resume.get("meter")}
+    del resume  # restored: the mapped checkpoint is let go, so that retention's deleting it frees its space
+    return train(setup, carry, resume_path), setup.last_epoch == cfg.epochs
+
+
+def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None, resume_path: str | None) -> int:
+    """The last epoch this call trains; on a resume, after the ranks agree on the checkpoint (each chose it on
+    its own) and a resumed --iters run has its epochs from the checkpoint's steps per epoch."""
+    if resume is not None:
         chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
         if len(set(chosen)) > 1:  # e.g. rank 0 found the newest corrupt (only it reads the checksums) and moved it
             raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
@@ -67,22 +85,51 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
         if cut and not resume.get("batch") and cfg.iters > int(resume.get("global_step", 0)):
             raise UserError(f"{resume_path} ends epoch {done} cut at step {resume['global_step']} by the old --iters; "
                             "a cut epoch cannot be continued: start a new run from it with --from_pretrained")
-    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
-    if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
-        if dist.is_main:
-            print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
-        return cfg.log_dir, False
-    check_setup(cfg, dist, device)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    return cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, built once by :func:`build_setup`: the one object :func:`train` takes."""
+
+    cfg: Namespace
+    dist: DistInfo
+    device: torch.device
+    split: Split
+    loader: object
+    epoch_setters: list
+    validator: "HeldOutCheck | None"
+    method: nn.Module
+    model: nn.Module
+    memory_format: torch.memory_format
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: object
+    note: str | None
+    steps_per_epoch: int
+    last_epoch: int
+    start: tuple[int, int, int]  # (epochs completed, steps into the next one, steps)
+
+
+def pretraining_split(cfg: Namespace) -> tuple[Split, Split | None]:
+    """The pretraining images, and sthalles/SimCLR's fixed held-out part of them (``--valid_size``)."""
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
-    held_out = None
-    if cfg.valid_size:  # sthalles/SimCLR's --valid_size: a fixed held-out part of the pretraining set
-        total = len(split.dataset)
-        split, held_out = hold_out(split, cfg.valid_size, cfg.seed)
-        if len(split.dataset) < cfg.batch_size:
-            raise UserError(f"--valid_size {cfg.valid_size:g} leaves {len(split.dataset)} of {total} images for "
-                            f"pretraining, fewer than --batch_size {cfg.batch_size}; lower --valid_size")
+    if not cfg.valid_size:
+        return split, None
+    total = len(split.dataset)
+    split, held_out = hold_out(split, cfg.valid_size, cfg.seed)
+    if len(split.dataset) < cfg.batch_size:
+        raise UserError(f"--valid_size {cfg.valid_size:g} leaves {len(split.dataset)} of {total} images for "
+                        f"pretraining, fewer than --batch_size {cfg.batch_size}; lower --valid_size")
+    return split, held_out
+
+
+def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: dict | None,
+                resume_path: str | None) -> Setup:
+    """Data, model (warm-started or restored), optimizer and schedule of the run."""
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    split, held_out = pretraining_split(cfg)
     # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
     cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
     cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
@@ -92,11 +139,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     method, memory_format = build_model(cfg, split, dist, device)
     if cfg.from_pretrained and resume is None:  # a new run from another run's weights (a resume has its own)
         warm_start(method, cfg.from_pretrained, bool(cfg.from_pretrained_head), cfg.arch)
-
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
     if cfg.iters:  # --iters: as many epochs as the steps need, the last one cut (recorded in config.yaml)
         cfg.epochs = math.ceil(cfg.iters / steps_per_epoch)
-        last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
     schedule, note = plan_schedule(peak_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling),
                                    kind=cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                    warmup_epochs=cfg.warmup_epochs, cap_warmup=cfg.cap_warmup is not False,
@@ -105,47 +150,53 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     optimizer = build_optimizer(cfg.optimizer, method, schedule.peak_lr, cfg.weight_decay, cfg.momentum,
                                 cfg.wd_bias_and_norm)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    start_epoch, start_batch, step = 0, 0, 0
-    if resume is not None:
-        start_epoch, start_batch, step = ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
-                                                         steps_per_epoch, dist.world_size, vars(cfg))
-    model = wrap_model(method, cfg, dist, device)
+    start = (0, 0, 0) if resume is None else ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
+                                                              steps_per_epoch, dist.world_size, vars(cfg))
+    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+    return Setup(cfg, dist, device, split, loader, epoch_setters, validator, method, wrap_model(method, cfg, dist,
+                 device), memory_format, optimizer, scaler, schedule, note, steps_per_epoch, last_epoch, start)
 
-    resuming = resume is not None
+
+def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
+    """The epochs of a built run in its claimed directory; returns the directory. ``carry``: a resumed
+    checkpoint's RNG and loader states and running sums (None for a new run)."""
+    cfg, dist = s.cfg, s.dist
+    start_epoch, start_batch, step = s.start
+    resuming = carry is not None
     with RunClaim(cfg, dist, resuming=resuming, resume_path=resume_path) as claim:
-        run_dir = claim.dir
-        run = RunFiles(cfg, dist, claim, schedule.record(), epoch_setters)
+        run = RunFiles(cfg, dist, claim, s.schedule.record(), s.epoch_setters)
+
         def open_run() -> None:
-            write_config(run.dir, {**vars(cfg), "schedule": schedule.record()})
+            write_config(run.dir, {**vars(cfg), "schedule": s.schedule.record()})
             run.open_logs(purge_step=step + 1 if resuming else None, resume_epoch=start_epoch if resuming else None)
-            print(schedule.describe() + (f"\n{note}" if note else ""), flush=True)
+            print(s.schedule.describe() + (f"\n{s.note}" if s.note else ""), flush=True)
 
         shared_outcome(on_main_only(open_run) if dist.is_main else None)
-        loader_state = ckpt_io.restore_rng(resume, dist) if resume is not None else {}
+        loader_state = ckpt_io.restore_rng(carry, dist) if resuming else {}
         monitor = None
         if cfg.eval_every_n_epochs or cfg.eval_every_n_steps:
-            monitor = KnnMonitor(cfg.dataset_name, cfg.data, split.image_size, device, cfg.workers, cfg.knn_k,
+            monitor = KnnMonitor(cfg.dataset_name, cfg.data, s.split.image_size, s.device, cfg.workers, cfg.knn_k,
                                  cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
-            trainer = Trainer(model, method, optimizer, scaler, schedule.rates(), device=device,
-                              precision=cfg.precision, memory_format=memory_format, total_steps=schedule.total_steps,
-                              step=step, last_ckpt=resume_path, requests=requests, rot_task_p=cfg.rot_task_p,
-                              seed=cfg.seed, rank=dist.rank, accu_iter=cfg.accu_iter,
-                              save_failure=run.writes.take_failure)
-            meter = Meter.from_state(resume.get("meter") if start_batch else None, device)
-            resume = None  # restored: the last reference to the mapped checkpoint, which retention may delete
+            trainer = Trainer(s.model, s.method, s.optimizer, s.scaler, s.schedule.rates(), device=s.device,
+                              precision=cfg.precision, memory_format=s.memory_format,
+                              total_steps=s.schedule.total_steps, step=step, last_ckpt=resume_path,
+                              requests=requests, rot_task_p=cfg.rot_task_p, seed=cfg.seed, rank=dist.rank,
+                              accu_iter=cfg.accu_iter, save_failure=run.writes.take_failure)
+            meter = Meter.from_state(carry["meter"] if start_batch else None, s.device)
             try:
-                for epoch in range(start_epoch, last_epoch):
-                    for target in epoch_setters:
+                for epoch in range(start_epoch, s.last_epoch):
+                    for target in s.epoch_setters:
                         target.set_epoch(epoch, start_batch, loader_state)
-                    steps = min(steps_per_epoch, cfg.iters - epoch * steps_per_epoch) if cfg.iters else steps_per_epoch
-                    record = train_epoch(trainer, loader, epoch, steps, run, start_batch, meter, monitor)
-                    end_epoch(trainer, record, run, monitor, last_epoch, validator)
+                    steps = min(s.steps_per_epoch, cfg.iters - epoch * s.steps_per_epoch) if cfg.iters \
+                        else s.steps_per_epoch
+                    record = train_epoch(trainer, s.loader, epoch, steps, run, start_batch, meter, monitor)
+                    end_epoch(trainer, record, run, monitor, s.last_epoch, s.validator)
                     start_batch, loader_state, meter = 0, {}, Meter()
             except Preempted as stop:
                 run.finish_writes()
                 if dist.is_main:  # what a job script looks for to requeue (torchrun's own exit status is 1)
-                    with open(os.path.join(run_dir, PREEMPTED_MARK), "w") as f:
+                    with open(os.path.join(claim.dir, PREEMPTED_MARK), "w") as f:
                         f.write(f"{stop}\n")
                 raise
             except BaseException:
@@ -153,9 +204,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
                 raise
             run.finish_writes()
         barrier()
-        run.close(f"done: {last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
+        run.close(f"done: {s.last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
                   f"TensorBoard events are in {run.dir}")
-    return run_dir, last_epoch == cfg.epochs
+    return claim.dir
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -522,17 +573,18 @@ class Trainer:
         k = self.accu_iter  # micro-batches of this step: averaged losses, one gradient all-reduce (the last)
         parts = [v.tensor_split(k) for v in views] if k > 1 else [[v] for v in views]
         indices = index.tensor_split(k) if k > 1 else [index]
-        losses, chunk_logs = [], []
+        losses, chunk_logs, chunk_outputs = [], [], []
         for m in range(k):
-            self.method.micro_batch, self.method.diagnose = m, diagnose
+            self.method.diagnose = diagnose
             with self._no_sync() if m < k - 1 else nullcontext():
                 try:
                     with self.autocast:
-                        loss, logs = self.model([p[m] for p in parts], indices[m])
+                        loss, logs, outputs = self.model([p[m] for p in parts], indices[m])
                 finally:
                     self.method.diagnose = False
                 losses.append(loss.detach())
                 chunk_logs.append(logs)
+                chunk_outputs.append(outputs)
                 if m == k - 1:  # the step's check overlaps the last backward, as without accumulation
                     loss_value = losses[0] if k == 1 else torch.stack(losses).mean()
                     self._failure = self._failure or self.save_failure()
@@ -541,7 +593,6 @@ class Trainer:
                                        save_failed=self._failure is not None)
                     mark("forward")
                 self.scaler.scale(loss if k == 1 else loss / k).backward()
-        self.method.micro_batch = 0
         logs = chunk_logs[0] if k == 1 else {key: torch.stack([c[key].float() for c in chunk_logs]).mean()
                                              for key in chunk_logs[0]}
         mark("backward")
@@ -554,7 +605,9 @@ class Trainer:
         self.scaler.update()
         self.step += 1
         self._judge_update()
-        self.method.after_step(self.step, self.total_steps)
+        outputs = chunk_outputs[0] if k == 1 else {key: torch.cat([c[key] for c in chunk_outputs])
+                                                   for key in chunk_outputs[0]}
+        self.method.after_step(self.step, self.total_steps, outputs)
         mark("optimizer")
         return {"loss": loss_value.float(), **{key: v.float() for key, v in logs.items()}}
 

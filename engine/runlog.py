@@ -242,6 +242,23 @@ def _quiet_event_writer_threads() -> None:
     threading.excepthook = hook
 
 
+def _plot_diagnostics(ax3, ax4, diagnosed: list[dict]) -> None:
+    """Alignment and uniformity (Wang & Isola), then the effective rank and, for contrastive methods, log S."""
+    x = [r["epoch"] for r in diagnosed]
+    for key in ("alignment", "uniformity"):
+        if all(key in r for r in diagnosed):
+            ax3.plot(x, [r[key] for r in diagnosed], marker="o", label=key)
+    ax3.set_xlabel("epoch")
+    ax3.legend(fontsize=8)
+    ax4.plot(x, [r["erank"] for r in diagnosed], marker="o", color="C3", label="effective rank")
+    ax4.set_xlabel("epoch")
+    ax4.set_ylabel("effective rank", color="C3")
+    if all("log_s" in r for r in diagnosed):
+        twin = ax4.twinx()
+        twin.plot(x, [r["log_s"] for r in diagnosed], marker=".", color="C0", label="mean log S")
+        twin.set_ylabel("mean log S", color="C0")
+
+
 def plot_curves(records: list[dict], path: str, title: str) -> None:
     """Loss and similarity curves against epoch, as a PNG next to the checkpoints."""
     import matplotlib
@@ -273,21 +290,8 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("cosine similarity")
     ax2.legend()
-    if diagnosed:  # alignment/uniformity (Wang & Isola), then rank and, for contrastive methods, log S
-        ax3, ax4 = axes[-2], axes[-1]
-        x = [r["epoch"] for r in diagnosed]
-        for key in ("alignment", "uniformity"):
-            if all(key in r for r in diagnosed):
-                ax3.plot(x, [r[key] for r in diagnosed], marker="o", label=key)
-        ax3.set_xlabel("epoch")
-        ax3.legend(fontsize=8)
-        ax4.plot(x, [r["erank"] for r in diagnosed], marker="o", color="C3", label="effective rank")
-        ax4.set_xlabel("epoch")
-        ax4.set_ylabel("effective rank", color="C3")
-        if all("log_s" in r for r in diagnosed):
-            twin = ax4.twinx()
-            twin.plot(x, [r["log_s"] for r in diagnosed], marker=".", color="C0", label="mean log S")
-            twin.set_ylabel("mean log S", color="C0")
+    if diagnosed:
+        _plot_diagnostics(axes[-2], axes[-1], diagnosed)
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:

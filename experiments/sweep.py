@@ -153,8 +153,6 @@ SWEEP_OWNED = ("final_eval",) + PER_INVOCATION_KEYS
 
 
 def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
-    from engine.evaluate import PROTOCOLS
-
     if not os.path.isfile(path):
         raise UserError(f"sweep file {path} not found; pass one of experiments/*.yaml")
     try:
@@ -164,25 +162,12 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     unknown = sorted(map(str, set(spec) - {"name", "config", "base", "grid", "eval", "table"}))
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; use name, config, base, grid, eval, table")
-    name = spec.get("name")
-    if name is not None and (not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip()
-                             or os.sep in str(name) or str(name) in (".", "..")):
-        raise UserError(f"{path}: name {name!r} is not a directory name (results/sweeps/<name>); give one, e.g. "
-                        f"{os.path.splitext(os.path.basename(path))[0]}")
-    name = str(name if name is not None else os.path.splitext(os.path.basename(path))[0])
+    name = _sweep_name(spec.get("name"), path)
     sources: list[tuple[str, dict, bool]] = []  # (label, settings, strict: only flag names as keys)
     base: dict = {}
     if spec.get("config") is not None:
-        preset = spec["config"]
-        if not isinstance(preset, str) or not preset.strip():
-            raise UserError(f"{path}: config must be the path of a preset yaml (e.g. configs/quickstart.yaml), not "
-                            f"{preset!r}")
-        full = os.path.join(ROOT, preset) if not os.path.isabs(preset) else preset
-        if not os.path.isfile(full):
-            raise UserError(f"{path}: config {preset} not found")
-        values = _read_mapping(full, f"{path}: config {preset}")
-        values.pop("final_eval", None)  # a preset's own evaluations: the sweep's eval replaces them
-        sources.append((f"{path}: config {preset}", values, False))
+        values = _preset(spec["config"], path)
+        sources.append((f"{path}: config {spec['config']}", values, False))
         base.update(values)
     own = spec.get("base")
     if own is not None and not isinstance(own, dict):
@@ -207,15 +192,7 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     sources.append(("--set", sets or {}, True))
     base.update(sets or {})
     _check_values(sources)
-    evals = spec.get("eval", ["knn"])
-    evals = [e.strip() for e in evals.split(",") if e.strip()] if isinstance(evals, str) else evals
-    if not isinstance(evals, list) or not evals or not all(isinstance(e, str) for e in evals):
-        raise UserError(f"{path}: eval must be a list of protocol names, e.g. [knn, linear_eval] (choose from "
-                        f"{', '.join(PROTOCOLS)}), not {evals!r}")
-    bad = [e for e in evals if e not in PROTOCOLS]
-    if bad:
-        raise UserError(f"{path}: eval: unknown protocol {', '.join(bad)}; choose from {', '.join(PROTOCOLS)}")
-    evals = list(dict.fromkeys(evals))
+    evals = _evaluations(spec.get("eval", ["knn"]), path)
     rows, columns = _table(spec.get("table"), grid, path)
     sweep = Sweep(name, base, grids, evals, rows, columns, out or os.path.join(ROOT, "results", "sweeps", name))
     seen: dict[str, dict] = {}
@@ -227,6 +204,43 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
                                 f"{cell.name}; make the values differ in letters, digits, '.', '+' or '-'")
     _check_cells(sweep, path)
     return sweep
+
+
+def _evaluations(evals, path: str) -> list[str]:
+    """The sweep's ``eval``: protocol names (a list, or one comma-separated string), each once."""
+    from engine.evaluate import PROTOCOLS
+
+    evals = [e.strip() for e in evals.split(",") if e.strip()] if isinstance(evals, str) else evals
+    if not isinstance(evals, list) or not evals or not all(isinstance(e, str) for e in evals):
+        raise UserError(f"{path}: eval must be a list of protocol names, e.g. [knn, linear_eval] (choose from "
+                        f"{', '.join(PROTOCOLS)}), not {evals!r}")
+    bad = [e for e in evals if e not in PROTOCOLS]
+    if bad:
+        raise UserError(f"{path}: eval: unknown protocol {', '.join(bad)}; choose from {', '.join(PROTOCOLS)}")
+    return list(dict.fromkeys(evals))
+
+
+def _sweep_name(name, path: str) -> str:
+    """The sweep's directory name (results/sweeps/<name>): its ``name``, or the file's."""
+    if name is not None and (not isinstance(name, (str, int)) or isinstance(name, bool) or not str(name).strip()
+                             or os.sep in str(name) or str(name) in (".", "..")):
+        raise UserError(f"{path}: name {name!r} is not a directory name (results/sweeps/<name>); give one, e.g. "
+                        f"{os.path.splitext(os.path.basename(path))[0]}")
+    return str(name if name is not None else os.path.splitext(os.path.basename(path))[0])
+
+
+def _preset(preset, path: str) -> dict:
+    """The settings of the sweep's ``config:`` preset, without its own evaluations (the sweep's eval replaces
+    them)."""
+    if not isinstance(preset, str) or not preset.strip():
+        raise UserError(f"{path}: config must be the path of a preset yaml (e.g. configs/quickstart.yaml), not "
+                        f"{preset!r}")
+    full = os.path.join(ROOT, preset) if not os.path.isabs(preset) else preset
+    if not os.path.isfile(full):
+        raise UserError(f"{path}: config {preset} not found")
+    values = _read_mapping(full, f"{path}: config {preset}")
+    values.pop("final_eval", None)
+    return values
 
 
 def _table(table, grid: dict, path: str) -> tuple[str | None, str | None]:

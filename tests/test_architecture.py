@@ -1,6 +1,7 @@
 """The shape of the code: a method is a plugin registered in one dict, and imports flow one way."""
 import ast
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from main import build_parser, main
 from models.methods import METHODS, Flag, MethodSpec, SSLMethod
 from tests.conftest import ROOT, TINY
 
-PACKAGES = ("common", "data", "engine", "losses", "models")
+PACKAGES = ("cli", "common", "data", "engine", "losses", "models")
 
 
 class CosineToy(SSLMethod):
@@ -56,6 +57,98 @@ def test_a_method_registered_from_outside_trains_saves_resumes_and_shows_in_help
     assert sorted(list_checkpoints(str(tmp_path / "cut"))) == [1, 2]
     assert main(TINY + ["--clr", "cosine_toy", "--epochs=1", f"--results_dir={tmp_path / 'r'}"]) == 0
     assert os.listdir(tmp_path / "r" / "digits") == ["16_CosineToy"]  # display name from the spec
+
+
+class QueueToy(SSLMethod):
+    """A MoCo-shaped toy: each first view's projection against the second view's (detached) and a queue of
+    the keys of earlier steps, refreshed in ``after_step`` from the step's outputs."""
+
+    def __init__(self, backbone, projector, n_views, temperature, size, dim):
+        super().__init__(backbone, projector, n_views)
+        self.temperature = temperature
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=torch.Generator().manual_seed(0)),
+                                                  dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # on the device: no host read a step
+
+    def objective(self, views, index):
+        q, k = F.normalize(self.embed(views[:2]), dim=1).chunk(2)
+        k = k.detach()
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ self.queue.T], dim=1) / self.temperature
+        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        return loss, {"pos_sim": (q * k).sum(1).mean().detach()}, {"keys": k}
+
+    @torch.no_grad()
+    def after_step(self, step, total_steps, outputs):
+        keys = outputs["keys"]
+        slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[slots] = keys.to(self.queue.dtype)
+        self.ptr.copy_((self.ptr + len(keys)) % len(self.queue))
+
+
+def _build_queue_toy(cfg, backbone, projector, dim, num_data):
+    return QueueToy(backbone, projector, cfg.n_views, cfg.temperature, cfg.queue_toy_size, dim)
+
+
+QUEUE_TOY = MethodSpec(display="QueueToy", build=_build_queue_toy, summary="test-only queue of negatives",
+                       flags=(Flag("queue_toy_size", 40, "keys in the queue"),), identity=("queue_toy_size",),
+                       defaults={"temperature": 0.2, "proj_out_dim": 24})
+
+
+def test_a_method_with_a_queue_sets_its_defaults_updates_from_its_outputs_and_resumes_mid_epoch_bitwise(
+        monkeypatch, tmp_path, capsys):
+    import yaml
+
+    from engine.pretrain import Trainer
+    from main import resolve
+
+    monkeypatch.setitem(METHODS, "queue_toy", QUEUE_TOY)
+    help_text = " ".join(build_parser().format_help().split())
+    assert "QueueToy (--clr queue_toy): --queue_toy_size QUEUE_TOY_SIZE keys in the queue" in help_text
+    tiny = [a for a in TINY if not a.startswith("--proj_out_dim")] + ["--clr=queue_toy"]
+    cfg, _, _ = resolve(tiny)  # (a) the method's own defaults, below the command line and --config
+    assert (cfg.temperature, cfg.proj_out_dim, cfg.sources["temperature"]) == (0.2, 24, "the default of --clr "
+                                                                                        "queue_toy")
+    (tmp_path / "c.yaml").write_text("temperature: 0.3\n")
+    assert resolve(tiny + [f"--config={tmp_path / 'c.yaml'}"])[0].temperature == 0.3
+    assert resolve(tiny + [f"--config={tmp_path / 'c.yaml'}", "--temperature=0.4"])[0].temperature == 0.4
+    assert resolve(TINY + ["--clr=simclr"])[0].temperature == 0.1  # another method keeps the tool's default
+
+    steps = []  # (b) the queue takes each step's keys from after_step's outputs, in order
+    real = QueueToy.after_step
+
+    def spy(self, step, total_steps, outputs):
+        steps.append((int(self.ptr), outputs["keys"].clone()))
+        real(self, step, total_steps, outputs)
+    monkeypatch.setattr(QueueToy, "after_step", spy)
+    common = tiny + ["--epochs=2", "--limit_train_batches=3", "--lr=0.05", "--learning_rate_scaling=none"]
+    straight = tmp_path / "straight"
+    assert main(common + [f"--log_dir={straight}"]) == 0
+    end = torch.load(straight / "checkpoint_0002.pth.tar", weights_only=True)
+    assert [p for p, _ in steps] == [(16 * i) % 40 for i in range(6)]
+    queue = end["model"]["queue"]
+    for ptr, keys in steps[-2:]:  # the last two steps' keys sit where the pointer was
+        slots = (ptr + torch.arange(16)) % 40
+        assert torch.equal(queue[slots], keys)
+    assert int(end["model"]["ptr"]) == (16 * 6) % 40
+    assert yaml.safe_load((straight / "config.yaml").read_text())["sources"]["temperature"] == \
+        "the default of --clr queue_toy"
+
+    real_step = Trainer.train_step  # (c) SIGTERM in step 5 (epoch 2, step 2): a mid-epoch checkpoint, then resume
+
+    def train_step(self, *args, **kwargs):
+        if self.step + 1 == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    cut = tmp_path / "cut"
+    assert main(common + [f"--log_dir={cut}"]) == 3
+    assert sorted(os.listdir(cut)).count("checkpoint_0001_step000002.pth.tar") == 1
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main([f"--log_dir={cut}", "--train_from=latest"]) == 0
+    resumed = torch.load(cut / "checkpoint_0002.pth.tar", weights_only=True)
+    for key, value in end["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["args"]["temperature"] == 0.2 and resumed["args"]["proj_out_dim"] == 24
 
 
 def _project_imports() -> dict[str, set[str]]:
@@ -105,7 +198,7 @@ def test_no_import_cycle_among_project_modules():
 def test_layers_import_downwards_only():
     graph = _project_imports()
     below = {"common": set(), "losses": {"common"}, "data": {"common"}, "models": {"common", "data", "losses"},
-             "engine": {"common", "data", "losses", "models"}}
+             "engine": {"common", "data", "losses", "models"}, "cli": {"common", "data", "losses", "models", "engine"}}
     for module, deps in graph.items():
         layer = module.split(".")[0]
         if layer in below:
@@ -114,3 +207,66 @@ def test_layers_import_downwards_only():
     assert "engine.evaluate" not in graph["engine.pretrain"] and "engine.pretrain" not in graph["engine.evaluate"]
     code = "import sys, models, data, losses; sys.exit(any(m.split('.')[0] == 'engine' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# ----------------------------------------------------------------------------- the shape, measured on the AST
+MAX_FUNCTION_LINES = 60
+LONG_BY_NAME: set[str] = set()  # generated tables or declarative lists allowed to be longer (at most three)
+SKIPPED = ("tests", "benchmarks", ".venv", ".git", ".data", ".gl", "results", "datasets")
+
+
+def _sources() -> dict[str, str]:
+    """Every project .py file outside tests/ and benchmarks/: {relative path: source}."""
+    found = {}
+    for dirpath, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not (dirpath == ROOT and d in SKIPPED)]
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                found[os.path.relpath(path, ROOT)] = open(path).read()
+    return found
+
+
+def _shape_violations(sources: dict[str, str], declared: set[str]) -> list[str]:
+    """What breaks the shape rules: long functions, a long main.py, torch.load outside one module, and
+    getattr(cfg, <declared setting>, default)."""
+    found, loaders = [], set()
+    for path, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and node.name not in LONG_BY_NAME:
+                    found.append(f"{path}: {node.name} is {length} lines")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr == "load" and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    loaders.add(path)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                    and len(node.args) == 3 and isinstance(node.args[0], ast.Name) \
+                    and node.args[0].id in ("cfg", "settings", "args") and isinstance(node.args[1], ast.Constant) \
+                    and node.args[1].value in declared:
+                found.append(f"{path}: getattr({node.args[0].id}, {node.args[1].value!r}, default) of a declared "
+                             "setting")
+    if len(sources.get("main.py", "").splitlines()) > 150:
+        found.append("main.py is longer than 150 lines")
+    if len(loaders) != 1:
+        found.append(f"torch.load is called in {sorted(loaders)}, not in one module")
+    return found
+
+
+def test_the_code_keeps_its_shape_and_each_rule_catches_a_planted_violation():
+    declared = {a.dest for a in build_parser()._actions}
+    sources = _sources()
+    assert "models/checkpoint_file.py" in sources and not any(p.startswith("tests") for p in sources)
+    assert _shape_violations(sources, declared) == []
+    assert len(LONG_BY_NAME) <= 3
+    long_function = "def planted():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    plants = {
+        "long function": ({"engine/planted.py": long_function}, "engine/planted.py: planted is 61 lines"),
+        "long main": ({"main.py": sources["main.py"] + "\n" * 150}, "main.py is longer than 150 lines"),
+        "second torch.load": ({"engine/planted.py": "import torch\nstate = torch.load('x', weights_only=True)\n"},
+                              "torch.load is called in ['engine/planted.py', 'models/checkpoint_file.py'], not in one module"),
+        "getattr default": ({"engine/planted.py": "def f(cfg):\n    return getattr(cfg, 'temperature', 0.1)\n"},
+                            "engine/planted.py: getattr(cfg, 'temperature', default) of a declared setting"),
+    }
+    for what, (change, message) in plants.items():
+        assert _shape_violations({**sources, **change}, declared) == [message], what

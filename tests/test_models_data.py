@@ -151,7 +151,7 @@ def test_logits_stay_fp32_under_bf16_autocast(clr, device, monkeypatch):
     method.embed = embed
     views = [torch.randn(8, 3, 16, 16, device=device) for _ in range(2)]
     with torch.autocast(device, dtype=torch.bfloat16):
-        loss, _ = method(views, torch.arange(8, device=device))
+        loss, _, _ = method(views, torch.arange(8, device=device))
     assert seen["net"] == torch.bfloat16 and seen["logits"] == torch.float32 and loss.dtype == torch.float32
     if clr == "insdis":
         assert seen["log_z"] == torch.float32

@@ -165,8 +165,8 @@ def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys, monkeypat
     real = ContrastiveMethod.forward
 
     def nan_loss(self, views, index):
-        loss, logs = real(self, views, index)
-        return loss * float("nan"), logs
+        loss, logs, outputs = real(self, views, index)
+        return loss * float("nan"), logs, outputs
 
     monkeypatch.setattr(ContrastiveMethod, "forward", nan_loss)
     assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=2"]) == 2

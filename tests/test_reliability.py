@@ -124,7 +124,7 @@ def test_nothing_to_do_writes_nothing(two_epochs, tmp_path, capsys):
 def test_non_finite_weights_are_never_saved(tmp_path, capsys, monkeypatch):
     from models.methods.contrastive import ContrastiveMethod
 
-    def poison(self, step, total):
+    def poison(self, step, total, outputs):
         if step == total:  # after the last step, whose loss was finite
             with torch.no_grad():
                 self.projector[0].weight[0, 0] = float("nan")
@@ -784,3 +784,136 @@ def test_yaml_values_are_read_as_the_command_line_reads_them(text, expected, tmp
     cfg, _, _ = resolve([f"--config={tmp_path / 'c.yaml'}"])
     assert {key: getattr(cfg, key) for key in expected} == expected
     assert all(type(getattr(cfg, key)) is type(value) for key, value in expected.items())
+
+
+# ----------------------------------------------------------------------------- the table, other doors
+def _bad_api_calls(run, tmp):
+    """(what, call, the one line of the UserError it must raise): load_pretrained, load_projector, torch.hub."""
+    from models.pretrained import load_pretrained, load_projector
+
+    from tests.conftest import ROOT
+
+    def hub(entry, path):
+        return lambda: torch.hub.load(ROOT, entry, source="local", path=str(path))
+
+    return [
+        ("missing path", lambda: load_pretrained(str(tmp / "nowhere")), "does not exist"),
+        ("empty run", lambda: load_pretrained(str(tmp / "empty")), "no checkpoint_NNNN.pth.tar in"),
+        ("glob pattern", lambda: load_pretrained(str(tmp / "run[12]")), "no checkpoint_NNNN.pth.tar in"),
+        ("a tensor", lambda: load_pretrained(str(tmp / "tensor.pth.tar")), "is not a checkpoint of this tool"),
+        ("text", lambda: load_pretrained(str(tmp / "text.pth.tar")), "cannot load checkpoint"),
+        ("no args", lambda: load_pretrained(str(tmp / "argsless.pth.tar")), "lacks args.clr, args.arch"),
+        ("corrupt", lambda: load_pretrained(str(tmp / "corrupt" / "checkpoint_0002.pth.tar")), "is corrupt"),
+        ("malicious", lambda: load_pretrained(str(tmp / "evil.pth.tar")), "objects other than tensors"),
+        ("export json", lambda: load_pretrained(str(tmp / "export" / "badjson.pth")), "is not readable json"),
+        ("export meta", lambda: load_pretrained(str(tmp / "export" / "nometa.pth")), "does not describe an export"),
+        ("export data", lambda: load_pretrained(str(tmp / "export" / "list.pth")), "is not an export of this tool"),
+        ("foreign arch", lambda: load_pretrained(str(tmp / "flatclr.pth.tar")), "a backbone this tool does not build"),
+        ("projector of export", lambda: load_projector(str(tmp / "export" / "list.pth")),
+         "is not a checkpoint of this tool"),
+        ("projector, no run", lambda: load_projector(str(tmp / "empty")), "no checkpoint_NNNN.pth.tar in"),
+        ("hub missing", hub("backbone", tmp / "nowhere"), "does not exist"),
+        ("hub empty", hub("backbone", tmp / "empty"), "no checkpoint_NNNN.pth.tar in"),
+        ("hub tensor", hub("backbone", tmp / "tensor.pth.tar"), "is not a checkpoint of this tool"),
+        ("hub no args", hub("backbone_and_meta", tmp / "argsless.pth.tar"), "lacks args.clr"),
+        ("hub corrupt", hub("backbone_and_meta", tmp / "corrupt"), "is corrupt"),
+    ]
+
+
+def _bad_sweeps():
+    """(sweep spec changes, --set values, what the one line says): refused before any cell starts."""
+    return [
+        ({"grid": {"clr": ["simclr"], "lr": [0.1, float("nan")]}}, [], "lr: expected a finite number, got 'nan'"),
+        ({"grid": {"clr": ["simclr"], "temperature": [float("inf")]}}, [], "temperature: expected a finite number"),
+        ({}, ["--set", "lr=.nan"], "lr: expected a finite number, got 'nan'"),
+        ({}, ["--set", "epochs=2.5"], "epochs: expected an integer, got 2.5"),
+        ({"grid": {"clr": ["simclr"], "faster_version": ["perhaps"]}}, [], "faster_version: expected a boolean"),
+        ({"grid": {"clr": ["simclr"], "color_jitter_strength": [1.0, 3.0]}}, [], "--color_jitter_strength must be "
+                                                                                "in [0, 2.5]"),
+    ]
+
+
+def test_the_table_of_bad_calls_sweeps_and_folders_each_end_in_one_line_or_one_exception(two_epochs, tmp_path,
+                                                                                         capsys, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from experiments.sweep import main as sweep_main
+
+    run = _copy(two_epochs, tmp_path / "run1")  # what the pattern run[12] would match
+    (tmp_path / "run[12]").mkdir()
+    (tmp_path / "empty").mkdir()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth.tar")
+    (tmp_path / "text.pth.tar").write_text("clr: simclr\n")
+    state = torch.load(run / "checkpoint_0002.pth.tar", weights_only=True)
+    torch.save({"model": state["model"], "epoch": 2}, tmp_path / "argsless.pth.tar")
+    _sidecar(tmp_path / "argsless.pth.tar")
+    corrupt = _copy(two_epochs, tmp_path / "corrupt")
+    data = bytearray((corrupt / "checkpoint_0002.pth.tar").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / "checkpoint_0002.pth.tar").write_bytes(bytes(data))
+    (corrupt / "checkpoint_0001.pth.tar").write_bytes(bytes(data))  # the run directory's newest epoch-end is 2
+    _malicious(tmp_path / "evil.pth.tar", tmp_path / "PAYLOAD_RAN")
+    export = tmp_path / "export"
+    export.mkdir()
+    weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
+    for name, json_text in (("badjson", "{not json"), ("nometa", "{}"), ("list", '{"arch": "resnet18", '
+                                                                               '"cifar_stem": true}')):
+        torch.save(weights if name != "list" else [1, 2], export / f"{name}.pth")
+        _sidecar(export / f"{name}.pth")
+        (export / f"{name}.json").write_text(json_text)
+    torch.save({"model": "res999", "model_state_dict": {"conv1.weight": torch.zeros(1)}}, tmp_path / "flatclr.pth.tar")
+    calls = _bad_api_calls(run, tmp_path)
+    before = _snapshot(tmp_path)
+    for what, call, message in calls:
+        with pytest.raises(UserError) as caught:
+            call()
+        assert message in str(caught.value) and "\n" not in str(caught.value), (what, str(caught.value))
+        assert "weights_only=False" not in str(caught.value), what
+    assert _snapshot(tmp_path) == before and not (tmp_path / "PAYLOAD_RAN").exists()
+
+    base = {"dataset_name": "digits", "arch": "resnet18", "image_size": 16, "batch_size": 16, "epochs": 1,
+            "limit_train_batches": 2, "workers": 0, "device": "cpu"}
+    sweeps = _bad_sweeps()
+    for change, sets, message in sweeps:
+        spec = tmp_path / "sweep.yaml"
+        spec.write_text(yaml.safe_dump({"name": "s", "base": base, "grid": {"clr": ["simclr"]}, "eval": ["knn"],
+                                        **change}))
+        before = _snapshot(tmp_path)
+        assert sweep_main([str(spec), f"--out={tmp_path / 'out'}", *sets]) == 2, (change, sets)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "again" not in err, (change, sets, err)
+        assert _snapshot(tmp_path) == before
+
+    folders = tmp_path / "folders"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(folders / split / c)
+            for i in range(4):
+                from PIL import Image
+
+                Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(folders / split / c / f"{i}.png")
+    ev = ["--train_mode=eval", "--transfer_mode=knn", "--checkpoint_dir=none", "--dataset_name=folder",
+          f"--data={folders}", "--arch=resnet18", "--device=cpu", "--workers=0", "--no-tsne",
+          f"--results_dir={tmp_path / 'results'}"]
+    os.symlink("..", folders / "train" / "a" / "loop")
+    os.rename(folders / "test" / "b", folders / "test" / "B")
+    monkeypatch.chdir(tmp_path)
+    pretrain = TINY[1:] + ["--dataset_name=folder", f"--data={folders}", "--epochs=1", "--batch_size=4",
+                           f"--results_dir={tmp_path / 'results'}"]
+    cases = [(ev, "is a symbolic link back into"), (pretrain, "is a symbolic link back into")]
+    for argv, message in cases:
+        before = _snapshot(tmp_path)
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert _snapshot(tmp_path) == before
+    os.remove(folders / "train" / "a" / "loop")
+    before = _snapshot(tmp_path)
+    assert main(ev) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only in train: b; only in test: B" in err
+    assert _snapshot(tmp_path) == before
+    shutil.rmtree(folders)
+    assert len(calls) + len(sweeps) + len(cases) + 1 >= 28

@@ -62,12 +62,12 @@ class _Recorder(torch.nn.Module):
         self.register_buffer("progress", torch.zeros(()))
         self.seen = []
 
-    def after_step(self, step, total):
+    def after_step(self, step, total, outputs):
         pass
 
     def forward(self, views, index):
         self.seen.append([v.clone() for v in views])
-        return self.w * sum(v.mean() for v in views), {}
+        return self.w * sum(v.mean() for v in views), {}, {}
 
 
 def test_a_training_step_turns_all_views_of_an_image_by_the_same_k():
@@ -95,7 +95,7 @@ def test_rotation_prediction_adds_the_weighted_cross_entropy_of_a_linear_head(tm
     views = [torch.randn(8, 3, 16, 16) for _ in range(2)]              # forwards below see the same network
     method.step_generator = step_generator(0, 0, 0, 0, torch.device("cpu"))
     method.progress.fill_(0.5)  # halfway: the cosine decay gives half the weight
-    loss, logs = method(views, torch.arange(8))
+    loss, logs, _ = method(views, torch.arange(8))
     plain, _ = method.objective(views, torch.arange(8))
     k = random_rotations(16, step_generator(0, 0, 0, 0, torch.device("cpu")), torch.device("cpu"))
     z = method.projector(method.backbone(rotate(torch.cat(views), k)))

@@ -1,8 +1,8 @@
 """What a method is: an ``nn.Module`` that owns its networks and its loss (the MoCo-v3 pattern), and a
 :class:`MethodSpec` that tells the rest of the tool everything else about it (name, flags, views, checks).
 
-``forward(views, index) -> (loss, logs)`` and ``after_step(step, total_steps)`` are all the training loop
-calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``. A method writes
+``forward(views, index) -> (loss, logs, outputs)`` and ``after_step(step, total_steps, outputs)`` are all the
+training loop calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``. A method writes
 its loss in ``objective``; ``forward`` adds what every method may add (the auxiliary rotation prediction).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from argparse import Namespace
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -22,6 +22,10 @@ from data.rotation import random_rotations, rotate
 from losses.diagnostics import embedding_stats
 
 Logs = dict[str, torch.Tensor]
+# The shared settings a method may give its own default (MethodSpec.defaults).
+METHOD_DEFAULTABLE = ("optimizer", "lr", "weight_decay", "temperature", "proj_hidden_dim", "proj_out_dim",
+                      "num_proj_layers")
+Outputs = dict[str, torch.Tensor]  # what a step hands to after_step (detached, batch first)
 
 
 class SSLMethod(nn.Module):
@@ -46,7 +50,6 @@ class SSLMethod(nn.Module):
         # fraction of the run done before this step.
         self.step_generator: torch.Generator | None = None
         self.register_buffer("progress", torch.zeros(()), persistent=False)
-        self.micro_batch = 0  # which micro-batch of the step this forward is (--accu_iter)
         self.rot_head: nn.Module | None = None
         self.rot_pred = (0.0, False, 1.0)  # weight, cosine decay, temperature
 
@@ -58,14 +61,18 @@ class SSLMethod(nn.Module):
         self.rot_head = nn.Linear(dim, 4)
         self.rot_pred = (weight, decay, temperature)
 
-    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-        """The method's loss and logs for a batch of views."""
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor):
+        """The method's loss and logs for a batch of views: ``(loss, logs)``, or ``(loss, logs, outputs)`` where
+        ``outputs`` (detached tensors, batch first) are what :meth:`after_step` needs of the step (the keys a
+        queue or a bank takes in): the loop concatenates them over the step's micro-batches."""
         raise NotImplementedError
 
-    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
-        loss, logs = self.objective(views, index)
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs, Outputs]:
+        """``(loss, logs, outputs)`` of :meth:`objective`, plus the rotation prediction when it is on."""
+        loss, logs, *rest = self.objective(views, index)
+        outputs = rest[0] if rest else {}
         if self.rot_head is None:
-            return loss, logs
+            return loss, logs, outputs
         weight, decay, temperature = self.rot_pred
         x = torch.cat(views)
         k = random_rotations(x.shape[0], self.step_generator, x.device)
@@ -78,7 +85,7 @@ class SSLMethod(nn.Module):
             scale = torch.full_like(self.progress, weight)
         logs = {**logs, "rot_pred_loss": rot.detach(), "rot_pred_acc": (logits.argmax(1) == k).float().mean().detach(),
                 "rot_pred_weight": scale.detach()}
-        return loss + scale * rot, logs
+        return loss + scale * rot, logs, outputs
 
     def diagnostics(self, z: torch.Tensor) -> Logs:
         """The embedding diagnostics of projections ``z`` on a logging step, else nothing."""
@@ -88,8 +95,10 @@ class SSLMethod(nn.Module):
         """Projections of all views, view-major: (V*N, D)."""
         return self.projector(self.backbone(torch.cat(views)))
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Called once after each optimizer step; ``step`` counts completed steps (1-based)."""
+    def after_step(self, step: int, total_steps: int, outputs: Outputs) -> None:
+        """Called once after each optimizer step; ``step`` counts completed steps (1-based), ``outputs`` are the
+        step's outputs of :meth:`objective` (over all its micro-batches). Update state in place (buffers), read
+        nothing back to the host: the step stays one stream of device work."""
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.LEGACY_KEYS:
@@ -152,6 +161,9 @@ class MethodSpec:
     * ``settle(cfg)``: fills settings that follow from others (e.g. --n_views from --n_supp + --n_query),
       before ``validate``.
     * ``validate(cfg)``: raises ``UserError`` for settings it cannot train with.
+    * ``defaults``: its own defaults for shared settings (:data:`METHOD_DEFAULTABLE`: the optimizer, lr, weight
+      decay, temperature, projector sizes), e.g. ``{"temperature": 0.2}``. Precedence: the command line, then
+      ``--config``, then these, then the tool's defaults; ``config.yaml`` records where each value came from.
     """
 
     display: str
@@ -163,3 +175,10 @@ class MethodSpec:
     views: Callable[[int, bool], list[ViewSpec]] = symmetric_views
     settle: Callable[[Namespace], None] = two_views_by_default
     validate: Callable[[Namespace], None] = no_checks
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.defaults) - set(METHOD_DEFAULTABLE)
+        if unknown:
+            raise ValueError(f"a method may give its own default to {', '.join(METHOD_DEFAULTABLE)}, not to "
+                             f"{', '.join(sorted(unknown))}")

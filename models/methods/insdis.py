@@ -36,7 +36,6 @@ class InsDis(SSLMethod):
         bank = F.normalize(torch.randn(num_data, dim), dim=1)
         self.register_buffer("bank", bank)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, set on first batch
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # one entry per micro-batch of the step
         self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
 
     def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
@@ -62,11 +61,8 @@ class InsDis(SSLMethod):
             loss = insdis_softmax_loss(logits, idx)
             neg_sim = logits.detach().mean() * self.temperature
         new = v.detach().view(self.n_views, -1, v.shape[1]).mean(dim=0)  # (N, D) mean over views
-        if self.micro_batch == 0:  # a new step (or a forward outside training): forget what no step consumed
-            self._pending = []
-        self._pending.append((gather_no_grad(index), gather_no_grad(new)))
         logs = {"pos_sim": pos_logit.detach().mean() * self.temperature, "neg_sim": neg_sim, **self.diagnostics(v)}
-        return loss, logs
+        return loss, logs, {"index": gather_no_grad(index), "features": gather_no_grad(new)}
 
     def _set_log_z_once(self, neg_logits: torch.Tensor) -> None:
         """Z = n * E[exp(v.f/t)], estimated once from the first batch over all ranks (Wu et al. 2018)."""
@@ -79,15 +75,12 @@ class InsDis(SSLMethod):
                 self.log_z.copy_(mean_exp.log()[0] + math.log(self.bank.shape[0]))
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """bank[i] <- normalize(m * bank[i] + (1 - m) * v_i) with this step's features (of all its micro-batches:
-        their images differ, so one update of them all is the update of the whole batch)."""
-        if not self._pending:
-            return
-        index, feats = (torch.cat(parts) for parts in zip(*self._pending))
+    def after_step(self, step: int, total_steps: int, outputs: dict) -> None:
+        """bank[i] <- normalize(m * bank[i] + (1 - m) * v_i) with this step's features (of all its micro-batches,
+        every rank's: their images differ, so one update of them all is the update of the whole batch)."""
+        index, feats = outputs["index"], outputs["features"]
         mixed = self.bank[index] * self.bank_momentum + feats * (1.0 - self.bank_momentum)
         self.bank[index] = F.normalize(mixed, dim=1)
-        self._pending = []
 
 
 def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
