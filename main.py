@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--train_mode=summary needs --checkpoint_dir: a run directory or results/")
             print_summary(cfg.checkpoint_dir)
         else:
-            pretrain_then_evaluate(cfg, resume, resume_path)
+            held = [resume]
+            del resume  # the engine holds the only reference, and lets the mapped file go once restored
+            pretrain_then_evaluate(cfg, held, resume_path)
     except UserError as err:
         return report_error(worker_message(str(err)))
     except torch.cuda.OutOfMemoryError as err:

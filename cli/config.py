@@ -8,23 +8,15 @@ import argparse
 import math
 import os
 
-import yaml
-
 from cli.compat import STHALLES_SECTIONS, map_sthalles_config
 from cli.options import finite_float, protocol_list, str2bool
 from common.errors import UserError
+from common.yamlfile import read_mapping
 
 
 def read_yaml(path: str) -> dict:
-    """A yaml mapping, read safely (no python tags); any problem is one line."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {path} is not valid yaml ({str(err).splitlines()[0]})") from err
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must be a mapping of flag names to values")
-    return values
+    """A ``--config`` file's mapping; any problem is one line."""
+    return read_mapping(path, f"config file {path}", of="of flag names to values")
 
 
 def apply_yaml(parser: argparse.ArgumentParser, path: str) -> set[str]:
@@ -47,9 +39,10 @@ def apply_yaml(parser: argparse.ArgumentParser, path: str) -> set[str]:
     unknown = sorted(map(str, set(values) - set(actions)))
     if unknown:
         raise UserError(f"unknown key(s) in {path}: {', '.join(unknown)}; keys are flag names as in --help")
-    if "config" in values:
+    if values.get("config") is not None:  # (null: a run's config.yaml of older versions records it so)
         raise UserError(f"{path}: a config file cannot name another (config: {values['config']}); merge the two "
                         "files, or pass the other one with --config")
+    values.pop("config", None)
     parser.set_defaults(**{key: yaml_value(actions[key], key, value, path) for key, value in values.items()})
     return set(values)
 
@@ -62,6 +55,9 @@ def yaml_value(action: argparse.Action, key: str, value, path: str):
         return UserError(f"{path}: {key}: {what}; fix the value (as --{key} takes it) or leave the key out")
 
     kind = action.type
+    if value is not None and not isinstance(value, (bool, int, float, str, list, dict)):  # a date, !!binary...
+        raise bad(f"is a yaml {type(value).__name__} ({value!r}), not a value --{key} takes; quote it if it is a "
+                  "word")
     if value is None:
         if action.default is None:
             return None
@@ -95,8 +91,9 @@ def yaml_value(action: argparse.Action, key: str, value, path: str):
     elif kind is finite_float:
         try:
             value = finite_float(value if isinstance(value, str) else repr(float(value)))
-        except argparse.ArgumentTypeError as err:
-            raise bad(str(err)) from None
+        except (argparse.ArgumentTypeError, OverflowError) as err:
+            raise bad(str(err) if isinstance(err, argparse.ArgumentTypeError) else "expected a finite number, got "
+                      "an integer too large for one") from None
     else:
         value = str(value)
         if kind is not None:

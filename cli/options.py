@@ -22,10 +22,9 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0), got {value!r}")
 
 
-def add_bool(group, name: str, default: bool | None, help: str, aliases: tuple[str, ...] = ()) -> None:
+def add_bool(group, name: str, default: bool | None, help: str) -> None:
     """``--name``, ``--name=True/False/1/0`` and ``--no-name``; ``None`` default means 'auto'."""
-    group.add_argument(f"--{name}", *(f"--{a}" for a in aliases), dest=name, type=str2bool, nargs="?", const=True,
-                       default=default, help=help)
+    group.add_argument(f"--{name}", dest=name, type=str2bool, nargs="?", const=True, default=default, help=help)
     group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
 
 

@@ -37,7 +37,7 @@ def build_parser(show_compat: bool = False) -> argparse.ArgumentParser:
     for group in (_optimisation, _evaluation, _run):
         group(p)
     add_compat_flags(p, show_compat)
-    p.add_argument("--help-all", action=HelpAll, nargs=0, help="this help with the other tools' spellings "
+    p.add_argument("--help-all", action=HelpAll, nargs=0, default=argparse.SUPPRESS, help="this help with the other tools' spellings "
                                                               "(FlatCLR, UnsupervisedLearningCodes, MetaContrastive)")
     for action in p._actions:  # every number flag, the methods' and the other tools' too: finite
         if action.type is float:

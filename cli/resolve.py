@@ -1,7 +1,9 @@
 """Settings, from the command line to the values a run uses: parse (``--config`` as defaults, the command line
 winning), translate the other tools' spellings, merge a resumed run's saved settings (the checkpoint is read and
 checked by :mod:`engine.checkpoint`), inherit an evaluated run's dataset and architecture, and check every value.
-Nothing downstream changes them, except the settings a method settles (:meth:`MethodSpec.settle`)."""
+``cfg.sources`` records where each setting came from (written to the run's config.yaml). Still changed
+downstream: the settings a method settles (:meth:`MethodSpec.settle`), and what pretraining records of its run
+(``--iters``' epochs, the input statistics, the provenance)."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +17,7 @@ from common.distributed import launched_rank
 from common.errors import UserError
 from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, load_checkpoint, load_latest,
                                resolve_checkpoint)
-from engine.evaluate import PROTOCOLS
-from engine.final_eval import eval_defaults
+from engine.evaluate import PROTOCOLS, eval_defaults
 from engine.optim import default_lr
 from engine.runlog import PER_INVOCATION_KEYS
 from models import ARCH_ALIASES, METHODS
@@ -150,7 +151,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     explicit = explicit_dests(argv)
     sources = {key: "command line" for key in explicit} | {key: f"--config {pre.config}" for key in from_yaml
                                                              if key not in explicit}
-    for key, value in METHODS[cfg.clr].defaults.items() if cfg.clr in METHODS else ():
+    for key, value in METHODS[cfg.clr].defaults.items():
         if key not in sources:
             setattr(cfg, key, value)
             sources[key] = f"the default of --clr {cfg.clr}"
@@ -163,13 +164,16 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
         raise UserError("--iters and --epochs both set the length of the run; pass one of them")
     if "epochs" in explicit and "iters" not in explicit:  # the command line's length wins over a yaml's or run's
         cfg.iters = None
+    before = dict(vars(cfg))
     translate(cfg, explicit)
+    sources.update({k: "another tool's spelling" for k, v in vars(cfg).items() if before.get(k) != v})
     if cfg.train_mode in ("eval", "export"):
         inherit_from_run(cfg, explicit)
     if cfg.train_mode == "eval":
         refuse_meaningless_eval(cfg, explicit)
     if cfg.lr is None:
         cfg.lr = default_lr(cfg.optimizer, cfg.learning_rate_scaling)
+        sources["lr"] = f"the default for --optimizer {cfg.optimizer}"
     validate(cfg, parser)
     refuse_other_methods_flags(cfg, explicit)
     if cfg.train_mode == "eval":

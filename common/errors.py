@@ -17,6 +17,12 @@ class BadImage(UserError):
     """An image file that cannot be read; ``--skip_bad_images`` replaces it instead of stopping."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line: an OSError's reason, else the first line of its text (or its type's name)."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return (text.strip().splitlines() or [type(err).__name__])[0]
+
+
 def worker_message(message: str) -> str:
     """The original one-line message of an error re-raised from a DataLoader worker, whose text torch wraps
     as 'Caught X in DataLoader worker process N. Original Traceback ... module.X: <message>'."""

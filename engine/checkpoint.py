@@ -33,12 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
-
 from common.distributed import DistInfo, launched_rank
 from common.errors import UserError
+from common.yamlfile import read_mapping
 from models import METHODS
-from models.checkpoint_file import (CKPT_RE, UMASK, CheckpointError, all_checkpoints, atomic_save,  # noqa: F401
+from models.checkpoint_file import (CheckpointError, all_checkpoints, atomic_save,  # noqa: F401 - the run's API
                                     checkpoint_name, list_checkpoints, read_checkpoint, read_file,
                                     remove_checkpoint)
 
@@ -66,16 +65,8 @@ def run_identity(run_dir: str) -> dict | None:
     own = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(own):
         return None
-    try:
-        with open(own) as f:
-            values = yaml.safe_load(f)
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{own} is not valid yaml ({str(err).splitlines()[0]}); restore it from the run's "
-                        "checkpoint (its 'args') or start a new run") from err
-    if not isinstance(values, dict):
-        raise UserError(f"{own} is not a mapping of settings; restore it from the run's checkpoint (its 'args') "
-                        "or start a new run")
-    return values
+    return read_mapping(own, own, of="of settings",
+                        fix="; restore it from the run's checkpoint (its 'args') or start a new run")
 
 
 def check_identity(run_dir: str, path: str, saved: dict) -> None:

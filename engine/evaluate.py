@@ -433,6 +433,12 @@ def plot_accuracy_vs_epoch(results: list[dict], path: str, title: str) -> None:
 BASELINES = ("none", "pca")
 
 
+def eval_defaults(cfg: Namespace) -> None:
+    """Settings of an evaluation that depend on its protocol: the classifier's lr scales with its batch."""
+    if cfg.fc_lr is None:
+        cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
+
+
 def select_checkpoints(cfg: Namespace) -> list[tuple[int, str | None]]:
     """[(epoch, path)] to evaluate; [(0, None)] for a baseline (random init, or PCA of the pixels)."""
     if cfg.checkpoint_dir.lower() in BASELINES:

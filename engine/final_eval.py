@@ -1,6 +1,5 @@
 """``--final_eval``: when pretraining reaches ``--epochs``, the last checkpoint evaluated with each protocol into
-``RUN/eval/`` (as ``--train_mode eval`` would), with a random-init baseline beside it on request; and the
-protocol-dependent defaults every evaluation takes (:func:`eval_defaults`)."""
+``RUN/eval/`` (as ``--train_mode eval`` would), with a random-init baseline beside it on request."""
 from __future__ import annotations
 
 import argparse
@@ -10,23 +9,18 @@ import os
 from common.distributed import launched_rank
 from common.errors import Preempted
 from engine.checkpoint import list_checkpoints
-from engine.evaluate import PARTIAL, evaluate, record_path
+from engine.evaluate import PARTIAL, eval_defaults, evaluate, record_path
 from engine.pretrain import PREEMPTED_MARK, pretrain
 
 
-def pretrain_then_evaluate(cfg: argparse.Namespace, resume: dict | None, resume_path: str | None) -> None:
-    """Pretraining, then ``--final_eval`` when it finished (or, on a resume, the evaluations still missing)."""
-    resumed, held = resume is not None, [resume]
-    del resume  # pretrain holds the only reference and drops it once restored: the file is mapped, not read
+def pretrain_then_evaluate(cfg: argparse.Namespace, held: list, resume_path: str | None) -> None:
+    """Pretraining, then ``--final_eval`` when it finished (or, on a resume, the evaluations still missing).
+    ``held`` is ``[the resumed checkpoint or None]``: popped, so that pretraining holds the only reference to
+    the mapped file and lets it go once restored (retention may delete it; its space is then freed)."""
+    resumed = held[0] is not None
     run_dir, finished = pretrain(cfg, held.pop(), resume_path)
     if cfg.final_eval and (finished or resumed):
         final_evaluations(cfg, run_dir, only_missing=not finished)
-
-
-def eval_defaults(cfg: argparse.Namespace) -> None:
-    """Settings of an evaluation that depend on its protocol."""
-    if cfg.fc_lr is None:
-        cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
 
 
 def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool = False) -> None:

@@ -38,7 +38,8 @@ from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.memory import check_fits
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
-from engine.runlog import EventLog, Meter, MetricsLog, new_run_dir, plot_curves, take_back, write_config
+from engine.runlog import (EventLog, Meter, MetricsLog, deepest_existing, new_run_dir, plot_curves, runs_of,
+                           take_back, write_config)
 from engine.stop import StopRequests
 from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
 from models import METHODS, build_method
@@ -63,8 +64,8 @@ def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None
     check_setup(cfg, dist, device)
     setup = build_setup(cfg, dist, device, resume, resume_path)
     # what the loop still needs of the checkpoint: its RNG and loader states, and a mid-epoch one's running sums
-    carry = None if resume is None else {"rng": resume.get("rng", []), "loader": resume.get("loader"),
-                                         "meter": resume.get("meter")}
+    carry = None if resume is None else ckpt_io.to_host({"rng": resume.get("rng", []), "loader": resume.get("loader"),
+                                                         "meter": resume.get("meter")})  # copies, not the mapping
     del resume  # restored: the mapped checkpoint is let go, so that retention's deleting it frees its space
     return train(setup, carry, resume_path), setup.last_epoch == cfg.epochs
 
@@ -85,6 +86,11 @@ def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None, resume_path
         if cut and not resume.get("batch") and cfg.iters > int(resume.get("global_step", 0)):
             raise UserError(f"{resume_path} ends epoch {done} cut at step {resume['global_step']} by the old --iters; "
                             "a cut epoch cannot be continued: start a new run from it with --from_pretrained")
+    return last_epoch_of(cfg)
+
+
+def last_epoch_of(cfg: Namespace) -> int:
+    """The last epoch this call trains: --epochs, or --stop_after_epoch when it comes first."""
     return cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
 
 
@@ -152,7 +158,7 @@ def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: di
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start = (0, 0, 0) if resume is None else ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
                                                               steps_per_epoch, dist.world_size, vars(cfg))
-    last_epoch = cfg.epochs if cfg.stop_after_epoch is None else min(cfg.epochs, cfg.stop_after_epoch)
+    last_epoch = last_epoch_of(cfg)  # again: --iters may have set --epochs
     return Setup(cfg, dist, device, split, loader, epoch_setters, validator, method, wrap_model(method, cfg, dist,
                  device), memory_format, optimizer, scaler, schedule, note, steps_per_epoch, last_epoch, start)
 
@@ -316,12 +322,12 @@ class RunClaim:
     and, when the run fails before it saves a checkpoint, given back as it was (the files this tool writes there
     removed or restored; the directory and the parents it made removed when nothing else is in them)."""
 
-    OWN_FILES = ("config.yaml", "metrics.jsonl", "curves.png")  # plus TensorBoard's events files
+    OWN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", PREEMPTED_MARK)  # and TensorBoard's events files
 
     def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool, resume_path: str | None = None) -> None:
         self.cfg, self.dist, self.resuming, self.resume_path = cfg, dist, resuming, resume_path
         self.dir, self.lock, self.created, self.saved_any = None, None, False, False
-        self.results_existed = os.path.isdir(cfg.results_dir)
+        self.existing: str | None = None  # the deepest directory on the run's path that was there before it
         self.before: set[str] = set()
         self.texts: dict[str, bytes] = {}
 
@@ -335,6 +341,9 @@ class RunClaim:
     def _claim(self) -> str:
         cfg = self.cfg
         try:
+            planned = cfg.log_dir or runs_of(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
+                                             METHODS[cfg.clr].display)
+            self.existing = deepest_existing(planned)
             run_dir = cfg.log_dir or new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
                                                  METHODS[cfg.clr].display)
             self.created = not cfg.log_dir or not os.path.exists(run_dir)
@@ -382,10 +391,8 @@ class RunClaim:
         for name, content in self.texts.items():
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.write(content)
-        if self.created:  # and the parents it made, --results_dir included when this run made it
-            top = self.cfg.results_dir if self.results_existed else os.path.dirname(os.path.abspath(
-                self.cfg.results_dir))
-            take_back(self.dir, None, True, stop_at=top, only_if_empty=True)
+        if self.created:  # and the parents it made, up to the deepest directory that was there before
+            take_back(self.dir, None, True, stop_at=self.existing, only_if_empty=True)
 
     def release(self) -> None:
         if self.lock is not None:

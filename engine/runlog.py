@@ -31,6 +31,14 @@ def runs_of(results_dir: str, dataset: str, batch_size: int, method: str) -> str
     return os.path.join(results_dir, dataset, f"{batch_size}_{method}")
 
 
+def deepest_existing(path: str) -> str:
+    """The deepest directory on ``path`` that exists (what a failed run must not remove)."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) -> str:
     """``results/<dataset>/<bs>_<Method>/<YYYY-MM-DD-HH-MM-SS>`` (suffixed if that second is taken)."""
     parent = runs_of(results_dir, dataset, batch_size, method)

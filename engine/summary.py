@@ -18,7 +18,7 @@ import os
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, first_line
 from engine.checkpoint import all_checkpoints
 from engine.pretrain import PREEMPTED_MARK
 from engine.runlog import MetricsLog
@@ -40,18 +40,13 @@ def find_runs(path: str) -> list[str]:
     return runs
 
 
-def _first_line(err: BaseException) -> str:
-    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return (text.strip().splitlines() or [type(err).__name__])[0]
-
-
 def read_config(run: str) -> tuple[dict, str | None]:
     """(the run's settings, None), or ({}, what is wrong with its config.yaml)."""
     try:
         with open(os.path.join(run, "config.yaml"), encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        return {}, f"config.yaml unreadable: {_first_line(err)}"
+        return {}, f"config.yaml unreadable: {first_line(err)}"
     if cfg is None:
         return {}, "config.yaml unreadable: it is empty"
     if not isinstance(cfg, dict):
@@ -71,7 +66,7 @@ def read_evals(run: str) -> list[str]:
             with open(record, encoding="utf-8") as f:
                 r = json.load(f)
         except (ValueError, OSError) as err:
-            evals.append(f"{name} unreadable ({_first_line(err)})")
+            evals.append(f"{name} unreadable ({first_line(err)})")
             continue
         top1 = r.get("top1") if isinstance(r, dict) else None
         if isinstance(top1, (int, float)) and not isinstance(top1, bool):

@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from common.yamlfile import kind as kind_of, read_mapping  # noqa: E402
 from engine.runlog import PER_INVOCATION_KEYS  # noqa: E402
 
 SEED_AXIS = "seed"
@@ -127,24 +128,6 @@ def parse_sets(items: list[str]) -> dict:
     return sets
 
 
-def _read_mapping(path: str, what: str) -> dict:
-    """A yaml file that must hold a mapping; any problem is one line starting with ``what``."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
-        raise UserError(f"{what} is not valid yaml ({reason})") from err
-    if spec is None:
-        return {}
-    if not isinstance(spec, dict):
-        raise UserError(f"{what} must be a mapping, not a {_kind(spec)}")
-    return spec
-
-
-def _kind(value) -> str:
-    return {list: "list", dict: "mapping", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), type(value).__name__)
 
 
 # Keys a sweep sets itself (each cell's run directory, the evaluations of ``eval``) or that would change what one
@@ -156,7 +139,7 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     if not os.path.isfile(path):
         raise UserError(f"sweep file {path} not found; pass one of experiments/*.yaml")
     try:
-        spec = _read_mapping(path, path)
+        spec = read_mapping(path, path)
     except UserError as err:
         raise UserError(f"{err}; a sweep file is a mapping with name, base, grid and eval") from err
     unknown = sorted(map(str, set(spec) - {"name", "config", "base", "grid", "eval", "table"}))
@@ -172,7 +155,7 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
     own = spec.get("base")
     if own is not None and not isinstance(own, dict):
         raise UserError(f"{path}: base must be a mapping of flag names to values (as in a --config yaml), not a "
-                        f"{_kind(own)}")
+                        f"{kind_of(own)}")
     sources.append((f"{path}: base", own or {}, True))
     base.update(own or {})
     grids = spec.get("grid")
@@ -238,7 +221,7 @@ def _preset(preset, path: str) -> dict:
     full = os.path.join(ROOT, preset) if not os.path.isabs(preset) else preset
     if not os.path.isfile(full):
         raise UserError(f"{path}: config {preset} not found")
-    values = _read_mapping(full, f"{path}: config {preset}")
+    values = read_mapping(full, f"{path}: config {preset}")
     values.pop("final_eval", None)
     return values
 
@@ -249,7 +232,7 @@ def _table(table, grid: dict, path: str) -> tuple[str | None, str | None]:
     if table is None:
         table = {}
     if not isinstance(table, dict):
-        raise UserError(f"{path}: table must be a mapping {{rows: AXIS, columns: AXIS}}, not a {_kind(table)}")
+        raise UserError(f"{path}: table must be a mapping {{rows: AXIS, columns: AXIS}}, not a {kind_of(table)}")
     unknown = sorted(map(str, set(table) - {"rows", "columns"}))
     if unknown:
         raise UserError(f"{path}: unknown key(s) in table: {', '.join(unknown)}; use rows and columns")
@@ -283,7 +266,7 @@ def _check_values(sources: list[tuple[str, dict, bool]]) -> None:
             if isinstance(value, (list, dict)) and (strict or key in flags and not isinstance(value, dict)):
                 where = f"{label} {key}={value!r}" if label == "--set" else f"{label} {key}: {value!r}"
                 axis = "; sweep several values as a grid axis" if "grid" not in label else ""
-                raise UserError(f"{where} is a {_kind(value)}, but --{key} takes one value{axis}")
+                raise UserError(f"{where} is a {kind_of(value)}, but --{key} takes one value{axis}")
 
 
 def _check_cells(sweep: Sweep, path: str) -> None:

@@ -17,7 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.errors import UserError  # noqa: E402
+from common.errors import UserError, first_line  # noqa: E402
 
 
 def _title(cfg: dict, epoch: int) -> str:
@@ -47,18 +47,13 @@ def _read_run(run: str) -> tuple[dict, int, str]:
         with open(config, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{config} is not readable yaml ({_first_line(err)}); restore it from the run's checkpoint "
+        raise UserError(f"{config} is not readable yaml ({first_line(err)}); restore it from the run's checkpoint "
                         "(its 'args')") from err
     if not isinstance(cfg, dict) or not isinstance(cfg.get("dataset_name"), str):
         raise UserError(f"{config} is not a run's settings (no dataset_name); restore it from the run's checkpoint "
                         "(its 'args')")
     epoch = max(checkpoints)
     return {**cfg, "_run": run}, epoch, checkpoints[epoch]
-
-
-def _first_line(err: BaseException) -> str:
-    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load(loader, path: str):
@@ -68,7 +63,7 @@ def _load(loader, path: str):
     except UserError:
         raise
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot load {path} ({_first_line(err)[:200]}); pass runs whose checkpoints are intact") \
+        raise UserError(f"cannot load {path} ({first_line(err)[:200]}); pass runs whose checkpoints are intact") \
             from err
 
 
@@ -136,7 +131,7 @@ def _save(fig, out: str) -> None:
         if made is not None and os.path.isdir(made):
             shutil.rmtree(made, ignore_errors=True)
         if isinstance(err, OSError):
-            raise UserError(f"could not write {out} ({_first_line(err)}); pass an --out you can write to") from err
+            raise UserError(f"could not write {out} ({first_line(err)}); pass an --out you can write to") from err
         raise
 
 
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = compare(args.runs, args.layer, args.out, args.data)
     except (UserError, ValueError, FileNotFoundError) as err:  # a bad run, file or value: one line, no traceback
-        print(f"error: {_first_line(err)}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
     print(f"side-by-side t-SNE: {path}")
     return 0

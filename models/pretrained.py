@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from models.backbones import BLOCKS, build_backbone
-from models.checkpoint_file import (CheckpointError, backbone_weights, foreign_checkpoint,  # noqa: F401
-                                    latest_epoch_end, read_checkpoint, read_export)
+from models.checkpoint_file import (CheckpointError, backbone_weights, latest_epoch_end,  # noqa: F401
+                                    read_checkpoint, read_export)
 from models.heads import projector_from
 
 EXPORT_SUFFIX = ".pth"

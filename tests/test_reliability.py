@@ -691,6 +691,11 @@ def _configs(tmp):
         ("sthalles_fp16.yaml", "model: {out_dim: 8}\nfp16_precision: [no]\n",
          "fp16_precision: expected true or false, got [False]"),
         ("sthalles_list.yaml", "model: {out_dim: [8]}\n", "proj_out_dim: is a list ([8]) but takes one value"),
+        ("date.yaml", "seed: 2020-01-01\n", "seed: is a yaml date (datetime.date(2020, 1, 1)), not a value --seed "
+                                            "takes"),
+        ("date_float.yaml", "lr: 2020-01-01\n", "lr: is a yaml date"),
+        ("binary.yaml", "temperature: !!binary aGVsbG8=\n", "temperature: is a yaml bytes"),
+        ("huge_int.yaml", f"lr: {10 ** 400}\n", "lr: expected a finite number, got an integer too large for one"),
     ]
 
 
@@ -730,7 +735,7 @@ def _more_bad_invocations(run, tmp):
         ([f"--log_dir={run}", f"--train_from={tmp / 'evil.pth.tar'}"], "holds objects other than tensors"),
         ([f"--log_dir={run}", f"--train_from={tmp / 'other34' / 'checkpoint_0001.pth.tar'}"],
          "comes from another kind of run (--arch=resnet34)"),
-        ([f"--log_dir={tmp / 'badconfig'}", "--train_from=latest"], "config.yaml is not a mapping of settings"),
+        ([f"--log_dir={tmp / 'badconfig'}", "--train_from=latest"], "config.yaml must be a mapping of settings, not a list"),
     ] + [([f"--config={tmp / name}"] + tiny, message) for name, _, message in _configs(tmp)]
 
 
@@ -771,6 +776,7 @@ def test_the_third_round_of_bad_inputs_each_end_in_one_line_and_change_nothing(t
     ("epochs: '7'\nlr: 1e-2\nweight_decay: 10e-6\n", {"epochs": 7, "lr": 0.01, "weight_decay": 1e-5}),
     ("epochs: 3.0\nbatch_size: 1e2\n", {"epochs": 3, "batch_size": 100}),
     ("lr: null\nfinal_eval: [knn, logistic]\n", {"lr": 0.3, "final_eval": ["knn", "logistic"]}),
+    ("config: null\nepochs: 3\n", {"epochs": 3}),  # a run's config.yaml of older versions records config: null
     ("arch: ResNet18\n", {"arch": "resnet18"}),
     ("model: {out_dim: 8}\ndataset: {input_shape: '(3,16,16)'}\nloss: {use_cosine_similarity: 'False'}\n"
      "fp16_precision: 'False'\n", {"image_size": 16, "similarity": "dot", "precision": "fp32", "proj_out_dim": 8}),
@@ -783,6 +789,7 @@ def test_yaml_values_are_read_as_the_command_line_reads_them(text, expected, tmp
     (tmp_path / "c.yaml").write_text(text)
     cfg, _, _ = resolve([f"--config={tmp_path / 'c.yaml'}"])
     assert {key: getattr(cfg, key) for key in expected} == expected
+    assert "help_all" not in vars(cfg)  # not a setting: never written to a run's config.yaml
     assert all(type(getattr(cfg, key)) is type(value) for key, value in expected.items())
 
 
@@ -917,3 +924,28 @@ def test_the_table_of_bad_calls_sweeps_and_folders_each_end_in_one_line_or_one_e
     assert _snapshot(tmp_path) == before
     shutil.rmtree(folders)
     assert len(calls) + len(sweeps) + len(cases) + 1 >= 28
+
+
+def test_a_failed_run_removes_only_the_directories_it_made_and_a_refused_resume_keeps_the_preempted_mark(
+        two_epochs, tmp_path, capsys, monkeypatch):
+    from models.methods.contrastive import ContrastiveMethod
+
+    real = ContrastiveMethod.forward
+    monkeypatch.setattr(ContrastiveMethod, "forward", lambda self, views, index: (_ for _ in ()).throw(
+        UserError("simulated failure in the first step")))
+    (tmp_path / "runs").mkdir()  # the user's, empty: a failed run inside it must not take it away
+    monkeypatch.chdir(tmp_path)
+    for log_dir in ("runs/exp1", "runs/a/b/exp2"):
+        assert main(TINY + ["--clr=simclr", "--epochs=1", f"--log_dir={log_dir}"]) == 2
+        assert sorted(os.listdir(tmp_path)) == ["runs"] and os.listdir(tmp_path / "runs") == []
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--results_dir=new/results"]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["runs"]  # new/ and new/results/ were the run's: gone
+    monkeypatch.setattr(ContrastiveMethod, "forward", real)
+    run = _copy(two_epochs, tmp_path / "run")
+    (run / ".preempted").write_text("stopped by SIGTERM\n")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("{half\n" + "\n".join(lines) + "\n")  # a broken line before the last
+    before = _snapshot(run)
+    assert main([f"--log_dir={run}", "--train_from=latest", "--epochs=3"]) == 2
+    assert "metrics.jsonl line 1" in capsys.readouterr().err
+    assert _snapshot(run) == before  # the requeue mark too

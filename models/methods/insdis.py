@@ -38,14 +38,14 @@ class InsDis(SSLMethod):
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, set on first batch
         self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
 
-    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs, dict]:
         z = self.embed(views)  # the networks run under autocast (bf16/fp16 when asked)
         # bank logits, Z and the loss in the bank's precision (fp32; fp64 in the tests' reference): logits of
         # 1/t-scaled dot products lose too much in bf16
         with torch.autocast(device_type=index.device.type, enabled=False):
             return self._objective(F.normalize(z.to(self.bank.dtype), dim=1), index)
 
-    def _objective(self, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    def _objective(self, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, Logs, dict]:
         """Loss of the fp32 normalised embeddings ``v`` (V*N, D) of images ``index`` against the bank."""
         idx = index.repeat(self.n_views)  # (V*N,)
         pos_logit = (v * self.bank[idx]).sum(dim=1) / self.temperature
