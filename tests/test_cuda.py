@@ -47,7 +47,7 @@ def _batch(n=16, size=16):
 def _loss_and_grads(method, views, index, device, autocast=None, dtype=torch.float32):
     m = copy.deepcopy(method).to(device=device, dtype=dtype)
     with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
-        loss, _ = m([v.to(device=device, dtype=dtype) for v in views], index.to(device))
+        loss, _, _ = m([v.to(device=device, dtype=dtype) for v in views], index.to(device))
     loss.backward()
     return loss.detach().double().cpu(), {k: p.grad.double().cpu() for k, p in m.named_parameters()
                                           if p.grad is not None}

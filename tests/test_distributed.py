@@ -121,7 +121,7 @@ def _train(method_name, views_by_step, model, rank=0, world=1):
     for v1, v2, index in views_by_step:
         n = v1.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
-        loss, _ = net([v1[sl].double(), v2[sl].double()], index[sl])
+        loss, _, _ = net([v1[sl].double(), v2[sl].double()], index[sl])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -32,10 +32,19 @@ def _copy(run, to):
     return to
 
 
+def _fingerprint(path):
+    """A small file's hash; a large one's size, inode and modification time (every write of this tool to a large
+    file replaces it or appends to it, which changes those): the tables snapshot checkpoints many times."""
+    st = os.stat(path)
+    if st.st_size > 1 << 20:
+        return (st.st_size, st.st_ino, st.st_mtime_ns)
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
 def _snapshot(root):
-    """Every file's hash but the lock's (it names the last process that held the run), and every directory
+    """Every file's fingerprint but the lock's (it names the last process that held the run), and every directory
     (a refused run must not leave an empty one behind)."""
-    files = {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    files = {os.path.relpath(os.path.join(d, f), root): _fingerprint(os.path.join(d, f))
              for d, _, names in os.walk(root) for f in names if f != ".lock"}
     return {**files, **{os.path.relpath(os.path.join(d, s), root) + "/": "dir" for d, subs, _ in os.walk(root)
                         for s in subs}}
