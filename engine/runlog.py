@@ -297,7 +297,8 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
             ax2.plot(epochs, [r[key] for r in records], marker="o", label=key.replace("_", " "))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("cosine similarity")
-    ax2.legend()
+    if ax2.get_legend_handles_labels()[0]:  # a method that logs no similarities (the meta heads)
+        ax2.legend()
     if diagnosed:
         _plot_diagnostics(axes[-2], axes[-1], diagnosed)
     from matplotlib.ticker import MaxNLocator
