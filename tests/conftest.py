@@ -9,11 +9,19 @@ SHARED_DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-subset")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Tiny but real settings: ResNet-18 on 16x16 digits, two steps an epoch.
-TINY = ["--dataset_name=digits", "--arch=resnet18", "--image_size=16", "--batch_size=16",
-        "--limit_train_batches=2", "--workers=0", "--proj_hidden_dim=64", "--proj_out_dim=32",
-        "--pred_hidden_dim=64", "--insdis_num_negatives=64", "--warmup_epochs=1", "--log_every_n_steps=1",
-        "--save_every_n_epochs=1", "--device=cpu"]
+def _tiny() -> list[str]:
+    """Tiny but real settings: ResNet-18 on 16x16 digits, two steps an epoch, and each registered method's own
+    flags at the small size its spec gives (``MethodSpec.tiny``)."""
+    from models.methods import METHODS
+
+    hints = {name: value for spec in METHODS.values() for name, value in spec.tiny.items()}
+    return ["--dataset_name=digits", "--arch=resnet18", "--image_size=16", "--batch_size=16",
+            "--limit_train_batches=2", "--workers=0", "--proj_hidden_dim=64", "--proj_out_dim=32",
+            *(f"--{name}={value}" for name, value in hints.items()), "--warmup_epochs=1", "--log_every_n_steps=1",
+            "--save_every_n_epochs=1", "--device=cpu"]
+
+
+TINY = _tiny()
 
 
 def pytest_configure(config):

@@ -161,6 +161,8 @@ class MethodSpec:
     * ``settle(cfg)``: fills settings that follow from others (e.g. --n_views from --n_supp + --n_query),
       before ``validate``.
     * ``validate(cfg)``: raises ``UserError`` for settings it cannot train with.
+    * ``tiny``: its own flags at a small size (``{"insdis_num_negatives": 64}``): what the tests and the quickest
+      checks run it with.
     * ``defaults``: its own defaults for shared settings (:data:`METHOD_DEFAULTABLE`: the optimizer, lr, weight
       decay, temperature, projector sizes), e.g. ``{"temperature": 0.2}``. Precedence: the command line, then
       ``--config``, then these, then the tool's defaults; ``config.yaml`` records where each value came from.
@@ -176,6 +178,7 @@ class MethodSpec:
     settle: Callable[[Namespace], None] = two_views_by_default
     validate: Callable[[Namespace], None] = no_checks
     defaults: dict[str, Any] = field(default_factory=dict)
+    tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.defaults) - set(METHOD_DEFAULTABLE)

@@ -74,5 +74,5 @@ SPEC = MethodSpec(
                 "(UnsupervisedLearningCodes' BYOL: 0.996 throughout)", choices=("cosine", "constant")),
            Flag("pred_hidden_dim", 4096, "BYOL predictor hidden width"),
            Flag("pred_bn", True, "BN in the BYOL predictor's hidden layer (BN2)")),
-    identity=("pred_hidden_dim", "pred_bn"), views=byol_views, validate=validate,
+    identity=("pred_hidden_dim", "pred_bn"), views=byol_views, validate=validate, tiny={"pred_hidden_dim": 64},
 )

@@ -104,4 +104,5 @@ SPEC = MethodSpec(
            Flag("insdis_bank_momentum", 0.5, "memory-bank update momentum"),
            Flag("insdis_loss", "nce", "NCE with sampled noise or the full softmax over the bank",
                 choices=("nce", "softmax"))),
+    tiny={"insdis_num_negatives": 64},
 )
