@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
-import yaml
 
 from common.device import pick_device
 from common.provenance import provenance
 from common.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, get_world_size, init_distributed,
                                 on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
+from common.yamlfile import read_mapping
 from data import load_split
 from data.datasets import Split, data_root
 from engine import checkpoint as ckpt_io
@@ -787,11 +787,10 @@ def data_tag(dataset: str, root: str | None) -> str:
 def _run_data(run_dir: str) -> dict | None:
     """The data a run was pretrained on (its config.yaml's dataset_name and data), None when unknown."""
     try:
-        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-            saved = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = read_mapping(os.path.join(run_dir, "config.yaml"), "config.yaml")
+    except UserError:
         return None
-    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), str) for k in ("dataset_name", "data")):
+    if not all(isinstance(saved.get(k), str) for k in ("dataset_name", "data")):
         return None
     return measured_data(Namespace(dataset_name=saved["dataset_name"], data=saved["data"]))
 

@@ -44,7 +44,7 @@ from engine.stop import StopRequests
 from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
 from models import METHODS, build_method
 from models.backbones import cifar_stem_for
-from models.checkpoint_file import CheckpointError, read_checkpoint
+from models.checkpoint_file import CheckpointError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
@@ -274,10 +274,10 @@ def build_model(cfg: Namespace, split: Split, dist: DistInfo, device: torch.devi
 def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None:
     """--from_pretrained: a new run starts from the backbone (and with ``head`` the projector) of another run's
     checkpoint, a run directory or an export; another architecture, stem or width is refused with one line."""
-    from models.pretrained import EXPORT_SUFFIX, describe, projector_weights, read_backbone
+    from models.pretrained import describe, read_weights
 
     try:
-        weights, meta = read_backbone(path)
+        weights, projector, meta = read_weights(path)  # one read (and checksum) of the file for both
     except CheckpointError as err:
         raise UserError(f"--from_pretrained: {err}") from err
     own = method.backbone.state_dict()
@@ -292,8 +292,6 @@ def warm_start(method: nn.Module, path: str, head: bool, arch: str = "") -> None
     method.backbone.load_state_dict(weights, strict=True)
     loaded = "backbone"
     if head:
-        export = not os.path.isdir(path) and path.endswith(EXPORT_SUFFIX)
-        projector = {} if export else projector_weights(read_checkpoint(meta["source"]))
         if not projector:
             raise UserError(f"--from_pretrained_head: {path} holds no projector (an export keeps the backbone only); "
                             "pass a run directory or checkpoint, or drop --from_pretrained_head")

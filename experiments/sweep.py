@@ -311,9 +311,8 @@ def _epochs(run_dir: str) -> int | None:
     if not os.path.isfile(config):
         return None
     try:
-        with open(config) as f:
-            return int((yaml.safe_load(f) or {}).get("epochs", 0)) or None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+        return int(read_mapping(config, config).get("epochs", 0)) or None
+    except (UserError, TypeError, ValueError):
         return None  # unreadable: the cell resumes from its checkpoint, whose settings main.py checks
 
 

@@ -65,6 +65,12 @@ def _checkpoint_path(path: str) -> str:
 def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(backbone weights, metadata) of a run directory, checkpoint or export, each file checked against its
     checksum; a bad one raises :class:`models.checkpoint_file.CheckpointError` (one line)."""
+    weights, _, meta = read_weights(path)
+    return weights, meta
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(backbone weights, projector weights, metadata) from one read of the file; an export has no projector."""
     path = _checkpoint_path(path)
     meta_path = os.path.splitext(path)[0] + ".json"
     if path.endswith(EXPORT_SUFFIX) and os.path.isfile(meta_path):
@@ -76,7 +82,7 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         if not isinstance(meta, dict) or not {"arch", "cifar_stem"} <= set(meta):
             raise CheckpointError(f"{meta_path} does not describe an export (no arch, cifar_stem); export the run "
                                   "again")
-        return read_export(path), meta
+        return read_export(path), {}, meta
     state = read_checkpoint(path)
     weights = backbone_weights(state["model"])
     if not weights:
@@ -87,7 +93,7 @@ def read_backbone(path: str) -> tuple[dict[str, torch.Tensor], dict]:
                     method=args.get("clr"), epoch=state.get("epoch"), dataset=args.get("dataset_name"),
                     mean=stats.get("mean"), std=stats.get("std"), image_size=stats.get("image_size"),
                     source=os.path.abspath(path))
-    return weights, meta
+    return weights, projector_weights(state), meta
 
 
 def load_pretrained(path: str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

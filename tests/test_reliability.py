@@ -25,6 +25,17 @@ def two_epochs(tmp_path_factory):
     return run
 
 
+def _assert_refused(argv, message, root, capsys):
+    """``main(argv)`` ends with exit 2 and one line holding ``message``, no traceback, and ``root`` unchanged
+    (files and directories). argparse's own errors are returned as well, not raised."""
+    before = _snapshot(root)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
+    assert _snapshot(root) == before, argv
+
+
 def _copy(run, to):
     import shutil
 
@@ -361,12 +372,7 @@ def test_forty_bad_invocations_each_end_in_one_line_and_change_nothing(two_epoch
     cases = _bad_invocations(run, tmp_path)
     assert len(cases) >= 40
     for argv, message in cases:
-        before = _snapshot(tmp_path)
-        code = main(argv)  # argparse's own errors are returned as well, not raised
-        err = capsys.readouterr().err
-        assert code == 2, (argv, err)
-        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
-        assert _snapshot(tmp_path) == before, argv
+        _assert_refused(argv, message, tmp_path, capsys)
 
 
 def _folder_with_a_bad_image(root, size=(8, 8)):
@@ -529,8 +535,9 @@ def resnet34_run(tmp_path_factory):
 
 def _sidecar(path):
     """Writes ``path``'s checksum beside it, as this tool does: a file that passes the checksum."""
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    open(f"{path}.sha256", "w").write(f"{digest}  {os.path.basename(path)}\n")
+    from models.checkpoint_file import sha256
+
+    open(f"{path}.sha256", "w").write(f"{sha256(path)}  {os.path.basename(path)}\n")
 
 
 class _Payload:
@@ -770,12 +777,7 @@ def test_the_third_round_of_bad_inputs_each_end_in_one_line_and_change_nothing(t
     cases = _more_bad_invocations(run, tmp_path)
     assert len(cases) >= 50
     for argv, message in cases:
-        before = _snapshot(tmp_path)
-        code = main(argv)
-        err = capsys.readouterr().err
-        assert code == 2, (argv, err)
-        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
-        assert _snapshot(tmp_path) == before, argv
+        _assert_refused(argv, message, tmp_path, capsys)
     assert not (tmp_path / "PAYLOAD_RAN").exists()
 
 
@@ -920,11 +922,7 @@ def test_the_table_of_bad_calls_sweeps_and_folders_each_end_in_one_line_or_one_e
                            f"--results_dir={tmp_path / 'results'}"]
     cases = [(ev, "is a symbolic link back into"), (pretrain, "is a symbolic link back into")]
     for argv, message in cases:
-        before = _snapshot(tmp_path)
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and message in err, err
-        assert _snapshot(tmp_path) == before
+        _assert_refused(argv, message, tmp_path, capsys)
     os.remove(folders / "train" / "a" / "loop")
     before = _snapshot(tmp_path)
     assert main(ev) == 2
