@@ -8,7 +8,7 @@ import sys
 
 from cli.compat import add_compat_flags
 from cli.options import Parser, add_bool, finite_float, protocol_list
-from data.datasets import DATASETS
+from data.datasets import DATASETS, DEFAULT_DATA
 from engine.evaluate import PROTOCOLS
 from models import ARCH_ALIASES, BACKBONES, METHODS
 from models.methods import Flag
@@ -59,9 +59,18 @@ def _mode(p: argparse.ArgumentParser) -> None:
 def _data(p: argparse.ArgumentParser) -> None:
     """The dataset and the views made of it."""
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="./datasets", help="dataset root")
+    g.add_argument("--data", default=DEFAULT_DATA, help="dataset root")
     g.add_argument("--dataset_name", default="cifar10", choices=list(DATASETS))
     add_bool(g, "download", False, "download the torchvision datasets into --data if missing")
+    g.add_argument("--train_subset", type=int, default=None,
+                   help="pretrain on this many images of the training set, drawn once by --subset_seed (default: all)")
+    g.add_argument("--eval_train_subset", type=int, default=None,
+                   help="the kNN memory and the linear/logistic/fine-tuning training images: this many of the "
+                        "training set, drawn by --subset_seed (with --train_subset N and the same N, the same images; "
+                        "default: all)")
+    g.add_argument("--subset_seed", type=int, default=0,
+                   help="draws --train_subset and --eval_train_subset; not the run's --seed, so every cell of a "
+                        "sweep sees the same images")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the dataset's)")
     g.add_argument("--n_views", type=int, default=None,
                    help="augmented views per image (default 2; with --head PN/R2D2, --n_supp + --n_query)")

@@ -39,7 +39,7 @@ def explicit_dests(argv: list[str]) -> set[str]:
 AT_LEAST_1 = ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim", "accu_iter",
               "limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim", "iters", "fc_epochs",
               "fc_iters", "fc_batch_size", "knn_k", "fc_micro_batch_size", "pca_dim", "logistic_max_iter",
-              "valid_every_n_epochs", "keep_mid_epoch_checkpoints")
+              "valid_every_n_epochs", "keep_mid_epoch_checkpoints", "train_subset", "eval_train_subset")
 NOT_NEGATIVE = ("lr", "weight_decay", "fc_lr", "fc_weight_decay", "momentum", "fc_momentum", "eval_every_n_epochs",
                 "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes", "workers", "warmup_epochs",
                 "keep_checkpoints", "milestone_every_n_epochs", "rot_pred_weight")
@@ -47,7 +47,7 @@ RANGES = {
     "batch_size": (2, None, "be at least 2 (contrastive losses need negatives)"),
     "temperature": (0, None, "be positive"), "knn_temperature": (0, None, "be positive"),
     "width_multiplier": (0, None, "be positive"),
-    "seed": (0, 2**32 - 1, "be in [0, 2**32)"),
+    "seed": (0, 2**32 - 1, "be in [0, 2**32)"), "subset_seed": (0, 2**32 - 1, "be in [0, 2**32)"),
     "valid_size": (0, 1, "be the held-out fraction of the pretraining set, in [0, 1)"),
     "rot_task_p": (0, 1, "be a probability in [0, 1]"),
     "color_jitter_strength": (0, 2.5, "be in [0, 2.5] (hue is 0.2 x strength, at most 0.5)"),
@@ -97,6 +97,8 @@ def check_agreement(cfg: argparse.Namespace) -> None:
     """Settings that only mean something together."""
     if cfg.rot_pred_decay and not cfg.rot_pred_weight:
         raise UserError("--rot_pred_decay decays --rot_pred_weight, which is off; pass --rot_pred_weight")
+    if cfg.eval_train_subset is not None and cfg.semi_ratio is not None:
+        raise UserError("--eval_train_subset and --semi_ratio both choose the labelled training images; give one")
     if cfg.from_pretrained_head and not cfg.from_pretrained:
         raise UserError("--from_pretrained_head takes the head of --from_pretrained's run, which is not given; pass "
                         "--from_pretrained PATH")

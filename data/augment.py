@@ -44,15 +44,18 @@ def symmetric_views(n_views: int, blur: bool) -> list[ViewSpec]:
 
 
 def view_transform(size: int, spec: ViewSpec, jitter_strength: float, min_scale: float,
-                   mean, std) -> v2.Compose:
-    """One view's pipeline: uint8 tensor or PIL image -> normalised float32 CHW tensor."""
+                   mean, std, greyscale: bool = False) -> v2.Compose:
+    """One view's pipeline: uint8 tensor or PIL image -> normalised float32 CHW tensor. ``greyscale`` (images
+    whose three channels are equal, such as Fashion-MNIST): brightness and contrast jitter only, no grayscale;
+    saturation, hue and grayscale do nothing to a grey image but cost time."""
     s = jitter_strength
+    jitter = v2.ColorJitter(0.8 * s, 0.8 * s) if greyscale else v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
     ops: list = [
         v2.ToImage(),
         v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([jitter], p=0.8),
+        *([] if greyscale else [v2.RandomGrayscale(p=0.2)]),
     ]
     if spec.blur_p > 0:
         kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd, ~10% of the side

@@ -112,8 +112,12 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
 class BatchedViews:
     """Draws and applies one view's augmentation to a uint8 batch; returns normalised float32."""
 
-    def __init__(self, size: int, spec: ViewSpec, jitter_strength: float, min_scale: float, mean, std) -> None:
+    def __init__(self, size: int, spec: ViewSpec, jitter_strength: float, min_scale: float, mean, std,
+                 greyscale: bool = False) -> None:
+        """``greyscale``: images whose channels are equal get brightness and contrast jitter only and no grayscale
+        (the same draws are made, so the crops are those of a colour set; saturation 1, hue 0, grayscale off)."""
         self.size, self.spec, self.s, self.min_scale = size, spec, jitter_strength, min_scale
+        self.greyscale = greyscale
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
         self.kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
 
@@ -124,13 +128,17 @@ class BatchedViews:
                                _uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, g, device),
                                _uniform(n, max(0.0, 1 - 0.8 * s), 1 + 0.8 * s, g, device),
                                _uniform(n, -0.2 * s, 0.2 * s, g, device)], dim=1)
+        gray = rand() < 0.2
+        if self.greyscale:
+            factors[:, 2], factors[:, 3] = 1.0, 0.0
+            gray = torch.zeros_like(gray)
         return ViewParams(
             box=sample_crop_boxes(n, height, width, (self.min_scale, 1.0), g, device),
             flip=rand() < 0.5,
             jitter=rand() < 0.8,
             factors=factors,
             order=torch.rand(n, 4, generator=g, device=device).argsort(dim=1),
-            gray=rand() < 0.2,
+            gray=gray,
             blur=rand() < self.spec.blur_p,
             sigma=_uniform(n, 0.1, 2.0, g, device),
             solarize=rand() < self.spec.solarize_p,
@@ -160,7 +168,7 @@ class BatchedViews:
 
     def colour(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
         """Jitter, grayscale, blur, solarize and normalisation of crops ``x`` (float in [0, 1])."""
-        x = color_jitter(x, p.factors, p.order, p.jitter)
+        x = color_jitter(x, p.factors, p.order, p.jitter, hue=not self.greyscale)
         n, c, height, width = x.shape
         _, _, eye, luma = _slot_tables(x.device)
         mats = eye + p.gray.to(x.dtype).view(n, 1, 1) * (luma.expand(3, 3) - eye)  # grayscale or identity
@@ -234,14 +242,16 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return minus_f.mul_(d[:, None]).add_(maxc[:, None])
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor,
+                 hue: bool = True) -> torch.Tensor:
     """torchvision ColorJitter per sample: brightness, contrast, saturation, hue in a per-sample order.
 
     Brightness, contrast and saturation are each ``clamp(a * y + (1 - a) * m)`` with m = 0, the image's
     mean luma, or the pixel's luma: a 3x3 colour matrix plus a per-image offset, so each slot is one
     batched matmul (``baddbmm``) whatever op each sample has there. Hue, the expensive one, runs once:
     each sample's permutation is split into the slots before its hue (0-2) and those after (1-3), the
-    slots it does not use being the identity. Samples with ``apply`` False come back unchanged.
+    slots it does not use being the identity. Samples with ``apply`` False come back unchanged. ``hue`` False
+    skips the hue pass (grey images, whose hue shift is 0).
     """
     n, c, height, width = x.shape
     slot_pos, before_hue, eye, luma = _slot_tables(x.device)
@@ -254,7 +264,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ap
     flat = x.reshape(n, c, height * width)
     y = flat
     for s in range(6):
-        if s == 3:
+        if s == 3 and hue:
             y = _adjust_hue(y, factors[:, 3] * apply)
         offset = (contrast[:, s] * (y.mean(2) @ luma)).view(n, 1, 1)
         y = torch.baddbmm(offset, mats[:, s], y).clamp_(0, 1)

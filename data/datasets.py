@@ -10,10 +10,14 @@ plus the facts the pipeline needs (image size, normalisation, classes).
   (:func:`read_image`).
 * digits: scikit-learn's bundled 8x8 digits (no file needed), upscaled to 32x32 RGB, with a fixed
   stratified 80/20 train/test split.
+* fashion_mnist: Fashion-MNIST's four IDX files (60k/10k greyscale 28x28), read where they are, gzipped or not,
+  in the flat layout Zalando and Debian's ``dataset-fashion-mnist`` publish or in torchvision's
+  ``<root>/FashionMNIST/raw/``; nothing is written under ``--data`` (``--download`` aside).
 """
 from __future__ import annotations
 
 import functools
+import gzip
 import multiprocessing
 import os
 import sys
@@ -41,6 +45,7 @@ class Split:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     in_memory: bool  # uint8 tensors rather than files
+    greyscale: bool = False  # grey images held as 3 equal channels: no hue, saturation or grayscale augmentation
 
 
 class TensorImages(Dataset):
@@ -69,6 +74,76 @@ def _digits(root: str, train: bool, download: bool, **_) -> Split:
     # Normalisation from the full (train+test) set, so it does not depend on the split.
     mean, std = float(x.mean() / 16.0), float(x.std() / 16.0)
     return Split(TensorImages(images, torch.tensor(y)[idx]), 10, 32, (mean,) * 3, (std,) * 3, True)
+
+
+FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # of the 60,000 training images (tests/test_fashion_mnist.py)
+DEFAULT_DATA = "./datasets"  # --data's default
+SYSTEM_FMNIST = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs the files
+
+
+def read_idx(path: str, dims: int) -> torch.Tensor:
+    """A uint8 IDX file (gzipped when its name ends in .gz) as a tensor of ``dims`` dimensions. The layout is
+    torchvision's (``datasets.mnist.read_sn3_pascalvincent_tensor``: magic 0x08 0x<dims>, big-endian sizes, then
+    the bytes); it is read here because torchvision's reader opens only uncompressed files and asserts on a bad
+    header, where this one says what is wrong with which file."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise UserError(f"cannot read {path} ({err}); replace it with the original file") from err
+    sizes = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]) \
+            or len(data) != 4 + 4 * dims + int(np.prod(sizes)):
+        raise UserError(f"{path} is not a uint8 IDX file of {dims} dimension(s) (wrong header or length); "
+                        "replace it with the original file")
+    return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).view(*sizes)
+
+
+def fmnist_roots(root: str) -> list[str]:
+    """Where Fashion-MNIST's files are looked for, in order: ``root``, torchvision's ``root/FashionMNIST/raw``,
+    ``root/fashion-mnist``, and with the default ``--data`` also Debian's package folder."""
+    roots = [root, os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "fashion-mnist")]
+    return roots + ([SYSTEM_FMNIST] if os.path.normpath(root) == os.path.normpath(DEFAULT_DATA) else [])
+
+
+def _fmnist_file(root: str, name: str) -> str | None:
+    for folder in fmnist_roots(root):
+        for candidate in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _fashion_mnist(root: str, train: bool, download: bool, **_) -> Split:
+    names = FMNIST_FILES[train]
+    found = [_fmnist_file(root, name) for name in names]
+    if None in found and download:
+        import urllib.error
+
+        import torchvision.datasets as tvd
+
+        try:
+            tvd.FashionMNIST(root, train=train, download=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as err:
+            raise UserError(f"could not download Fashion-MNIST into {os.path.join(root, 'FashionMNIST')} "
+                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); without a network, "
+                            "apt-get install dataset-fashion-mnist, or copy the four IDX files into --data") from err
+        found = [_fmnist_file(root, name) for name in names]
+    if None in found:
+        missing = names[found.index(None)]
+        raise UserError(f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(fmnist_roots(root))}; pass "
+                        "--data DIR holding the four IDX files, --download to fetch them, or apt-get install "
+                        f"dataset-fashion-mnist (it installs them in {SYSTEM_FMNIST})")
+    images, labels = read_idx(found[0], 3), read_idx(found[1], 1).long()
+    if images.shape[0] != labels.shape[0]:
+        raise UserError(f"{found[0]} holds {images.shape[0]} images but {found[1]} {labels.shape[0]} labels; "
+                        "replace them with the original files")
+    # 3 equal channels: torchvision's ResNets (and an export into one) take RGB. Native 28 px: the crop resamples
+    # anyway, and 28 px costs 0.77x the compute of 32.
+    images = images[:, None].expand(-1, 3, -1, -1).contiguous()
+    return Split(TensorImages(images, labels), 10, 28, (FMNIST_MEAN,) * 3, (FMNIST_STD,) * 3, True, greyscale=True)
 
 
 def _torchvision_set(name: str, folder: str, mean, std, size: int) -> Callable[[str, bool, bool], Split]:
@@ -385,6 +460,7 @@ DATASETS: dict[str, Callable[..., Split]] = {
         "--data must hold train/<class>/<image> (and test/<class>/<image> for evaluation)",
     ),
     "digits": _digits,
+    "fashion_mnist": _fashion_mnist,
 }
 
 
@@ -414,23 +490,36 @@ def load_split(name: str, root: str, train: bool, download: bool = False, pretra
 def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(the rest, a held-out ``fraction``) of a split, drawn once from ``seed``: sthalles/SimCLR's --valid_size.
     In-memory datasets keep their tensors (so --faster_version works on both), image folders their samples."""
-    import copy
-
     n = len(split.dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = max(1, round(fraction * n))
-    parts = []
-    for idx in (order[held:].sort().values, order[:held].sort().values):
-        ds = split.dataset
-        if isinstance(ds, TensorImages):
-            part: Dataset = TensorImages(ds.images[idx], ds.labels[idx])
-        elif getattr(ds, "samples", None) is not None and not isinstance(ds, SkipBadImages):
-            part = copy.copy(ds)
-            part.samples = [ds.samples[i] for i in idx.tolist()]
-            part.imgs = part.samples
-            part.targets = [s[1] for s in part.samples]
-        else:
-            part = torch.utils.data.Subset(ds, idx.tolist())
-        parts.append(Split(part, split.num_classes, split.image_size, split.mean, split.std,
-                           split.in_memory and isinstance(part, TensorImages)))
-    return parts[0], parts[1]
+    return take(split, order[held:].sort().values), take(split, order[:held].sort().values)
+
+
+def fixed_subset(split: Split, n: int, seed: int, flag: str) -> Split:
+    """``n`` images of ``split`` drawn once from ``seed`` (the same images for every run given that seed, whatever
+    its training seed): ``--train_subset`` / ``--eval_train_subset`` with ``--subset_seed``."""
+    total = len(split.dataset)
+    if n > total:
+        raise UserError(f"--{flag} {n} is more than the {total} images of the training set; lower --{flag} or "
+                        "drop it")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return take(split, order[:n].sort().values)
+
+
+def take(split: Split, idx: torch.Tensor) -> Split:
+    """The images ``idx`` of a split, as a split of the same kind."""
+    import copy
+
+    ds = split.dataset
+    if isinstance(ds, TensorImages):
+        part: Dataset = TensorImages(ds.images[idx], ds.labels[idx])
+    elif getattr(ds, "samples", None) is not None and not isinstance(ds, SkipBadImages):
+        part = copy.copy(ds)
+        part.samples = [ds.samples[i] for i in idx.tolist()]
+        part.imgs = part.samples
+        part.targets = [s[1] for s in part.samples]
+    else:
+        part = torch.utils.data.Subset(ds, idx.tolist())
+    return Split(part, split.num_classes, split.image_size, split.mean, split.std,
+                 split.in_memory and isinstance(part, TensorImages), split.greyscale)

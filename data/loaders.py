@@ -76,15 +76,16 @@ def pretrain_loader(split: Split, views: list[ViewSpec], batch_size: int, seed: 
         raise UserError(f"--batch_size {batch_size} is larger than the dataset ({n} images); lower --batch_size")
     strength = jitter_strength if jitter_strength is not None else default_jitter_strength(size)
     if faster:
-        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std, split.greyscale) for spec in views]
         loader = DeviceLoader(resident_images(split, dataset_name, skip_bad_images).to(device), batched, batch_size,
                               seed, rank, world_size)
         return loader, [loader]
     if pipeline == "hybrid" or decode_on_gpu:
-        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        batched = [BatchedViews(size, spec, strength, min_crop_scale, split.mean, split.std, split.greyscale) for spec in views]
         dataset = HybridItems(split.dataset, batched, seed, encoded=decode_on_gpu, skip_bad_images=skip_bad_images)
     else:
-        transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std) for spec in views]
+        transforms = [view_transform(size, spec, strength, min_crop_scale, split.mean, split.std,
+                                     split.greyscale) for spec in views]
         dataset = MultiViewDataset(split.dataset, transforms, seed=seed)
     # The sampler's order depends only on (seed, epoch); with W ranks the union of their step-k
     # batches is exactly the one-process step-k batch of the same global size.

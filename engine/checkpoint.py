@@ -45,7 +45,7 @@ from models.checkpoint_file import (CheckpointError, all_checkpoints, atomic_sav
 # checkpoint that differs in one is not this run's. Each method adds its own (MethodSpec.identity).
 IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
                  "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
-                 "width_multiplier", "image_size", "optimizer", "rot_pred_weight")
+                 "width_multiplier", "image_size", "optimizer", "rot_pred_weight", "train_subset", "subset_seed")
 
 
 def identity_keys(clr: str) -> tuple[str, ...]:

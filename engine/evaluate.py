@@ -43,7 +43,7 @@ from common.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_obj
 from common.errors import Preempted, UserError
 from common.yamlfile import read_mapping
 from data import load_split
-from data.datasets import Split, data_root
+from data.datasets import Split, data_root, fixed_subset
 from engine import checkpoint as ckpt_io
 from engine.knn import (FeatureShard, Transformed, extract_features, extract_shard, knn_scores_sharded, locate,
                         topk_correct)
@@ -175,7 +175,7 @@ class _ResumableSampler(DistributedSampler):
 # What a resumed fit must share with the interrupted one (besides the checkpoint and the data).
 FIT_SETTINGS = ("transfer_mode", "fc_augment", "fc_epochs", "fc_batch_size", "fc_micro_batch_size", "fc_lr",
                 "fc_optimizer", "fc_weight_decay", "fc_momentum", "fc_scheduler", "semi_ratio", "seed", "arch",
-                "cifar_stem", "image_size", "dataset_name")
+                "cifar_stem", "image_size", "dataset_name", "eval_train_subset", "subset_seed")
 
 
 @dataclass
@@ -617,6 +617,8 @@ def evaluate(cfg: Namespace) -> list[dict]:
                        skip_bad_images=skip)
     test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=train.image_size,
                       skip_bad_images=skip)
+    if cfg.eval_train_subset is not None:
+        train = fixed_subset(train, cfg.eval_train_subset, cfg.subset_seed, "eval_train_subset")
     random_init = chosen[0][1] is None
     if cfg.fc_iters:  # classifier steps (MetaContrastive's eval --iters), in whole epochs
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))

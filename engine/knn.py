@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from common.distributed import (all_gather_object, all_reduce_sum, broadcast_tensor, gather_no_grad, get_rank,
                                 get_world_size)
-from data.datasets import Split, load_split
+from data.datasets import Split, fixed_subset, load_split
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -242,9 +242,12 @@ class KnnMonitor:
     as the memory: the number that tells a user early whether a run is learning."""
 
     def __init__(self, dataset_name: str, data_root: str, image_size: int, device: torch.device, workers: int,
-                 k: int, temperature: float, download: bool = False, skip_bad_images: bool = False) -> None:
+                 k: int, temperature: float, download: bool = False, skip_bad_images: bool = False,
+                 memory_subset: int | None = None, subset_seed: int = 0) -> None:
         self.train = load_split(dataset_name, data_root, train=True, download=download, image_size=image_size,
                                 skip_bad_images=skip_bad_images)
+        if memory_subset is not None:  # --eval_train_subset
+            self.train = fixed_subset(self.train, memory_subset, subset_seed, "eval_train_subset")
         self.test = load_split(dataset_name, data_root, train=False, download=download, image_size=image_size,
                                skip_bad_images=skip_bad_images)
         self.device, self.workers, self.k, self.t = device, workers, k, temperature

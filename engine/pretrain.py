@@ -31,7 +31,7 @@ from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, bar
                                 init_distributed, on_main_only, shared_outcome)
 from common.errors import Preempted, UserError
 from data.augment import default_blur
-from data.datasets import Split, hold_out, load_split
+from data.datasets import Split, fixed_subset, hold_out, load_split
 from data.loaders import pretrain_loader
 from data.rotation import rotate, step_generator, task_rotations
 from engine import checkpoint as ckpt_io
@@ -121,6 +121,8 @@ def pretraining_split(cfg: Namespace) -> tuple[Split, Split | None]:
     """The pretraining images, and sthalles/SimCLR's fixed held-out part of them (``--valid_size``)."""
     split = load_split(cfg.dataset_name, cfg.data, train=True, download=cfg.download, pretrain=True,
                        image_size=cfg.image_size, skip_bad_images=bool(cfg.skip_bad_images))
+    if cfg.train_subset is not None:
+        split = fixed_subset(split, cfg.train_subset, cfg.subset_seed, "train_subset")
     if not cfg.valid_size:
         return split, None
     total = len(split.dataset)
@@ -182,7 +184,8 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
         monitor = None
         if cfg.eval_every_n_epochs or cfg.eval_every_n_steps:
             monitor = KnnMonitor(cfg.dataset_name, cfg.data, s.split.image_size, s.device, cfg.workers, cfg.knn_k,
-                                 cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images))
+                                 cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images),
+                                 memory_subset=cfg.eval_train_subset, subset_seed=cfg.subset_seed)
         with StopRequests(cfg) as requests:
             trainer = Trainer(s.model, s.method, s.optimizer, s.scaler, s.schedule.rates(), device=s.device,
                               precision=cfg.precision, memory_format=s.memory_format,

@@ -130,6 +130,29 @@ def parse_sets(items: list[str]) -> dict:
 
 
 
+def parse_only(items: list[str], sweep: Sweep) -> dict[str, list]:
+    """``--grid KEY=V1,V2`` items: the values of each named axis to run now (each read as yaml), each an axis of
+    the sweep's grid and among its values."""
+    only: dict[str, list] = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        key = key.strip()
+        if not eq or not key or not values.strip():
+            raise UserError(f"--grid {item}: write it as AXIS=V1,V2, e.g. --grid seed=0")
+        if key not in sweep.grid:
+            raise UserError(f"--grid {item}: {key} is not an axis of this sweep's grid ({', '.join(sweep.grid)})")
+        try:
+            picked = [yaml.safe_load(v) for v in values.split(",")]
+        except yaml.YAMLError as err:
+            raise UserError(f"--grid {item}: a value is not valid yaml ({str(err).splitlines()[0]})") from err
+        bad = [v for v in picked if v not in sweep.grid[key]]
+        if bad:
+            raise UserError(f"--grid {item}: {bad[0]!r} is not a value of the axis {key} "
+                            f"({', '.join(map(str, sweep.grid[key]))})")
+        only.setdefault(key, []).extend(picked)
+    return only
+
+
 # Keys a sweep sets itself (each cell's run directory, the evaluations of ``eval``) or that would change what one
 # invocation of a cell does; in a cell's settings they would be ignored or break the sweep's resume.
 SWEEP_OWNED = ("final_eval",) + PER_INVOCATION_KEYS
@@ -446,12 +469,17 @@ def write_results(sweep: Sweep) -> list[Cell]:
     for cell in cells:
         cell.status = cell_state(cell)
     done = [c for c in cells if c.status == "done"]
+    last = {c.name: last_metrics(c.run_dir) for c in done}
+    diagnosed = [k for k in DIAGNOSTICS if any(k in m for m in last.values())]
     with open(os.path.join(sweep.out, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(sweep.axes + [f"{p}_top1" for p in sweep.evals] + ["run_dir"])
+        writer.writerow(sweep.axes + [f"{p}_top1" for p in sweep.evals] + diagnosed + ["run_dir"])
         for c in done:
             top1 = [f"{c.records[p]['top1']:.4f}" for p in sweep.evals]
-            writer.writerow([c.values.get(a, "") for a in sweep.axes] + top1 + [os.path.relpath(c.run_dir, sweep.out)])
+            found = [f"{last[c.name][k]:.6g}" if isinstance(last[c.name].get(k), (int, float)) else ""
+                     for k in diagnosed]
+            writer.writerow([c.values.get(a, "") for a in sweep.axes] + top1 + found
+                            + [os.path.relpath(c.run_dir, sweep.out)])
     lines = [f"# Sweep {sweep.name}", "", f"{len(done)} of {len(cells)} cells done. Top-1 (%) on the test split, "
              f"mean ± std over {SEED_AXIS} (n runs per cell)." if SEED_AXIS in sweep.grid else
              f"{len(done)} of {len(cells)} cells done. Top-1 (%) on the test split."]
@@ -483,6 +511,28 @@ def write_results(sweep: Sweep) -> list[Cell]:
     with open(os.path.join(sweep.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return cells
+
+
+# The last epoch's training diagnostics a cell's results.csv row carries (those its method logs).
+DIAGNOSTICS = ("loss", "mi_bound", "log_k", "log_s_p10", "log_s_p50", "log_s_p90", "flat_grad_ratio", "alignment",
+               "uniformity", "erank", "epoch_time_s")
+
+
+def last_metrics(run_dir: str) -> dict:
+    """The last complete record of a run's metrics.jsonl (an empty dict when there is none)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
 
 
 def _plot(sweep: Sweep, protocol: str, groups: dict, fixed: list[str]) -> None:
@@ -549,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="replace a base flag of every cell, e.g. --set device=cuda (repeatable; not a grid axis); "
                         "kept with the sweep, so a rerun must pass the same")
+    p.add_argument("--grid", action="append", default=[], metavar="AXIS=V1,V2",
+                   help="run only the cells with these values of an axis, e.g. --grid seed=0 or --grid "
+                        "batch_size=16,32 (repeatable; the table still shows every finished cell)")
     args = p.parse_args(argv)
     try:
         import torch
@@ -559,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--parallel must be at least 1, got {parallel}")
         sets = parse_sets(args.set)
         sweep = load_sweep(args.sweep, args.out, sets)
+        only = parse_only(args.grid, sweep)
         _claim(sweep, args.sweep, sets)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -566,14 +620,14 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     cells = write_results(sweep)
-    todo = [c for c in cells if c.status != "done"]
-    print(f"sweep {sweep.name}: {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run "
-          f"({parallel} at a time) in {sweep.out}", flush=True)
+    todo = [c for c in cells if c.status != "done" and all(c.values.get(a) in v for a, v in only.items())]
+    print(f"sweep {sweep.name}: {len(cells)} cells, {sum(c.status == 'done' for c in cells)} done, {len(todo)} to run"
+          f"{' (' + ' '.join(args.grid) + ')' if only else ''} ({parallel} at a time) in {sweep.out}", flush=True)
     runner = Runner(sweep, parallel, gpus)
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {sweep.name}", file=sys.stdout) as bar:
+    with tqdm(total=len(todo), desc=f"sweep {sweep.name}", file=sys.stdout) as bar:
         runner.run(todo, bar)
     cells = write_results(sweep)
-    failed = [c for c in cells if c.status != "done"]
+    failed = [c for c in cells if c.status != "done" and all(c.values.get(a) in v for a, v in only.items())]
     print(f"table: {os.path.join(sweep.out, 'table.md')}; results.csv and " +
           ", ".join(f"{p}.png" for p in sweep.evals) + " beside it", flush=True)
     if runner.stopping:

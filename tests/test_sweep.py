@@ -1,5 +1,7 @@
 """Sweeps: a grid of ordinary runs, their table, and an interrupted sweep that finishes as an uninterrupted one."""
 import csv
+import json
+import math
 import os
 import signal
 import subprocess
@@ -33,9 +35,17 @@ def _rows(out):
 def test_a_sweep_writes_a_table_of_means_over_seeds_and_skips_done_cells(tmp_path, capsys):
     spec = _write(tmp_path, {"clr": ["flatclr"], "batch_size": [16], "seed": [0, 1]})
     out = tmp_path / "out"
+    assert sweep_main([str(spec), f"--out={out}", "--grid", "seed=1"]) == 0  # one seed now, the other later
+    assert "2 cells, 0 done, 1 to run (seed=1)" in capsys.readouterr().out
+    assert [r["seed"] for r in _rows(out)] == ["1"]
     assert sweep_main([str(spec), f"--out={out}"]) == 0
     rows = _rows(out)
     assert [(r["clr"], r["seed"]) for r in rows] == [("flatclr", "0"), ("flatclr", "1")]
+    for row in rows:  # each row carries its run's last training diagnostics
+        last = [json.loads(line) for line in (out / row["run_dir"] / "metrics.jsonl").read_text().splitlines()][-1]
+        assert float(row["mi_bound"]) == pytest.approx(last["mi_bound"], rel=1e-5)
+        assert float(row["log_k"]) == pytest.approx(math.log(2 * 16 - 1), rel=1e-5)
+        assert float(row["flat_grad_ratio"]) > 1
     table = (out / "table.md").read_text()
     top1 = [float(r["knn_top1"]) for r in rows]  # the table's cell: mean and sample std of the csv's two seeds
     mean, std = sum(top1) / 2, abs(top1[0] - top1[1]) / 2 ** 0.5
@@ -65,6 +75,11 @@ def test_sweep_mistakes_are_one_line(tmp_path, capsys):
     assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "batch_size=8"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --set batch_size: batch_size is an axis of the grid of {good}; "
                                                "edit the grid instead")
+    for item, message in (("lr=0.1", "lr is not an axis of this sweep's grid (clr, batch_size)"),
+                          ("clr=byol", "'byol' is not a value of the axis clr (simclr)"),
+                          ("seed", "write it as AXIS=V1,V2, e.g. --grid seed=0")):
+        assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--grid", item]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --grid {item}: {message}"
     assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs"]) == 2
     assert capsys.readouterr().err.strip() == "error: --set epochs: write it as KEY=VALUE, e.g. --set device=cuda"
     assert sweep_main([str(good), f"--out={tmp_path / 'o3'}", "--set", "epochs=zero"]) == 2
