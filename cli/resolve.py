@@ -14,6 +14,7 @@ from cli.config import apply_yaml, read_yaml
 from cli.options import split_list
 from cli.parser import build_parser
 from common.distributed import launched_rank
+from common.settings import frozen
 from common.errors import UserError
 from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, load_checkpoint, load_latest,
                                resolve_checkpoint)
@@ -179,10 +180,10 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     validate(cfg, parser)
     refuse_other_methods_flags(cfg, explicit)
     if cfg.train_mode == "eval":
-        eval_defaults(cfg)
+        cfg = eval_defaults(cfg)
     cfg.sources = {k: v for k, v in sorted(sources.items())  # where each setting came from: in config.yaml
                    if k in vars(cfg) and k not in PER_INVOCATION_KEYS + ("sources",)}
-    return cfg, resume, resume_path
+    return frozen(cfg), resume, resume_path
 
 
 def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict | None, str | None]:

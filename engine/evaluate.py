@@ -40,6 +40,7 @@ from common.device import pick_device
 from common.provenance import provenance
 from common.distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, get_world_size, init_distributed,
                                 on_main_only, shared_outcome)
+from common.settings import derive
 from common.errors import Preempted, UserError
 from common.yamlfile import read_mapping
 from data import load_split
@@ -433,10 +434,12 @@ def plot_accuracy_vs_epoch(results: list[dict], path: str, title: str) -> None:
 BASELINES = ("none", "pca")
 
 
-def eval_defaults(cfg: Namespace) -> None:
-    """Settings of an evaluation that depend on its protocol: the classifier's lr scales with its batch."""
+def eval_defaults(cfg: Namespace) -> Namespace:
+    """``cfg`` with the settings of an evaluation that depend on its protocol: the classifier's lr scales with
+    its batch."""
     if cfg.fc_lr is None:
-        cfg.fc_lr = (0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256
+        return derive(cfg, fc_lr=(0.05 if cfg.transfer_mode == "finetune" else 0.1) * cfg.fc_batch_size / 256)
+    return cfg
 
 
 def select_checkpoints(cfg: Namespace) -> list[tuple[int, str | None]]:
@@ -624,7 +627,7 @@ def evaluate(cfg: Namespace) -> list[dict]:
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
         bs = min(cfg.fc_batch_size, n)
         steps = max(1, n // bs) if trains_through(cfg) else math.ceil(n / bs)  # the fit's loader drops a remainder
-        cfg.fc_epochs = max(1, math.ceil(cfg.fc_iters / steps))
+        cfg = derive(cfg, fc_epochs=max(1, math.ceil(cfg.fc_iters / steps)))
     resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
     planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
     created = random_init or not os.path.isdir(planned)

@@ -8,6 +8,7 @@ import os
 
 from common.distributed import launched_rank
 from common.errors import Preempted
+from common.settings import derive
 from engine.checkpoint import list_checkpoints
 from engine.evaluate import PARTIAL, eval_defaults, evaluate, record_path
 from engine.pretrain import PREEMPTED_MARK, pretrain
@@ -18,7 +19,7 @@ def pretrain_then_evaluate(cfg: argparse.Namespace, held: list, resume_path: str
     ``held`` is ``[the resumed checkpoint or None]``: popped, so that pretraining holds the only reference to
     the mapped file and lets it go once restored (retention may delete it; its space is then freed)."""
     resumed = held[0] is not None
-    run_dir, finished = pretrain(cfg, held.pop(), resume_path)
+    run_dir, finished, cfg = pretrain(cfg, held.pop(), resume_path)
     if cfg.final_eval and (finished or resumed):
         final_evaluations(cfg, run_dir, only_missing=not finished)
 
@@ -36,14 +37,14 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
         os.remove(mark)  # this invocation continues what the mark stood for
     lines = []
     for protocol in cfg.final_eval:
-        ev = argparse.Namespace(**{**vars(cfg), "train_mode": "eval", "checkpoint_dir": run_dir, "eval_all": False,
-                                   "transfer_mode": protocol, "transfer_from_epoch": epoch, "train_from": None})
+        ev = derive(cfg, train_mode="eval", checkpoint_dir=run_dir, eval_all=False, transfer_mode=protocol,
+                    transfer_from_epoch=epoch, train_from=None)
         path_of = functools.partial(record_path, os.path.join(run_dir, "eval"), protocol, cfg.semi_ratio, epoch)
         if only_missing and os.path.isfile(path_of()):
             continue
         if os.path.isfile(path_of(PARTIAL)):
-            ev.train_from = "latest"
-        eval_defaults(ev)
+            ev = derive(ev, train_from="latest")
+        ev = eval_defaults(ev)
         try:
             record = evaluate(ev)[-1]
         except Preempted as stop:  # the job script requeues on the mark; the resume finishes this evaluation
@@ -54,9 +55,8 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
                             "--train_from latest") from stop
         line = f"{protocol}: top-1 {record['top1']:.2f}% (epoch {epoch})"
         if cfg.final_eval_baseline:
-            base = argparse.Namespace(**{**vars(ev), "checkpoint_dir": "none", "transfer_from_epoch": None,
-                                         "train_from": None,
-                                         "results_dir": os.path.join(run_dir, "eval", "random_init")})
+            base = derive(ev, checkpoint_dir="none", transfer_from_epoch=None, train_from=None,
+                          results_dir=os.path.join(run_dir, "eval", "random_init"))
             baseline = evaluate(base)[-1]
             line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
                      "pretraining)")

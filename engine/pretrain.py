@@ -29,6 +29,7 @@ from common.device import pick_device
 from common.provenance import provenance
 from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
                                 init_distributed, on_main_only, shared_outcome)
+from common.settings import derive
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, fixed_subset, hold_out, load_split
@@ -50,29 +51,32 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
 
 
-def pretrain(cfg: Namespace, resume: dict | None = None, resume_path: str | None = None) -> tuple[str, bool]:
-    """Run (or continue) pretraining; returns the run directory and whether this call trained up to --epochs
-    (then ``--final_eval`` follows). Raises ``Preempted`` after saving the exact position when SIGTERM or
+def pretrain(cfg: Namespace, resume: dict | None = None,
+             resume_path: str | None = None) -> tuple[str, bool, Namespace]:
+    """Run (or continue) pretraining; returns the run directory, whether this call trained up to --epochs
+    (then ``--final_eval`` follows), and the settings it ran with (``cfg`` with what it derived: the epochs of an
+    ``--iters`` run, the input statistics). Raises ``Preempted`` after saving the exact position when SIGTERM or
     SIGUSR1 arrives."""
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
-    last_epoch = plan_resume(cfg, dist, resume, resume_path)
+    cfg, last_epoch = plan_resume(cfg, dist, resume, resume_path)
     if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
         if dist.is_main:
             print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
-        return cfg.log_dir, False
+        return cfg.log_dir, False, cfg
     check_setup(cfg, dist, device)
     setup = build_setup(cfg, dist, device, resume, resume_path)
     # what the loop still needs of the checkpoint: its RNG and loader states, and a mid-epoch one's running sums
     carry = None if resume is None else ckpt_io.to_host({"rng": resume.get("rng", []), "loader": resume.get("loader"),
                                                          "meter": resume.get("meter")})  # copies, not the mapping
     del resume  # restored: the mapped checkpoint is let go, so that retention's deleting it frees its space
-    return train(setup, carry, resume_path), setup.last_epoch == cfg.epochs
+    return train(setup, carry, resume_path), setup.last_epoch == setup.cfg.epochs, setup.cfg
 
 
-def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None, resume_path: str | None) -> int:
-    """The last epoch this call trains; on a resume, after the ranks agree on the checkpoint (each chose it on
-    its own) and a resumed --iters run has its epochs from the checkpoint's steps per epoch."""
+def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None,
+                resume_path: str | None) -> tuple[Namespace, int]:
+    """The settings and the last epoch this call trains; on a resume, after the ranks agree on the checkpoint
+    (each chose it on its own) and a resumed --iters run has its epochs from the checkpoint's steps per epoch."""
     if resume is not None:
         chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
         if len(set(chosen)) > 1:  # e.g. rank 0 found the newest corrupt (only it reads the checksums) and moved it
@@ -81,12 +85,12 @@ def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None, resume_path
                             "has been moved aside by rank 0)")
     saved_steps = (resume or {}).get("scheduler", {}).get("steps_per_epoch")
     if cfg.iters and saved_steps:  # a resumed --iters run: its epochs as the (possibly new) --iters makes them
-        cfg.epochs = math.ceil(cfg.iters / saved_steps)
+        cfg = derive(cfg, epochs=math.ceil(cfg.iters / saved_steps))
         done, cut = int(resume["epoch"]), int(resume.get("global_step", 0)) < int(resume["epoch"]) * saved_steps
         if cut and not resume.get("batch") and cfg.iters > int(resume.get("global_step", 0)):
             raise UserError(f"{resume_path} ends epoch {done} cut at step {resume['global_step']} by the old --iters; "
                             "a cut epoch cannot be continued: start a new run from it with --from_pretrained")
-    return last_epoch_of(cfg)
+    return cfg, last_epoch_of(cfg)
 
 
 def last_epoch_of(cfg: Namespace) -> int:
@@ -138,9 +142,10 @@ def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: di
     """Data, model (warm-started or restored), optimizer and schedule of the run."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     split, held_out = pretraining_split(cfg)
-    # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed
-    cfg.input_stats = {"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size}
-    cfg.provenance = provenance(device, dist.world_size)  # this invocation's: a resume records its own
+    # recorded in config.yaml and the checkpoints: what an export or load_pretrained tells a user to feed, and
+    # this invocation's provenance (a resume records its own)
+    cfg = derive(cfg, input_stats={"mean": list(split.mean), "std": list(split.std), "image_size": split.image_size},
+                 provenance=provenance(device, dist.world_size))
     loader, epoch_setters = build_loader(cfg, split, dist, device)  # workers start at the first batch, not here
     check_fits(cfg, len(split.dataset), split.image_size, cifar_stem_of(cfg, split), dist.world_size, device)
     validator = HeldOutCheck(cfg, held_out, dist, device) if held_out is not None else None
@@ -149,7 +154,7 @@ def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: di
         warm_start(method, cfg.from_pretrained, bool(cfg.from_pretrained_head), cfg.arch)
     steps_per_epoch = len(loader) if cfg.limit_train_batches is None else min(len(loader), cfg.limit_train_batches)
     if cfg.iters:  # --iters: as many epochs as the steps need, the last one cut (recorded in config.yaml)
-        cfg.epochs = math.ceil(cfg.iters / steps_per_epoch)
+        cfg = derive(cfg, epochs=math.ceil(cfg.iters / steps_per_epoch))
     schedule, note = plan_schedule(peak_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.learning_rate_scaling),
                                    kind=cfg.scheduler, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
                                    warmup_epochs=cfg.warmup_epochs, cap_warmup=cfg.cap_warmup is not False,
@@ -775,7 +780,7 @@ class HeldOutCheck:
         if batch < 2 * dist.world_size:
             raise UserError(f"--valid_size {cfg.valid_size} holds out {len(held.dataset)} image(s), too few for a "
                             f"contrastive check over {dist.world_size} process(es); raise --valid_size")
-        sub = Namespace(**{**vars(cfg), "batch_size": batch, "n_views": 2})
+        sub = derive(cfg, batch_size=batch, n_views=2)
         self.loader, self.setters = build_loader(sub, held, dist, device)
         self.device, self.temperature = device, cfg.temperature
         self.cosine = cfg.similarity == "cosine"
