@@ -21,6 +21,7 @@ from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, 
 from engine.evaluate import PROTOCOLS, eval_defaults
 from engine.optim import default_lr
 from engine.runlog import PER_INVOCATION_KEYS
+from engine.settings import RANGES
 from models import ARCH_ALIASES, METHODS
 
 # What an evaluation takes from the run it evaluates, unless given on the command line.
@@ -36,34 +37,6 @@ def explicit_dests(argv: list[str]) -> set[str]:
     return set(vars(ns))
 
 
-# The range of each number setting: (lowest, highest, what the range is); None where the setting may be unset.
-AT_LEAST_1 = ("epochs", "save_every_n_epochs", "log_every_n_steps", "num_proj_layers", "proj_out_dim", "accu_iter",
-              "limit_train_batches", "stop_after_epoch", "image_size", "proj_hidden_dim", "iters", "fc_epochs",
-              "fc_iters", "fc_batch_size", "knn_k", "fc_micro_batch_size", "pca_dim", "logistic_max_iter",
-              "valid_every_n_epochs", "keep_mid_epoch_checkpoints", "train_subset", "eval_train_subset")
-NOT_NEGATIVE = ("lr", "weight_decay", "fc_lr", "fc_weight_decay", "momentum", "fc_momentum", "eval_every_n_epochs",
-                "eval_every_n_steps", "save_every_n_steps", "save_every_n_minutes", "workers", "warmup_epochs",
-                "keep_checkpoints", "milestone_every_n_epochs", "rot_pred_weight")
-RANGES = {
-    "batch_size": (2, None, "be at least 2 (contrastive losses need negatives)"),
-    "temperature": (0, None, "be positive"), "knn_temperature": (0, None, "be positive"),
-    "width_multiplier": (0, None, "be positive"),
-    "seed": (0, 2**32 - 1, "be in [0, 2**32)"), "subset_seed": (0, 2**32 - 1, "be in [0, 2**32)"),
-    "valid_size": (0, 1, "be the held-out fraction of the pretraining set, in [0, 1)"),
-    "rot_task_p": (0, 1, "be a probability in [0, 1]"),
-    "color_jitter_strength": (0, 2.5, "be in [0, 2.5] (hue is 0.2 x strength, at most 0.5)"),
-    "min_crop_scale": (0, 1, "be in (0, 1]"),
-    "semi_ratio": (0, 1, "be a fraction in (0, 1), e.g. 0.01 or 0.1"),
-    **{name: (1, None, "be at least 1") for name in AT_LEAST_1},
-    **{name: (0, None, "not be negative") for name in NOT_NEGATIVE},
-    "rot_pred_weight": (0, None, "not be negative (0 is off)"),
-    "keep_checkpoints": (0, None, "not be negative (0 keeps every checkpoint)"),
-    "milestone_every_n_epochs": (0, None, "not be negative (0: no milestones)"),
-}
-OPEN_BELOW = {"temperature", "knn_temperature", "width_multiplier", "min_crop_scale", "semi_ratio"}  # (0, ...
-OPEN_ABOVE = {"valid_size", "semi_ratio"}  # ..., 1)
-
-
 def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Every value in its range and among its choices (yaml and a resumed run's values bypass argparse's own
     checks), then the method's own checks and the settings that must agree with each other."""
@@ -71,12 +44,12 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         value = getattr(cfg, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
             raise UserError(f"{action.dest}={value!r} is not one of {', '.join(map(str, action.choices))}")
-    for name, (low, high, what) in RANGES.items():
+    for name, (low, high, what, open_below, open_above) in RANGES.items():  # declared in engine.settings
         value = getattr(cfg, name)
         if value is None:
             continue
-        below = value <= low if name in OPEN_BELOW else value < low
-        above = high is not None and (value >= high if name in OPEN_ABOVE else value > high)
+        below = value <= low if open_below else value < low
+        above = high is not None and (value >= high if open_above else value > high)
         if below or above:
             raise UserError(f"--{name} must {what}, got {value}")
     spec = METHODS[cfg.clr]

@@ -36,20 +36,16 @@ import torch.nn as nn
 from common.distributed import DistInfo, launched_rank
 from common.errors import UserError
 from common.yamlfile import read_mapping
+from engine.settings import IDENTITY_KEYS
 from models import METHODS
 from models.checkpoint_file import (CheckpointError, all_checkpoints, atomic_save,  # noqa: F401 - the run's API
                                     checkpoint_name, list_checkpoints, read_checkpoint, read_file,
                                     remove_checkpoint)
 
-# Settings that define what a run *is*: a resumed run keeps them, a flag that changes one is an error, and a
-# checkpoint that differs in one is not this run's. Each method adds its own (MethodSpec.identity).
-IDENTITY_KEYS = ("dataset_name", "clr", "arch", "proj_head_mode", "num_proj_layers", "proj_hidden_dim",
-                 "proj_out_dim", "proj_bn", "proj_out_bn", "proj_out_bn_affine", "n_views", "cifar_stem",
-                 "width_multiplier", "image_size", "optimizer", "rot_pred_weight", "train_subset", "subset_seed")
-
-
 def identity_keys(clr: str) -> tuple[str, ...]:
-    """The settings a resume of a ``clr`` run must not change."""
+    """The settings that define what a ``clr`` run *is*: a resumed run keeps them, a flag that changes one is an
+    error, and a checkpoint that differs in one is not this run's. The core ones are marked ``identity`` where
+    they are declared (:mod:`engine.settings`); each method adds its own (``MethodSpec.identity``)."""
     return IDENTITY_KEYS + (METHODS[clr].identity if clr in METHODS else ())
 
 

@@ -16,6 +16,9 @@ import torch
 import yaml
 
 from common.errors import UserError
+# Settings of one invocation, not of the run (marked per_invocation where declared): never taken from a resumed
+# run's saved settings, and left out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
+from engine.settings import PER_INVOCATION_KEYS
 
 RESUME_HINT = "make room, then resume with --train_from latest"
 RERUN_HINT = "make room, then run the same command again"
@@ -53,10 +56,6 @@ def new_run_dir(results_dir: str, dataset: str, batch_size: int, method: str) ->
             continue
     raise RuntimeError(f"could not create a fresh run directory under {parent}")
 
-
-# Settings of one invocation, not of the run: never taken from a resumed run's saved settings, and left
-# out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
-PER_INVOCATION_KEYS = ("train_from", "log_dir", "config", "stop_after_epoch", "train_mode", "checkpoint_dir")
 
 
 def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | None = None,

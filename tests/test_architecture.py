@@ -270,3 +270,39 @@ def test_the_code_keeps_its_shape_and_each_rule_catches_a_planted_violation():
     }
     for what, (change, message) in plants.items():
         assert _shape_violations({**sources, **change}, declared) == [message], what
+
+
+def test_core_settings_are_declared_once_and_the_parser_and_checks_come_from_them():
+    import dataclasses
+
+    from cli.parser import build_parser
+    from engine.checkpoint import identity_keys
+    from engine.settings import CONCERNS, IDENTITY_KEYS, PER_INVOCATION_KEYS, RANGES, Data, concern, declared
+
+    parser = build_parser()
+    groups = {g.title: {a.dest for a in g._group_actions} for g in parser._action_groups}
+    for cls in CONCERNS:  # each concern is one --help group holding exactly its declared fields
+        assert groups[cls.GROUP] == {f.name for f in dataclasses.fields(cls)}, cls.GROUP
+    fields = {f.name: f for _, f in declared()}
+    assert {n for n, f in fields.items() if f.metadata["identity"]} == set(IDENTITY_KEYS)
+    assert set(IDENTITY_KEYS) <= set(identity_keys("simclr")) and "dataset_name" in IDENTITY_KEYS
+    assert {"train_from", "log_dir", "config"} <= set(PER_INVOCATION_KEYS) and "epochs" not in PER_INVOCATION_KEYS
+    assert RANGES["batch_size"].low == 2 and RANGES["semi_ratio"].open_above and "lr" in RANGES
+    defaults = vars(parser.parse_args([]))
+    assert all(defaults[n] == f.metadata["default"] for n, f in fields.items())
+    typed = concern(Data, parser.parse_args(["--dataset_name=digits", "--workers=0"]))
+    assert (typed.dataset_name, typed.workers) == ("digits", 0)
+
+
+def test_resolved_settings_are_read_only_and_derived_copies_stay_so():
+    from cli.resolve import resolve
+    from common.settings import FrozenSettings, Settings, derive
+
+    cfg, _, _ = resolve(["--dataset_name=digits", "--clr=simclr", "--device=cpu"])
+    assert isinstance(cfg, Settings)
+    with pytest.raises(FrozenSettings, match="--epochs cannot be set"):
+        cfg.epochs = 3
+    later = derive(cfg, epochs=3)
+    assert (later.epochs, cfg.epochs) == (3, 100) and isinstance(later, Settings)
+    with pytest.raises(FrozenSettings):
+        later.lr = 1.0
