@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         if launched_rank() == 0:
             print(f"preempted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        if launched_rank() == 0:  # pretraining adds the command that continues the run
+            print(f"interrupted; {getattr(stop, 'resume_command', 'the last checkpoint written is intact')}",
+                  file=sys.stderr)
         return 130
     finally:
         cleanup()

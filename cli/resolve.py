@@ -20,8 +20,7 @@ from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, 
                                resolve_checkpoint)
 from engine.evaluate import PROTOCOLS, eval_defaults
 from engine.optim import default_lr
-from engine.runlog import PER_INVOCATION_KEYS
-from engine.settings import RANGES
+from engine.settings import NOT_SAVED_KEYS, RANGES, machine_workers
 from models import ARCH_ALIASES, METHODS
 
 # What an evaluation takes from the run it evaluates, unless given on the command line.
@@ -150,12 +149,14 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     if cfg.lr is None:
         cfg.lr = default_lr(cfg.optimizer, cfg.learning_rate_scaling)
         sources["lr"] = f"the default for --optimizer {cfg.optimizer}"
+    if cfg.workers is None:
+        cfg.workers = machine_workers()
     validate(cfg, parser)
     refuse_other_methods_flags(cfg, explicit)
     if cfg.train_mode == "eval":
         cfg = eval_defaults(cfg)
     cfg.sources = {k: v for k, v in sorted(sources.items())  # where each setting came from: in config.yaml
-                   if k in vars(cfg) and k not in PER_INVOCATION_KEYS + ("sources",)}
+                   if k in vars(cfg) and k not in NOT_SAVED_KEYS + ("sources",)}
     return frozen(cfg), resume, resume_path
 
 
@@ -190,7 +191,7 @@ def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict
             raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
                             f"drop --{key} to resume, or start a new run")
     for key, value in saved.items():
-        if hasattr(cfg, key) and key not in explicit and key not in PER_INVOCATION_KEYS:
+        if hasattr(cfg, key) and key not in explicit and key not in NOT_SAVED_KEYS:
             setattr(cfg, key, value)
     if "keep_checkpoints" not in saved and "keep_checkpoints" not in explicit:
         cfg.keep_checkpoints = 0  # a run from before retention existed keeps every checkpoint, as it did

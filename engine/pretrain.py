@@ -60,6 +60,9 @@ def pretrain(cfg: Namespace, resume: dict | None = None,
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     cfg, last_epoch = plan_resume(cfg, dist, resume, resume_path)
+    if resume is not None and dist.is_main:
+        print(f"resuming from {resume_path} (epoch {int(resume['epoch'])}"
+              + (f", step {int(resume['batch'])} of the next" if resume.get("batch") else "") + ")", flush=True)
     if resume is not None and int(resume["epoch"]) >= last_epoch:  # before anything is built or written
         if dist.is_main:
             print(f"nothing to do: the run has completed {int(resume['epoch'])} of {cfg.epochs} epochs")
@@ -213,6 +216,10 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
                     with open(os.path.join(claim.dir, PREEMPTED_MARK), "w") as f:
                         f.write(f"{stop}\n")
                 raise
+            except KeyboardInterrupt as stop:  # Ctrl-C: main.py says what is kept and how to continue
+                run.finish_writes(quiet=True)
+                stop.resume_command = resume_command(claim.dir)
+                raise
             except BaseException:
                 run.finish_writes(quiet=True)
                 raise
@@ -221,6 +228,13 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
         run.close(f"done: {s.last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
                   f"TensorBoard events are in {run.dir}")
     return claim.dir
+
+
+def resume_command(run_dir: str) -> str:
+    """What an interrupted run tells its user: the command that continues it, or that none was saved yet."""
+    if not ckpt_io.all_checkpoints(run_dir):
+        return "no checkpoint was written yet; run the same command again to start over"
+    return f"the last checkpoint written is intact; continue with: python main.py --log_dir {run_dir} --train_from latest"
 
 
 # ----------------------------------------------------------------------------- set-up

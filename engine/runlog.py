@@ -18,7 +18,7 @@ import yaml
 from common.errors import UserError
 # Settings of one invocation, not of the run (marked per_invocation where declared): never taken from a resumed
 # run's saved settings, and left out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
-from engine.settings import PER_INVOCATION_KEYS
+from engine.settings import NOT_SAVED_KEYS, PER_INVOCATION_KEYS  # noqa: F401 - the sweep's
 
 RESUME_HINT = "make room, then resume with --train_from latest"
 RERUN_HINT = "make room, then run the same command again"
@@ -81,7 +81,7 @@ def take_back(path: str, before: set[str] | None, created: bool, stop_at: str | 
 
 def write_config(run_dir: str, cfg: dict) -> None:
     """The run's resolved settings (flag names as keys), as ``--config`` reads them; written whole or not at all."""
-    kept = {k: v for k, v in cfg.items() if k not in PER_INVOCATION_KEYS}
+    kept = {k: v for k, v in cfg.items() if k not in NOT_SAVED_KEYS}
     path = os.path.join(run_dir, "config.yaml")
     _replace(path, lambda f: yaml.safe_dump(kept, f, sort_keys=True), RERUN_HINT)
 

@@ -4,7 +4,7 @@ whether a resume must keep it (``identity``) or it belongs to one invocation onl
 
 Generated from these declarations: the parser's groups and flags (:mod:`cli.parser`), the range checks
 (:data:`RANGES`), the settings a resume must not change (:data:`IDENTITY_KEYS`) and those never saved with a run
-(:data:`PER_INVOCATION_KEYS`). A method declares its own flags on its :class:`models.methods.MethodSpec`; those
+(:data:`NOT_SAVED_KEYS`). A method declares its own flags on its :class:`models.methods.MethodSpec`; those
 flags form its own group. :func:`concern` gives a typed view of one concern of resolved settings.
 
 Adding a core setting: one field here (and the code that reads it); nothing else lists it.
@@ -36,15 +36,18 @@ SEED_RANGE = Bounds(0, 2**32 - 1, "be in [0, 2**32)")
 def setting(default: Any, help: str | None = None, *, flag: str | None = None, parse: Any = None,
             choices: list | str | None = None, metavar: str | None = None, at_least: int | None = None,
             bounds: Bounds | None = None, identity: bool = False, per_invocation: bool = False,
-            help_of: str | None = None):
+            machine: bool = False, help_of: str | None = None):
     """A declared setting. ``parse``: how the command line reads it (default: the field's type; "protocols": a
     comma-separated list of evaluation protocols); ``choices`` or
     ``help_of``: a list, or the name of a registry (``cli.parser.REGISTRIES``) read when the parser is built;
-    ``at_least``: 0 ("not be negative") or 1 ("be at least 1"), or ``bounds`` for another range."""
+    ``at_least``: 0 ("not be negative") or 1 ("be at least 1"), or ``bounds`` for another range. ``machine``: a
+    setting of the machine an invocation runs on, not of the run: never saved in config.yaml nor restored on a
+    resume (a config file or a sweep cell may still set it)."""
     if at_least is not None:
         bounds = Bounds(at_least, None, "be at least 1" if at_least == 1 else "not be negative")
     meta = {"default": default, "help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar,
-            "bounds": bounds, "identity": identity, "per_invocation": per_invocation, "help_of": help_of}
+            "bounds": bounds, "identity": identity, "per_invocation": per_invocation, "machine": machine,
+            "help_of": help_of}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -92,7 +95,11 @@ class Data:
         None,
         "augmented views per image (default 2; with --head PN/R2D2, --n_supp + --n_query)",
         identity=True)
-    workers: int = setting(8, "DataLoader worker processes per rank", at_least=0)
+    workers: int | None = setting(
+        None,
+        "DataLoader worker processes per rank (default: the cores this process may use, at most 8; chosen by each "
+        "invocation, never restored from a run)",
+        at_least=0, machine=True)
     color_jitter_strength: float | None = setting(
         None,
         "SimCLR colour strength s (default 0.5 for <=64 px images, else 1.0)",
@@ -387,3 +394,17 @@ RANGES: dict[str, Bounds] = {f.name: f.metadata["bounds"] for _, f in declared()
 IDENTITY_KEYS: tuple[str, ...] = tuple(f.name for _, f in declared() if f.metadata["identity"])
 PER_INVOCATION_KEYS: tuple[str, ...] = tuple(f.name for _, f in declared() if f.metadata["per_invocation"]) + (
     "config",)
+MACHINE_KEYS: tuple[str, ...] = tuple(f.name for _, f in declared() if f.metadata["machine"])
+NOT_SAVED_KEYS = PER_INVOCATION_KEYS + MACHINE_KEYS  # left out of config.yaml, never taken from a resumed run
+
+
+def machine_workers() -> int:
+    """``--workers``' default: the cores this process may use (its share of a torchrun node), at most 8."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process))

@@ -404,6 +404,8 @@ class Runner:
     def __init__(self, sweep: Sweep, parallel: int, gpus: int) -> None:
         self.sweep, self.parallel, self.gpus = sweep, parallel, gpus
         self.stopping: str | None = None
+        self.succeeded = 0
+        self.refused: tuple[Cell, str] | None = None  # the first cell refused by main.py before any cell finished
         self.running: dict[subprocess.Popen, tuple[Cell, list[list[str]], int | None, object]] = {}
 
     def _stop(self, signum, frame) -> None:
@@ -448,12 +450,26 @@ class Runner:
                     cell.returncode = proc.returncode
                     cell.status = cell_state(cell) if proc.returncode == 0 else (
                         "stopped" if proc.returncode == EXIT_PREEMPTED else "failed")
+                    self.succeeded += cell.status == "done"
+                    if proc.returncode == 2 and not self.succeeded and not self.refused:
+                        self.refused = (cell, _error_line(cell.log))  # most likely every cell's: stop here
+                        pending.clear()
                     bar.update(1)
                     bar.set_postfix_str(f"{cell.name}: {cell.status}")
                     write_results(self.sweep)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+
+
+def _error_line(log: str) -> str:
+    """The last ``error:`` line of a cell's log (main.py's one-line reason), without the prefix."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip().startswith(("error:", "[rank"))]
+    except OSError:
+        return "see its log"
+    return lines[-1].split("error:", 1)[-1].strip() if lines else "see its log"
 
 
 # ----------------------------------------------------------------------------- results
@@ -633,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     if runner.stopping:
         print(f"sweep stopped by {runner.stopping}; run the same command again to continue", file=sys.stderr)
         return EXIT_PREEMPTED
+    if runner.refused:
+        cell, reason = runner.refused
+        print(f"error: cell {cell.name} was refused ({reason}); the sweep stopped there, since the first cell to "
+              f"end was refused and the others most likely would be too (its log: {cell.log}); fix that and run "
+              "the same command again", file=sys.stderr)
+        return 2
     if failed:
         print(f"error: {len(failed)} cell(s) did not finish, e.g. {failed[0].name} (see {failed[0].log}); run the "
               "same command again to retry them", file=sys.stderr)

@@ -248,3 +248,30 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_result(eval_run,
     assert capsys.readouterr().err.strip() == (
         f"error: --train_from latest: there is no interrupted evaluation to continue ({partial} does not exist); "
         "drop --train_from to start it")
+
+
+def test_ctrl_c_prints_the_command_that_continues_the_run_and_the_resume_names_its_checkpoint(tmp_path, monkeypatch,
+                                                                                               capsys):
+    import engine.pretrain as pretrain_module
+
+    real = pretrain_module.train_epoch
+
+    def interrupted(trainer, loader, epoch, *args, **kwargs):
+        if epoch == 1:  # after the first epoch's checkpoint
+            raise KeyboardInterrupt
+        return real(trainer, loader, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "train_epoch", interrupted)
+    args = TINY + ["--clr=simclr", "--epochs=2", f"--results_dir={tmp_path}"]
+    assert main(args) == 130
+    run = next((tmp_path / "digits" / "16_SimCLR").iterdir())
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"interrupted; the last checkpoint written is intact; continue with: python main.py --log_dir {run} "
+                    "--train_from latest")
+    monkeypatch.setattr(pretrain_module, "train_epoch", real)
+    assert main(TINY + ["--clr=simclr", "--epochs=2", f"--log_dir={run}", "--train_from=latest"]) == 0
+    assert f"resuming from {run / 'checkpoint_0001.pth.tar'} (epoch 1)" in capsys.readouterr().out
+    monkeypatch.setattr(pretrain_module, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(TINY + ["--clr=simclr", "--epochs=2", f"--results_dir={tmp_path / 'fresh'}"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("interrupted; no checkpoint was written yet; run the "
+                                                                "same command again to start over")

@@ -104,6 +104,19 @@ def test_set_replaces_a_base_flag_of_every_cell_and_is_kept_with_the_sweep(tmp_p
     assert "1 cells, 1 done, 0 to run" in capsys.readouterr().out
 
 
+def test_a_sweep_stops_at_a_first_cell_refused_for_a_reason_all_cells_share(tmp_path, capsys):
+    spec = _write(tmp_path, {"clr": ["simclr", "flatclr"], "batch_size": [16]})
+    out, missing = tmp_path / "out", tmp_path / "nowhere"
+    assert sweep_main([str(spec), f"--out={out}", "--set", "dataset_name=folder", "--set", f"data={missing}"]) == 2
+    first = out / "cells" / "clr-simclr__batch_size-16.log"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cell clr-simclr__batch_size-16 was refused (no image folder at {missing}/train; --data must hold "
+        "train/<class>/<image> (and test/<class>/<image> for evaluation)); the sweep stopped there, since the first "
+        f"cell to end was refused and the others most likely would be too (its log: {first}); fix that and run the "
+        "same command again")
+    assert not (out / "cells" / "clr-flatclr__batch_size-16.log").exists()  # never started
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_reruns_to_the_table_of_an_uninterrupted_one(tmp_path):
     """2x2 grid x 2 seeds on digits; the sweep and its cell are killed (SIGKILL to the process group, as a
