@@ -8,7 +8,7 @@ import math
 import re
 
 from common.errors import UserError
-from engine.evaluate import PROTOCOLS
+from engine.protocols import PROTOCOLS
 
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 

@@ -11,7 +11,7 @@ import sys
 from cli.compat import add_compat_flags
 from cli.options import Parser, add_bool, finite_float, protocol_list
 from data.datasets import DATASETS
-from engine.evaluate import PROTOCOLS
+from engine.protocols import PROTOCOLS
 from engine.settings import BOOL, CONCERNS
 from models import ARCH_ALIASES, BACKBONES, METHODS
 from models.methods import Flag

@@ -18,7 +18,8 @@ from common.settings import frozen
 from common.errors import UserError
 from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, load_checkpoint, load_latest,
                                resolve_checkpoint)
-from engine.evaluate import PROTOCOLS, eval_defaults
+from engine.evaluate import eval_defaults
+from engine.protocols import PROTOCOLS
 from engine.optim import default_lr
 from engine.settings import NOT_SAVED_KEYS, RANGES, machine_workers
 from models import ARCH_ALIASES, METHODS

@@ -16,7 +16,8 @@ from argparse import Namespace
 from common.errors import UserError
 from data.datasets import load_split
 from engine import checkpoint as ckpt_io
-from engine.evaluate import BASELINES, select_checkpoints
+from engine.evaluate import select_checkpoints
+from engine.records import BASELINES
 from models.pretrained import backbone_weights, describe
 
 

@@ -10,7 +10,8 @@ from common.distributed import launched_rank
 from common.errors import Preempted
 from common.settings import derive
 from engine.checkpoint import list_checkpoints
-from engine.evaluate import PARTIAL, eval_defaults, evaluate, record_path
+from engine.evaluate import eval_defaults, evaluate
+from engine.records import PARTIAL, record_path
 from engine.pretrain import PREEMPTED_MARK, pretrain
 
 

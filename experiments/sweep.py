@@ -214,7 +214,7 @@ def load_sweep(path: str, out: str | None, sets: dict | None = None) -> Sweep:
 
 def _evaluations(evals, path: str) -> list[str]:
     """The sweep's ``eval``: protocol names (a list, or one comma-separated string), each once."""
-    from engine.evaluate import PROTOCOLS
+    from engine.protocols import PROTOCOLS
 
     evals = [e.strip() for e in evals.split(",") if e.strip()] if isinstance(evals, str) else evals
     if not isinstance(evals, list) or not evals or not all(isinstance(e, str) for e in evals):
@@ -371,14 +371,14 @@ def _read_record(path: str) -> dict | None:
 def _record(cell: Cell, protocol: str, epoch: int, suffix: str = ".json") -> str:
     """Where the cell's evaluation ``protocol`` of checkpoint ``epoch`` writes its record (or, with
     ``.partial.pth.tar``, its saved position)."""
-    from engine.evaluate import record_path
+    from engine.records import record_path
 
     return record_path(os.path.join(cell.run_dir, "eval"), protocol, cell.settings().get("semi_ratio"), epoch, suffix)
 
 
 def command(cell: Cell, state: str) -> list[list[str]]:
     """The main.py arguments of the invocations that bring ``cell`` from ``state`` to done."""
-    from engine.evaluate import PARTIAL
+    from engine.records import PARTIAL
 
     if state == "start":
         if os.path.isdir(cell.run_dir):  # killed before its first checkpoint: the sweep's own directory

@@ -76,7 +76,8 @@ def compare(runs: list[str], layer: str, out: str, data: str | None, seed: int =
     from matplotlib.backend_bases import FigureCanvasBase
 
     from data.datasets import load_split
-    from engine.evaluate import _class_names, tsne_scatter
+    from engine.plots import tsne_scatter
+    from engine.records import class_names
     from engine.knn import extract_features
     from models.pretrained import load_pretrained, load_projector
 
@@ -100,7 +101,7 @@ def compare(runs: list[str], layer: str, out: str, data: str | None, seed: int =
                 projector = _load(load_projector, path)
                 with torch.no_grad():
                     x = projector(x)
-            names = _class_names(test)
+            names = class_names(test)
             tsne_scatter(ax, x, y, names, seed, max_points, point_size=5)
             ax.set_title(_title(cfg, epoch), fontsize=9)
         if len(names) <= 20:

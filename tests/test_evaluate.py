@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.evaluate import accumulate_gradients, fit_linear_on_features, semi_subset, topk_correct
+from engine.fitting import accumulate_gradients, fit_linear_on_features, semi_subset
+from engine.knn import topk_correct
 from engine.knn import knn_scores
 from main import main
 from tests.conftest import SHARED_DATA, TINY

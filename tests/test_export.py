@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from engine.evaluate import load_backbone
+from engine.protocols import load_backbone
 from main import main, resolve
 from models.pretrained import load_pretrained
 from tests.conftest import ROOT, TINY

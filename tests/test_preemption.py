@@ -188,7 +188,7 @@ def eval_run(tmp_path_factory):
 
 def _signal_in_fit(monkeypatch, call: int, sig=signal.SIGTERM):
     """Deliver ``sig`` while the fit's ``call``-th (1-based) optimizer step runs."""
-    import engine.evaluate as ev
+    import engine.fitting as ev
 
     real, calls = ev.accumulate_gradients, []
 

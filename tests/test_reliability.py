@@ -221,7 +221,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, c
 
 
 def test_a_failed_evaluation_leaves_no_eval_files(two_epochs, tmp_path, capsys, monkeypatch):
-    import engine.evaluate as evaluate
+    import engine.protocols as evaluate
 
     run = _copy(two_epochs, tmp_path / "run")
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data.datasets as datasets
 from data.datasets import load_split, read_image
-from engine.evaluate import record_path
+from engine.records import record_path
 from main import main
 from tests.conftest import TINY
 from tests.test_reliability import _snapshot
@@ -256,7 +256,7 @@ def _run_copy(folder_run, tmp_path):
 
 
 def _tagged(dataset, root):
-    from engine.evaluate import data_tag
+    from engine.records import data_tag
 
     return data_tag(dataset, None if root is None else str(root))
 

@@ -373,7 +373,7 @@ def test_a_wrongly_shaped_base_or_grid_is_one_line_naming_the_key(tmp_path, caps
     ({"name": ["a"]}, "name ['a'] is not a directory name (results/sweeps/<name>); give one, e.g. s"),
 ])
 def test_a_wrongly_shaped_eval_table_or_name_is_one_line_naming_the_key(tmp_path, capsys, change, message):
-    from engine.evaluate import PROTOCOLS
+    from engine.protocols import PROTOCOLS
 
     spec = {"name": "s", "base": BASE, "grid": {"clr": ["simclr"], "lr": [0.1]}, "eval": ["knn"], **change}
     code, path, line = _sweep(tmp_path, capsys, spec)

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from common.distributed import DistInfo
 from data.datasets import Split
-from engine.evaluate import EvalJob, fit_linear_on_features, knn_protocol, linear_protocol
+from engine.fitting import fit_linear_on_features
+from engine.protocols import EvalJob, knn_protocol, linear_protocol
 from engine.knn import FeatureShard, extract_features, knn_scores, knn_scores_sharded
 
 N_TRAIN, N_TEST, DIM, CLASSES = 601, 150, 64, 10  # 601: shards of unequal size under 2 and 4 ranks
