@@ -84,14 +84,15 @@ def evaluate(cfg: Namespace) -> list[dict]:
     if cfg.eval_train_subset is not None:
         train = fixed_subset(train, cfg.eval_train_subset, cfg.subset_seed, "eval_train_subset")
     random_init = chosen[0][1] is None
+    cfg = fit_batch_for(cfg, len(train.dataset), dist.is_main)
     if cfg.fc_iters:  # classifier steps (MetaContrastive's eval --iters), in whole epochs
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
         bs = min(cfg.fc_batch_size, n)
         steps = max(1, n // bs) if trains_through(cfg) else math.ceil(n / bs)  # the fit's loader drops a remainder
         cfg = derive(cfg, fc_epochs=max(1, math.ceil(cfg.fc_iters / steps)))
     resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
-    planned = None if random_init else os.path.join(cfg.checkpoint_dir, "eval")
-    created = random_init or not os.path.isdir(planned)
+    planned = cfg.eval_dir or (None if random_init else os.path.join(cfg.checkpoint_dir, "eval"))
+    created = planned is None or not os.path.isdir(planned)
     out_dir = _output_dir(cfg, dist, random_init)
     board = os.path.join(out_dir, "tensorboard")
     before = set(os.listdir(board)) if os.path.isdir(board) else set()
@@ -101,10 +102,35 @@ def evaluate(cfg: Namespace) -> list[dict]:
     except BaseException:
         if dist.is_main:  # results already written for earlier checkpoints stay; this run's events file goes
             take_back(board, before, created=not before)
-            if created and not os.listdir(out_dir):
-                take_back(out_dir if not random_init else os.path.dirname(out_dir), None, True, cfg.results_dir,
-                          only_if_empty=not random_init)
+            if created and not os.listdir(out_dir):  # a fresh baseline directory goes whole, with its parents
+                take_back(out_dir if planned is not None else os.path.dirname(out_dir), None, True,
+                          os.path.dirname(planned) if planned is not None else cfg.results_dir,
+                          only_if_empty=planned is not None)
         raise
+
+
+MIN_FIT_STEPS = 20  # optimiser steps an epoch below which a default --fc_batch_size is lowered
+
+
+def fit_batch_for(cfg: Namespace, images: int, show: bool = True) -> Namespace:
+    """``cfg`` with a classifier batch that makes at least MIN_FIT_STEPS steps an epoch on ``images`` labelled
+    images (of which ``--semi_ratio``), when --fc_batch_size was left at its default (SimCLR's 4096 is one step
+    an epoch on a small data set): the largest power of two that does, at least 16, and fc_lr scaled as the
+    batch (the default's linear rule). Said in one line; the record holds both."""
+    if cfg.transfer_mode not in ("linear_eval", "finetune") or "fc_batch_size" in (getattr(cfg, "sources", None) or {}):
+        return cfg
+    n = images if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * images))
+    if n // cfg.fc_batch_size >= MIN_FIT_STEPS:
+        return cfg
+    batch = max(16, 2 ** max(0, (n // MIN_FIT_STEPS).bit_length() - 1))
+    if batch >= cfg.fc_batch_size:
+        return cfg
+    lr = cfg.fc_lr * batch / cfg.fc_batch_size
+    if show:
+        print(f"note: {n} labelled images make {n // cfg.fc_batch_size} step(s) an epoch at --fc_batch_size "
+              f"{cfg.fc_batch_size}; fitting with batch {batch} and fc_lr {lr:g} (scaled as the batch) instead, "
+              f"{n // batch} steps an epoch; pass --fc_batch_size to choose", flush=True)
+    return derive(cfg, fc_batch_size=batch, fc_lr=lr)
 
 
 def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dict:
@@ -180,8 +206,11 @@ def _evaluate(cfg: Namespace, dist: DistInfo, device: torch.device, chosen: list
 
 
 def _output_dir(cfg: Namespace, dist: DistInfo, random_init: bool) -> str:
-    """``RUN/eval``; a random-init baseline gets a fresh run directory of its own."""
-    if not random_init:
+    """``--eval_dir``, else ``RUN/eval``; a random-init baseline without ``--eval_dir`` gets a fresh run directory
+    of its own."""
+    if cfg.eval_dir:
+        out_dir = cfg.eval_dir
+    elif not random_init:
         out_dir = os.path.join(cfg.checkpoint_dir, "eval")
     else:
         out_dir = None

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import os
+import shutil
 
 from common.distributed import launched_rank
 from common.errors import Preempted
 from common.settings import derive
 from engine.checkpoint import list_checkpoints
 from engine.evaluate import eval_defaults, evaluate
-from engine.records import PARTIAL, record_path
+from engine.records import PARTIAL, measured_data, record_path
 from engine.pretrain import PREEMPTED_MARK, pretrain
+from engine.runlog import write_json
 
 
 def pretrain_then_evaluate(cfg: argparse.Namespace, held: list, resume_path: str | None) -> None:
@@ -56,9 +60,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
                             "--train_from latest") from stop
         line = f"{protocol}: top-1 {record['top1']:.2f}% (epoch {epoch})"
         if cfg.final_eval_baseline:
-            base = derive(ev, checkpoint_dir="none", transfer_from_epoch=None, train_from=None,
-                          results_dir=os.path.join(run_dir, "eval", "random_init"))
-            baseline = evaluate(base)[-1]
+            baseline = random_init_record(ev, os.path.join(run_dir, "eval", "random_init"))
             line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
                      "pretraining)")
         lines.append(line)
@@ -66,3 +68,43 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
         print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
 
 
+# What changes a random-init baseline's result; with the cache's version, its key. A change to how evaluation
+# computes a result bumps BASELINE_VERSION, so that no older baseline is reused.
+BASELINE_SETTINGS = ("dataset_name", "image_size", "arch", "cifar_stem", "width_multiplier", "transfer_mode",
+                     "fc_epochs", "fc_iters", "fc_batch_size", "fc_micro_batch_size", "fc_lr", "fc_optimizer",
+                     "fc_weight_decay", "fc_momentum", "fc_scheduler", "fc_augment", "knn_k", "knn_temperature",
+                     "logistic_max_iter", "semi_ratio", "eval_train_subset", "subset_seed", "seed")
+BASELINE_VERSION = 1
+
+
+def baseline_key(ev: argparse.Namespace) -> str:
+    """The name of a random-init baseline in the cache: a digest of every setting that changes its result."""
+    values = {k: getattr(ev, k) for k in BASELINE_SETTINGS}
+    values["data_root"] = measured_data(ev)["data_root"]
+    values["version"] = BASELINE_VERSION
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{ev.dataset_name}-{ev.arch}-{ev.transfer_mode}-{digest}"
+
+
+def random_init_record(ev: argparse.Namespace, out_dir: str) -> dict:
+    """The random-init baseline of evaluation ``ev``, written into ``out_dir`` (``RUN/eval/random_init``): taken
+    from ``<results_dir>/baselines/`` when one with the same settings was computed before, else computed there
+    and kept for the next run."""
+    cache = os.path.join(ev.results_dir, "baselines", baseline_key(ev) + ".json")
+    try:
+        with open(cache, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("top1"), (int, float)):
+        if launched_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            shutil.copyfile(cache, record_path(out_dir, ev.transfer_mode, ev.semi_ratio, 0))
+            print(f"random init: {record['top1']:.2f}% (the same baseline as {cache})", flush=True)
+        return record
+    record = evaluate(derive(ev, checkpoint_dir="none", transfer_from_epoch=None, train_from=None,
+                             eval_dir=out_dir))[-1]
+    if launched_rank() == 0:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        write_json(cache, record)
+    return record

@@ -86,6 +86,11 @@ def write_config(run_dir: str, cfg: dict) -> None:
     _replace(path, lambda f: yaml.safe_dump(kept, f, sort_keys=True), RERUN_HINT)
 
 
+def write_json(path: str, record: dict) -> None:
+    """A json file written whole or not at all."""
+    _replace(path, lambda f: json.dump(record, f, indent=2, sort_keys=True, default=str), RERUN_HINT)
+
+
 def _replace(path: str, write, fix: str) -> None:
     """``write(f)`` into a temporary file beside ``path``, then the file in one rename; a failure leaves ``path``
     as it was and is one line naming it."""

@@ -249,6 +249,11 @@ class Evaluation:
         "pretraining run directory to evaluate; 'none' for a random-init baseline, 'pca' for PCA of the raw "
         "pixels (--pca_dim components)",
         per_invocation=True)
+    eval_dir: str | None = setting(
+        None,
+        "where the evaluation writes its records, t-SNE and TensorBoard events (default: RUN/eval; for a "
+        "baseline, a new directory under --results_dir)",
+        per_invocation=True)
     pca_dim: int = setting(256, "components of the --checkpoint_dir pca baseline", at_least=1)
     logistic_max_iter: int = setting(
         1000,

@@ -270,7 +270,8 @@ def test_final_eval_follows_pretraining_when_it_reaches_its_epochs(tmp_path, cap
 
     run = tmp_path / "run"
     first = TINY + ["--clr=simclr", "--epochs=2", "--stop_after_epoch=1", "--final_eval=knn,linear_eval",
-                    "--final_eval_baseline", "--fc_epochs=2", "--no-tsne", f"--log_dir={run}"]
+                    "--final_eval_baseline", "--fc_epochs=2", "--no-tsne", f"--log_dir={run}",
+                    f"--results_dir={tmp_path / 'results'}"]
     assert main(first) == 0
     assert not (run / "eval").exists() and "final evaluation" not in capsys.readouterr().out
     assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # the run's --final_eval is kept
@@ -280,8 +281,19 @@ def test_final_eval_follows_pretraining_when_it_reaches_its_epochs(tmp_path, cap
     linear = json.load(open(run / "eval" / "linear_eval_epoch0002.json"))
     assert summary[1].startswith(f"  knn: top-1 {knn['top1']:.2f}% (epoch 2), random init ")
     assert summary[2].startswith(f"  linear_eval: top-1 {linear['top1']:.2f}% (epoch 2), random init ")
-    baselines = sorted((run / "eval" / "random_init").rglob("*_epoch0000.json"))
-    assert [p.name for p in baselines] == ["knn_epoch0000.json", "linear_eval_epoch0000.json"]
+    baselines = sorted((run / "eval" / "random_init").rglob("*_epoch0000.json"))  # beside the run's, not nested
+    assert [str(p.relative_to(run)) for p in baselines] == ["eval/random_init/knn_epoch0000.json",
+                                                            "eval/random_init/linear_eval_epoch0000.json"]
+    cached = sorted((tmp_path / "results" / "baselines").iterdir())
+    assert [json.load(open(p))["top1"] for p in cached] == [json.load(open(p))["top1"] for p in baselines]
+
+    again = tmp_path / "again"  # another run with the same evaluation settings: the baselines are reused
+    assert main([a if not a.startswith("--log_dir") else f"--log_dir={again}" for a in first[:2]]
+                + [a for a in first[2:] if not a.startswith(("--log_dir", "--stop_after"))] + [f"--log_dir={again}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(the same baseline as ") == 2 and "random init" in out
+    assert sorted(p.name for p in (again / "eval" / "random_init").iterdir()) == ["knn_epoch0000.json",
+                                                                                 "linear_eval_epoch0000.json"]
 
     before = _snapshot(run)
     assert main([f"--log_dir={run}", "--train_from=latest"]) == 0  # nothing to do: no evaluation either
@@ -316,3 +328,18 @@ def test_a_preempted_final_finetune_is_finished_by_the_resume(tmp_path, capsys, 
     record = json.load(open(run / "eval" / "finetune_semi0.1_epoch0001.json"))
     assert record["resumed_at_step"] == 3 and not partial.exists() and not (run / ".preempted").exists()
     assert "  finetune: top-1" in capsys.readouterr().out
+
+
+def test_a_default_classifier_batch_is_lowered_to_make_twenty_steps_an_epoch(pretrained, capsys):
+    """digits: 1,437 training images, half of them labelled: SimCLR's batch 4096 would be one step an epoch."""
+    base = ["--train_mode=eval", "--workers=0", "--device=cpu", "--fc_epochs=1", "--transfer_mode=linear_eval",
+            "--semi_ratio=0.5", "--no-tsne", f"--checkpoint_dir={pretrained}"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert ("note: 718 labelled images make 0 step(s) an epoch at --fc_batch_size 4096; fitting with batch 32 and "
+            "fc_lr 0.0125 (scaled as the batch) instead, 22 steps an epoch; pass --fc_batch_size to choose") in out
+    record = json.load(open(pretrained / "eval" / "linear_eval_semi0.5_epoch0002.json"))
+    assert (record["fc_batch_size"], record["fc_lr"]) == (32, 0.0125)
+    assert main(base + ["--fc_batch_size=4096"]) == 0  # given: kept, and said nothing
+    assert "note: " not in capsys.readouterr().out
+    assert json.load(open(pretrained / "eval" / "linear_eval_semi0.5_epoch0002.json"))["fc_batch_size"] == 4096
