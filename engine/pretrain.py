@@ -439,6 +439,23 @@ def lock_run_dir(run_dir: str):
     return f
 
 
+def run_holder(run_dir: str) -> str | None:
+    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does."""
+    path = os.path.join(run_dir, ".lock")
+    try:
+        f = open(path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            return f.read().strip() or "another process"
+        except OSError:  # no locks on this filesystem: nothing to tell
+            return None
+        return None
+
+
 # ----------------------------------------------------------------------------- one step
 # One optimizer step never grows the trainable weights' total norm this much in a sound run (LARS moves each
 # layer by lr * eta of its norm, SGD/AdamW by lr-sized steps); e.g. --lr 1e30 grows it ~1e27-fold and leaves a

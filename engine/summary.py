@@ -20,10 +20,10 @@ import yaml
 
 from common.errors import UserError, first_line
 from engine.checkpoint import all_checkpoints
-from engine.pretrain import PREEMPTED_MARK
+from engine.pretrain import PREEMPTED_MARK, run_holder
 from engine.runlog import MetricsLog
 
-COLUMNS = ["run", "method", "dataset", "batch", "epochs", "loss", "evals", "state"]
+COLUMNS = ["run", "method", "dataset", "arch", "batch", "epochs", "loss", "evals", "state"]
 
 
 def find_runs(path: str) -> list[str]:
@@ -94,8 +94,11 @@ def describe_run(run: str) -> dict:
         loss = records[-1].get("loss") if records else None
     except UserError as err:
         problems.append(str(err).replace(os.path.join(run, ""), "", 1))
+    holder = run_holder(run)
     if problem:  # a resume reads config.yaml too: nothing to offer until it is repaired
         state = None
+    elif holder is not None:
+        state = f"running ({holder})"
     elif not ckpts:
         state = "no checkpoint (failed before its first save, or still starting)"
     elif done >= planned and not (mid and mid[0] >= done):
@@ -105,7 +108,9 @@ def describe_run(run: str) -> dict:
         preempted = " (preempted)" if os.path.exists(os.path.join(run, PREEMPTED_MARK)) else ""
         state = f"resumable from {where}{preempted}: --log_dir {run} --train_from latest"
     number = isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
-    return {"run": run, "method": cfg.get("clr", "?"), "dataset": cfg.get("dataset_name", "?"),
+    width = cfg.get("width_multiplier", 1.0)
+    arch = f"{cfg.get('arch', '?')}" + (f" x{width:g}" if isinstance(width, (int, float)) and width != 1 else "")
+    return {"run": run, "method": cfg.get("clr", "?"), "dataset": cfg.get("dataset_name", "?"), "arch": arch,
             "batch": cfg.get("batch_size", "?"), "epochs": f"{done}/{'?' if planned is None else planned}",
             "loss": f"{loss:.4f}" if number else "-" if loss is None else str(loss),
             "evals": ", ".join(read_evals(run)) or "-", "state": "; ".join(problems + [state] * (state is not None))}

@@ -1,6 +1,8 @@
 """Trained models that leave the tool: --train_mode=export, models.pretrained.load_pretrained, hubconf.py, and
 --from_pretrained (a new run from another run's weights)."""
 import json
+import multiprocessing
+import socket
 
 import pytest
 import torch
@@ -107,6 +109,22 @@ def test_runs_and_evaluations_record_what_made_them(cifar_run):
         assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
 
 
+def _hold_lock(run: str, held, release) -> None:
+    import os
+    import socket
+
+    from engine.pretrain import lock_run_dir
+
+    lock = lock_run_dir(run)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    held.set()
+    release.wait(30)
+    lock.close()
+
+
 def test_summary_says_where_each_run_stands(cifar_run, tmp_path, capsys):
     results = tmp_path / "results"
     assert main(TINY + ["--clr=byol", "--epochs=2", "--stop_after_epoch=1", "--width_multiplier=0.25",
@@ -114,15 +132,26 @@ def test_summary_says_where_each_run_stands(cifar_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--train_mode=summary", f"--checkpoint_dir={results}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| run | method | dataset | batch | epochs | loss | evals | state |" and len(lines) == 3
+    assert lines[0] == "| run | method | dataset | arch | batch | epochs | loss | evals | state |" and len(lines) == 3
     run = results / "digits" / "16_BYOL" / "a"
-    assert lines[2].startswith(f"| {run} | byol | digits | 16 | 1/2 | ")
+    assert lines[2].startswith(f"| {run} | byol | digits | resnet18 x0.25 | 16 | 1/2 | ")
     assert lines[2].endswith(f"| - | resumable from epoch 1: --log_dir {run} --train_from latest |")
+    held, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=(str(run), held, release))
+    holder.start()  # another process still training in the run: the summary says so, not "resumable"
+    try:
+        assert held.wait(30)
+        assert main(["--train_mode=summary", f"--checkpoint_dir={results}"]) == 0
+        row = capsys.readouterr().out.strip().splitlines()[2]
+        assert row.endswith(f"| running (pid {holder.pid} on {socket.gethostname()}) |"), row
+    finally:
+        release.set()
+        holder.join(30)
     assert main(["--train_mode=eval", f"--checkpoint_dir={cifar_run}", "--transfer_mode=knn", "--no-tsne"]) == 0
     capsys.readouterr()
     assert main(["--train_mode=summary", f"--checkpoint_dir={cifar_run}"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[2]
-    assert "| simclr | digits | 16 | 1/1 |" in row and row.endswith("| complete |") and "knn_epoch0001" in row
+    assert "| simclr | digits | resnet18 x0.25 | 16 | 1/1 |" in row and row.endswith("| complete |") and "knn_epoch0001" in row
     assert main(["--train_mode=summary", f"--checkpoint_dir={tmp_path / 'none'}"]) == 2
     assert main(["--train_mode=summary"]) == 2
 
