@@ -160,13 +160,17 @@ def _torchvision_set(name: str, folder: str, mean, std, size: int) -> Callable[[
                 ds = cls(root, train=train, download=download)
                 images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
                 labels, classes = torch.tensor(ds.targets), len(ds.classes)
-        except RuntimeError as err:
-            if not download:
+        except (RuntimeError, OSError) as err:  # OSError: urllib's URLError without a network
+            if not download and isinstance(err, RuntimeError):
                 raise UserError(
                     f"{name} not found in {os.path.join(root, folder)}; pass --download to fetch it, "
                     f"or --data DIR where DIR holds {folder}/"
                 ) from err
-            raise UserError(f"could not download {name} into {root}: {err}") from err
+            if not download:
+                raise
+            reason = str(getattr(err, "reason", None) or err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"could not download {name} into {root} ({reason}); without a network, copy "
+                            f"{folder}/ into {root} from a machine that has one") from err
         return Split(TensorImages(images, labels), classes, size, mean, std, True)
 
     return load

@@ -40,11 +40,19 @@ def describe(arch: str, weights: dict[str, torch.Tensor], width: float, **extra)
     feat_dim = (weights["layer4.0.conv3.weight"] if "layer4.0.conv3.weight" in weights
                 else weights["layer4.0.conv2.weight"]).shape[0]
     meta = {"arch": arch, "cifar_stem": cifar, "width_multiplier": width, "feat_dim": int(feat_dim), **extra}
+    differs = []
     if cifar:
-        meta["differs_from_torchvision"] = ["conv1: 3x3, stride 1, padding 1 (torchvision: 7x7, stride 2)",
-                                            "maxpool: nn.Identity() (torchvision: 3x3 max-pool, stride 2)"]
+        differs += ["conv1: 3x3, stride 1, padding 1 (torchvision: 7x7, stride 2)",
+                    "maxpool: nn.Identity() (torchvision: 3x3 max-pool, stride 2)"]
+    if width != 1.0:
+        differs.append(f"every channel count x {width:g} (--width_multiplier; torchvision's {arch} has width 1), so "
+                       f"its weights have other shapes and load_state_dict into torchvision.models.{arch}() fails")
+    if differs:
+        meta["differs_from_torchvision"] = differs
+        meta["torchvision"] = "does not load into torchvision as is; rebuild the network with " \
+                              "models.pretrained.rebuild(meta) (or torch.hub.load(CLONE, 'backbone', path=...))"
         meta["rebuild"] = "models.pretrained.rebuild(meta)"
-    elif width == 1.0:
+    else:
         meta["torchvision"] = f"torchvision.models.{arch}() with fc = nn.Identity()"
     return meta
 

@@ -49,6 +49,8 @@ def test_a_cifar_stem_export_reloads_through_the_api_and_hub(cifar_run):
     (pth,) = (cifar_run / "export").glob("*.pth")
     meta = json.loads(pth.with_suffix(".json").read_text())
     assert meta["cifar_stem"] and "conv1: 3x3" in meta["differs_from_torchvision"][0]
+    assert "every channel count x 0.25" in meta["differs_from_torchvision"][2]  # the width says why, too
+    assert meta["torchvision"].startswith("does not load into torchvision as is; rebuild")
     inside, _ = load_backbone(str(cifar_run / "checkpoint_0001.pth.tar"), "resnet18", cifar_stem=True, width=0.25)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     expected = inside.eval()(x)

@@ -150,3 +150,20 @@ def test_pretraining_on_fashion_mnist_ends_with_an_accuracy(tmp_path, capsys):
 
     record = json.loads((run / "eval" / "knn_epoch0001.json").read_text())
     assert (record["train_images"], record["test_images"]) == (500, 10_000)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
+def test_download_without_a_network_is_one_line(name, tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    monkeypatch.setattr(tvd, "FashionMNIST", offline)
+    with pytest.raises(UserError) as err:
+        load_split(name, str(tmp_path), train=True, download=True)
+    assert "\n" not in str(err.value) and "Temporary failure in name resolution" in str(err.value)
+    assert str(err.value).startswith(f"could not download {'Fashion-MNIST' if name == 'fashion_mnist' else name} into")
