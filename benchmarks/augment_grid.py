@@ -31,7 +31,8 @@ def main() -> None:
     p.add_argument("--clr", default="simclr", choices=list(METHODS))
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/augment_grid.png")
+    p.add_argument("--out", default="results/augment_grid.png",
+                   help="the PNG to write (the committed benchmarks/augment_grid.png is written with --out)")
     args = p.parse_args()
 
     split = load_split(args.dataset_name, args.data, train=True)
