@@ -114,10 +114,13 @@ MIN_FIT_STEPS = 20  # optimiser steps an epoch below which a default --fc_batch_
 
 def fit_batch_for(cfg: Namespace, images: int, show: bool = True) -> Namespace:
     """``cfg`` with a classifier batch that makes at least MIN_FIT_STEPS steps an epoch on ``images`` labelled
-    images (of which ``--semi_ratio``), when --fc_batch_size was left at its default (SimCLR's 4096 is one step
-    an epoch on a small data set): the largest power of two that does, at least 16, and fc_lr scaled as the
-    batch (the default's linear rule). Said in one line; the record holds both."""
-    if cfg.transfer_mode not in ("linear_eval", "finetune") or "fc_batch_size" in (getattr(cfg, "sources", None) or {}):
+    images (of which ``--semi_ratio``), for a fit through the backbone (fine-tuning, ``--fc_augment``) whose
+    --fc_batch_size was left at its default (SimCLR's 4096 is one step an epoch on a small data set, and such
+    epochs are few and costly): the largest power of two that does, at least 16, and fc_lr scaled by the square
+    root of the batch ratio (SimCLR's rule for small batches, --learning_rate_scaling sqrt). A probe on cached
+    features keeps its batch: its full-batch steps are cheap and its epochs many. Said in one line; the record
+    holds both."""
+    if not trains_through(cfg) or "fc_batch_size" in (getattr(cfg, "sources", None) or {}):
         return cfg
     n = images if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * images))
     if n // cfg.fc_batch_size >= MIN_FIT_STEPS:
@@ -125,10 +128,10 @@ def fit_batch_for(cfg: Namespace, images: int, show: bool = True) -> Namespace:
     batch = max(16, 2 ** max(0, (n // MIN_FIT_STEPS).bit_length() - 1))
     if batch >= cfg.fc_batch_size:
         return cfg
-    lr = cfg.fc_lr * batch / cfg.fc_batch_size
+    lr = cfg.fc_lr * math.sqrt(batch / cfg.fc_batch_size)
     if show:
         print(f"note: {n} labelled images make {n // cfg.fc_batch_size} step(s) an epoch at --fc_batch_size "
-              f"{cfg.fc_batch_size}; fitting with batch {batch} and fc_lr {lr:g} (scaled as the batch) instead, "
+              f"{cfg.fc_batch_size}; fitting with batch {batch} and fc_lr {lr:.4g} (sqrt-scaled) instead, "
               f"{n // batch} steps an epoch; pass --fc_batch_size to choose", flush=True)
     return derive(cfg, fc_batch_size=batch, fc_lr=lr)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
     mark = os.path.join(run_dir, PREEMPTED_MARK)
     if os.path.exists(mark) and launched_rank() == 0:
         os.remove(mark)  # this invocation continues what the mark stood for
-    lines = []
+    lines, below = [], []
     for protocol in cfg.final_eval:
         ev = derive(cfg, train_mode="eval", checkpoint_dir=run_dir, eval_all=False, transfer_mode=protocol,
                     transfer_from_epoch=epoch, train_from=None)
@@ -64,8 +65,17 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
             line += (f", random init {baseline['top1']:.2f}% ({record['top1'] - baseline['top1']:+.2f} points from "
                      "pretraining)")
         lines.append(line)
+        if cfg.final_eval_baseline and record["top1"] < baseline["top1"]:
+            below.append(protocol)
     if lines and launched_rank() == 0:
-        print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines), flush=True)
+        pictures = [p for p in [os.path.join(run_dir, "curves.png")] + sorted(glob.glob(os.path.join(
+            glob.escape(run_dir), "eval", f"tsne_*_epoch{epoch:04d}.png"))) if os.path.isfile(p)]
+        print("final evaluation of " + run_dir + ":\n  " + "\n  ".join(lines)
+              + (f"\npictures: {', '.join(pictures)}" if pictures else ""), flush=True)
+        if below:
+            print(f"warning: {', '.join(below)} ended below the random-init baseline: this pretraining did not help; "
+                  "usually the run is too short or its lr too high for its batch and width (try more --epochs, "
+                  "--learning_rate_scaling sqrt or a lower --lr; curves.png shows whether the loss fell)", flush=True)
 
 
 # What changes a random-init baseline's result; with the cache's version, its key. A change to how evaluation

@@ -226,8 +226,19 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
             run.finish_writes()
         barrier()
         run.close(f"done: {s.last_epoch} of {cfg.epochs} epochs; checkpoints, metrics.jsonl, curves.png and "
-                  f"TensorBoard events are in {run.dir}")
+                  f"TensorBoard events are in {run.dir}" + (monitor_verdict(run.dir) if dist.is_main else ""))
     return claim.dir
+
+
+def monitor_verdict(run_dir: str) -> str:
+    """A warning line when the kNN monitor (--eval_every_n_epochs) ends below its first measurement: the run
+    made its features worse, and what usually fixes that."""
+    values = [r["knn_top1"] for r in MetricsLog(run_dir, resume_epoch=None).parse()[0] if "knn_top1" in r]
+    if len(values) < 2 or values[-1] >= values[0]:
+        return ""
+    return (f"\nwarning: the kNN monitor fell from {values[0]:.2f}% to {values[-1]:.2f}% over the run: pretraining made "
+            "the features worse; usually the lr is too high for this batch and width (try --learning_rate_scaling "
+            "sqrt or a lower --lr) or the run is too short for its warmup (see curves.png)")
 
 
 def resume_command(run_dir: str) -> str:
@@ -674,7 +685,10 @@ class RunFiles:
     def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
         self.metrics = MetricsLog(self.dir, resume_epoch=resume_epoch)  # first: a broken record creates nothing
         self.writer = EventLog(self.dir, purge_step=purge_step)  # its failed writes are one line naming the file
-        print(f"run directory: {self.dir}", flush=True)
+        cfg = self.cfg
+        width = f" at width {cfg.width_multiplier:g}" if cfg.width_multiplier != 1 else ""
+        print(f"run directory: {self.dir} ({METHODS[cfg.clr].display}, {cfg.arch}{width}, global batch "
+              f"{cfg.batch_size})", flush=True)
 
     def scalars(self, values: dict, step: int, prefix: str = "train") -> None:
         if self.writer is not None:

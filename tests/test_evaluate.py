@@ -332,14 +332,36 @@ def test_a_preempted_final_finetune_is_finished_by_the_resume(tmp_path, capsys, 
 
 def test_a_default_classifier_batch_is_lowered_to_make_twenty_steps_an_epoch(pretrained, capsys):
     """digits: 1,437 training images, half of them labelled: SimCLR's batch 4096 would be one step an epoch."""
-    base = ["--train_mode=eval", "--workers=0", "--device=cpu", "--fc_epochs=1", "--transfer_mode=linear_eval",
+    base = ["--train_mode=eval", "--workers=0", "--device=cpu", "--fc_epochs=1", "--transfer_mode=finetune",
             "--semi_ratio=0.5", "--no-tsne", f"--checkpoint_dir={pretrained}"]
     assert main(base) == 0
     out = capsys.readouterr().out
+    lr = 0.05 * 4096 / 256 * (32 / 4096) ** 0.5  # finetune's default fc_lr, sqrt-scaled to the new batch
     assert ("note: 718 labelled images make 0 step(s) an epoch at --fc_batch_size 4096; fitting with batch 32 and "
-            "fc_lr 0.0125 (scaled as the batch) instead, 22 steps an epoch; pass --fc_batch_size to choose") in out
-    record = json.load(open(pretrained / "eval" / "linear_eval_semi0.5_epoch0002.json"))
-    assert (record["fc_batch_size"], record["fc_lr"]) == (32, 0.0125)
-    assert main(base + ["--fc_batch_size=4096"]) == 0  # given: kept, and said nothing
+            f"fc_lr {lr:.4g} (sqrt-scaled) instead, 22 steps an epoch; pass --fc_batch_size to choose") in out
+    record = json.load(open(pretrained / "eval" / "finetune_semi0.5_epoch0002.json"))
+    assert (record["fc_batch_size"], record["fc_lr"]) == (32, pytest.approx(lr))
+    assert main(base + ["--fc_batch_size=256"]) == 0  # given: kept, and said nothing
     assert "note: " not in capsys.readouterr().out
-    assert json.load(open(pretrained / "eval" / "linear_eval_semi0.5_epoch0002.json"))["fc_batch_size"] == 4096
+    assert json.load(open(pretrained / "eval" / "finetune_semi0.5_epoch0002.json"))["fc_batch_size"] == 256
+    assert main(base[:4] + ["--transfer_mode=linear_eval"] + base[5:]) == 0  # a probe on cached features: kept
+    assert "note: " not in capsys.readouterr().out
+
+
+def test_a_run_that_ends_below_random_init_or_with_a_falling_monitor_says_so(tmp_path, capsys, monkeypatch):
+    import engine.final_eval as final_eval
+    from engine.pretrain import monitor_verdict
+
+    monkeypatch.setattr(final_eval, "random_init_record", lambda ev, out_dir: {"top1": 100.0})
+    run = tmp_path / "run"
+    assert main(TINY + ["--clr=simclr", "--epochs=1", "--final_eval=knn", "--final_eval_baseline", "--no-tsne",
+                        f"--log_dir={run}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2] == f"pictures: {run / 'curves.png'}"
+    assert out[-1].startswith("warning: knn ended below the random-init baseline: this pretraining did not help; ")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.jsonl").write_text('{"epoch": 1, "knn_top1": 40.0}\n{"epoch": 2, "knn_top1": 35.5}\n')
+    assert monitor_verdict(str(tmp_path / "m")).startswith(
+        "\nwarning: the kNN monitor fell from 40.00% to 35.50% over the run: pretraining made the features worse")
+    (tmp_path / "m" / "metrics.jsonl").write_text('{"epoch": 1, "knn_top1": 40.0}\n{"epoch": 2, "knn_top1": 41}\n')
+    assert monitor_verdict(str(tmp_path / "m")) == ""
