@@ -1,7 +1,10 @@
 """Backbones, heads (the BN ablation switches), datasets and the multi-view wrapper."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from data import MultiViewDataset, load_split, view_transform
 from main import resolve
@@ -184,3 +187,24 @@ def test_momentum_target_is_an_ema_of_the_online_networks(schedule):
     assert target.momentum.item() == pytest.approx(1.0 if schedule == "cosine" else 0.9)
     with pytest.raises(ValueError, match="momentum target follows"):
         target.update({"projector": online["projector"], "backbone": online["backbone"], "x": nn.Linear(1, 1)}, 1, 10)
+
+
+def test_insdis_sets_its_normaliser_once_from_the_first_batch_on_the_device():
+    """Z = n * mean(exp(v.f/t)) of the first batch (Wu et al. 2018), then kept: later batches, and a restored
+    value, leave it as it is; the decision is a device-side select, with no host flag to restore or capture."""
+    cfg, _, _ = resolve(["--clr=insdis", "--arch=resnet18", "--proj_hidden_dim=32", "--proj_out_dim=16",
+                         "--insdis_num_negatives=8"])
+    torch.manual_seed(0)
+    method = build_method(cfg, num_data=12, cifar_stem=True)
+    assert torch.isnan(method.log_z)
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    torch.manual_seed(1)
+    method(views, torch.arange(4))
+    torch.manual_seed(1)  # the same noise draw, by hand: the first batch's estimate
+    v = F.normalize(method.embed(views).detach(), dim=1)
+    noise = torch.randint(12, (8,))
+    expected = torch.log((v @ method.bank[noise].T / cfg.temperature).exp().mean()) + math.log(12)
+    first = method.log_z.clone()
+    assert first.item() == pytest.approx(expected.item(), rel=1e-5)
+    method([torch.randn(4, 3, 16, 16) for _ in range(2)], torch.arange(4, 8))
+    assert torch.equal(method.log_z, first)

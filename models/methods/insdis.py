@@ -36,7 +36,6 @@ class InsDis(SSLMethod):
         bank = F.normalize(torch.randn(num_data, dim), dim=1)
         self.register_buffer("bank", bank)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NCE normaliser, set on first batch
-        self._z_known = False  # avoids a host sync per step once log_z is set (or loaded)
 
     def objective(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs, dict]:
         z = self.embed(views)  # the networks run under autocast (bf16/fp16 when asked)
@@ -65,14 +64,14 @@ class InsDis(SSLMethod):
         return loss, logs, {"index": gather_no_grad(index), "features": gather_no_grad(new)}
 
     def _set_log_z_once(self, neg_logits: torch.Tensor) -> None:
-        """Z = n * E[exp(v.f/t)], estimated once from the first batch over all ranks (Wu et al. 2018)."""
-        if not self._z_known:
-            self._z_known = not bool(torch.isnan(self.log_z))
-        if not self._z_known:
-            self._z_known = True
-            with torch.no_grad():
-                mean_exp = all_reduce_sum(neg_logits.detach().exp().mean().reshape(1)) / get_world_size()
-                self.log_z.copy_(mean_exp.log()[0] + math.log(self.bank.shape[0]))
+        """Z = n * E[exp(v.f/t)], estimated once from the first batch over all ranks (Wu et al. 2018). Decided on
+        the device (``log_z`` is NaN until set, also in a checkpoint written before the first step), so the step
+        reads nothing back to the host and can be captured: the estimate is made every step, all ranks together,
+        and kept only where ``log_z`` is still unset."""
+        with torch.no_grad():
+            mean_exp = all_reduce_sum(neg_logits.detach().exp().mean().reshape(1)) / get_world_size()
+            estimate = mean_exp.log()[0] + math.log(self.bank.shape[0])
+            self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate.to(self.log_z.dtype), self.log_z))
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int, outputs: dict) -> None:
