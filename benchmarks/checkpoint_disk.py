@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from engine import checkpoint as ckpt_io  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from engine.pretrain import milestone_every  # noqa: E402
+from engine.rundir import milestone_every  # noqa: E402
 from main import resolve  # noqa: E402
 from models import build_method  # noqa: E402
 

@@ -46,7 +46,8 @@ from data.batched_augment import BatchedViews  # noqa: E402
 from data.augment import ViewSpec  # noqa: E402
 from data.datasets import Split, TensorImages  # noqa: E402
 from engine.optim import build_optimizer, lr_schedule  # noqa: E402
-from engine.pretrain import Trainer, build_loader, build_model  # noqa: E402
+from engine.pretrain import build_loader, build_model  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
 from main import main as cli_main  # noqa: E402
 from main import resolve  # noqa: E402
 

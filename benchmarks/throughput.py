@@ -105,7 +105,8 @@ def step_rows(args, device: torch.device) -> list[dict]:
 
 def measure_step(cfg, device, steps: int, flop_counter, build_method, build_optimizer) -> dict:
     from common.distributed import DistInfo
-    from engine.pretrain import DTYPES, build_loader
+    from engine.pretrain import build_loader
+    from engine.trainer import DTYPES
 
     torch.manual_seed(0)
     split = load_split(cfg.dataset_name, cfg.data, train=True, pretrain=True, image_size=cfg.image_size)

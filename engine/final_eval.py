@@ -16,7 +16,8 @@ from common.settings import derive
 from engine.checkpoint import list_checkpoints
 from engine.evaluate import eval_defaults, evaluate
 from engine.records import PARTIAL, measured_data, record_path
-from engine.pretrain import PREEMPTED_MARK, pretrain
+from engine.pretrain import pretrain
+from engine.rundir import PREEMPTED_MARK
 from engine.runlog import write_json
 
 

@@ -4,51 +4,43 @@ views -> method(views, index) -> loss (negatives gathered from every rank inside
 finite check on all ranks -> backward -> optimizer step with the per-step LR -> method.after_step with the
 step's outputs (BYOL EMA, InsDis bank) -> metrics; a checkpoint every ``--save_every_n_epochs`` and at the end.
 
-Reading order: :func:`pretrain` (set-up, then the epochs), :class:`Trainer` (one step),
-:func:`train_epoch` (one pass with progress and logs), :func:`end_epoch` (monitor, metrics, checkpoint).
+Reading order: :func:`pretrain` (set-up, then the epochs), :class:`engine.trainer.Trainer` (one step),
+:func:`train_epoch` (one pass with progress and logs), :func:`end_epoch` (monitor, metrics, checkpoint);
+the run directory and its files are :mod:`engine.rundir`.
 """
 from __future__ import annotations
 
-import fcntl
 import math
 import os
-import socket
 import sys
 import time
 from argparse import Namespace
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from common.device import pick_device
 from common.provenance import provenance
-from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, get_world_size,
-                                init_distributed, on_main_only, shared_outcome)
+from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed, on_main_only,
+                                shared_outcome)
 from common.settings import derive
 from common.errors import Preempted, UserError
 from data.augment import default_blur
 from data.datasets import Split, fixed_subset, hold_out, load_split
 from data.loaders import pretrain_loader
-from data.rotation import rotate, step_generator, task_rotations
 from engine import checkpoint as ckpt_io
 from engine.knn import KnnMonitor
 from engine.memory import check_fits
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
-from engine.runlog import (EventLog, Meter, MetricsLog, deepest_existing, new_run_dir, plot_curves, runs_of,
-                           take_back, write_config)
+from engine.runlog import Meter, MetricsLog, plot_curves, write_config
+from engine.rundir import PREEMPTED_MARK, RunClaim, RunFiles, resume_command
+from engine.trainer import Trainer
 from engine.stop import StopRequests
-from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
 from models import METHODS, build_method
 from models.backbones import cifar_stem_for
 from models.checkpoint_file import CheckpointError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PREEMPTED_MARK = ".preempted"  # left in the run directory by a run that saved its position and stopped
 
 
 def pretrain(cfg: Namespace, resume: dict | None = None,
@@ -241,14 +233,6 @@ def monitor_verdict(run_dir: str) -> str:
             "sqrt or a lower --lr) or the run is too short for its warmup (see curves.png)")
 
 
-def resume_command(run_dir: str) -> str:
-    """What an interrupted run tells its user: the command that continues it, or that none was saved yet."""
-    if not ckpt_io.all_checkpoints(run_dir):
-        return "no checkpoint was written yet; run the same command again to start over"
-    return f"the last checkpoint written is intact; continue with: python main.py --log_dir {run_dir} --train_from latest"
-
-
-# ----------------------------------------------------------------------------- set-up
 def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
     """Refuse settings this process group or device cannot run."""
     if cfg.batch_size % dist.world_size:
@@ -266,12 +250,6 @@ def check_setup(cfg: Namespace, dist: DistInfo, device: torch.device) -> None:
     if use_sync_bn(cfg, dist, device) and device.type != "cuda":
         raise UserError("--sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
                         "drop it or pass --no-sync_bn")
-
-
-def milestone_every(cfg: Namespace) -> int:
-    """Epochs between the checkpoints kept for good (0: none): --milestone_every_n_epochs, by default ten saves."""
-    m = cfg.milestone_every_n_epochs
-    return 10 * cfg.save_every_n_epochs if m is None else m
 
 
 def use_sync_bn(cfg: Namespace, dist: DistInfo, device: torch.device) -> bool:
@@ -346,419 +324,6 @@ def wrap_model(method: nn.Module, cfg: Namespace, dist: DistInfo, device: torch.
         model = nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return torch.compile(model) if cfg.compile else model
-
-
-class RunClaim:
-    """The run directory for the life of a run: chosen and created by rank 0, locked against a second process,
-    and, when the run fails before it saves a checkpoint, given back as it was (the files this tool writes there
-    removed or restored; the directory and the parents it made removed when nothing else is in them)."""
-
-    OWN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", PREEMPTED_MARK)  # and TensorBoard's events files
-
-    def __init__(self, cfg: Namespace, dist: DistInfo, resuming: bool, resume_path: str | None = None) -> None:
-        self.cfg, self.dist, self.resuming, self.resume_path = cfg, dist, resuming, resume_path
-        self.dir, self.lock, self.created, self.saved_any = None, None, False, False
-        self.existing: str | None = None  # the deepest directory on the run's path that was there before it
-        self.before: set[str] = set()
-        self.texts: dict[str, bytes] = {}
-
-    def __enter__(self) -> "RunClaim":
-        outcome = on_main_only(self._claim) if self.dist.is_main else None
-        self.dir = shared_outcome(outcome if not isinstance(outcome, OSError) else UserError(
-            f"cannot write the run directory {outcome.filename or self.cfg.log_dir} ({outcome.strerror}); pass a "
-            "--log_dir or --results_dir you can write to"))
-        return self
-
-    def _claim(self) -> str:
-        cfg = self.cfg
-        try:
-            planned = cfg.log_dir or runs_of(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
-                                             METHODS[cfg.clr].display)
-            self.existing = deepest_existing(planned)
-            run_dir = cfg.log_dir or new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
-                                                 METHODS[cfg.clr].display)
-            self.created = not cfg.log_dir or not os.path.exists(run_dir)
-            os.makedirs(run_dir, exist_ok=True)
-            self.before = set(os.listdir(run_dir))
-            self.lock = lock_run_dir(run_dir)
-            if not self.resuming and ckpt_io.all_checkpoints(run_dir):
-                raise UserError(f"{run_dir} already holds checkpoints; resume it with --train_from latest "
-                                "or choose another --log_dir")
-            newest = max(ckpt_io.all_checkpoints(run_dir).items(), default=(None, None))[1]
-            if self.resuming and cfg.train_from == "latest" and newest and self.resume_path \
-                    and os.path.abspath(newest) != os.path.abspath(self.resume_path):
-                raise UserError(f"{newest} appeared after this run chose {os.path.basename(self.resume_path)} "
-                                "(did another process write to the run?); resume again with --train_from latest")
-            if not self.resuming and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-                raise UserError(f"{run_dir} holds another run's metrics.jsonl but no checkpoint to continue; "
-                                "choose another --log_dir")
-        except BaseException:
-            self.release()
-            raise
-        self.texts = {name: open(os.path.join(run_dir, name), "rb").read() for name in self.OWN_FILES
-                      if os.path.isfile(os.path.join(run_dir, name))}
-        if self.lock is not None:
-            self.lock.seek(0)
-            self.lock.truncate()
-            self.lock.write(f"pid {os.getpid()} on {socket.gethostname()}")  # named to a second process
-            self.lock.flush()
-        ckpt_io.remove_stale_temp_files(run_dir)
-        if os.path.exists(os.path.join(run_dir, PREEMPTED_MARK)):
-            os.remove(os.path.join(run_dir, PREEMPTED_MARK))  # this run continues it
-        return run_dir
-
-    def __exit__(self, kind, value, tb) -> None:
-        try:
-            if kind is not None and self.dist.is_main and not self.saved_any:
-                self.give_back()
-        finally:
-            self.release()
-
-    def give_back(self) -> None:
-        """Remove what this invocation wrote, restore what it rewrote."""
-        for name in set(os.listdir(self.dir)) - self.before:
-            if name in self.OWN_FILES or name.startswith("events.out.tfevents") or name == ".lock":
-                os.remove(os.path.join(self.dir, name))
-        for name, content in self.texts.items():
-            with open(os.path.join(self.dir, name), "wb") as f:
-                f.write(content)
-        if self.created:  # and the parents it made, up to the deepest directory that was there before
-            take_back(self.dir, None, True, stop_at=self.existing, only_if_empty=True)
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.close()  # closing the file releases the lock
-            self.lock = None
-
-
-def lock_run_dir(run_dir: str):
-    """An exclusive POSIX lock (``lockf``: per process, not inherited by forked DataLoader workers) on
-    ``RUN/.lock``, released when the file closes or the process dies. On a filesystem without locks (some
-    NFS and Lustre mounts) the run goes on unlocked, with a warning."""
-    path = os.path.join(run_dir, ".lock")
-    f = open(path, "a+")
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"{run_dir} is in use by {holder}; wait for that run to end or choose another --log_dir")
-    except OSError as err:
-        print(f"warning: cannot lock {path} ({err.strerror}); nothing stops a second run in {run_dir}",
-              file=sys.stderr)
-    return f
-
-
-def run_holder(run_dir: str) -> str | None:
-    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does."""
-    path = os.path.join(run_dir, ".lock")
-    try:
-        f = open(path)
-    except OSError:
-        return None
-    with f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            return f.read().strip() or "another process"
-        except OSError:  # no locks on this filesystem: nothing to tell
-            return None
-        return None
-
-
-# ----------------------------------------------------------------------------- one step
-# One optimizer step never grows the trainable weights' total norm this much in a sound run (LARS moves each
-# layer by lr * eta of its norm, SGD/AdamW by lr-sized steps); e.g. --lr 1e30 grows it ~1e27-fold and leaves a
-# finite loss behind (normalised embeddings hide the scale), so only this check stops it.
-MAX_STEP_GROWTH = 10.0
-
-
-class _StepCheck:
-    """Once per step, every rank learns together whether any rank's loss is NaN or inf (then all stop before
-    the optimizer step), whether the previous update was a runaway (non-finite weights, or their norm grown
-    more than ``MAX_STEP_GROWTH``-fold: ``Trainer.runaway``), and whether any rank asks to stop (a signal) or
-    to save (a timer) after it.
-
-    Also whether rank 0's background checkpoint write failed (``save_failed`` after ``wait``).
-
-    Made right after the forward: it queues one all-reduce of six numbers and their copy to the host
-    without waiting. ``wait`` is called once the backward has been queued, so on CUDA the host waits for the
-    forward while the device runs the backward, instead of draining the stream every step. The requests are
-    filled on the device from host scalars (no host-to-device copy).
-    """
-
-    def __init__(self, loss: torch.Tensor, stop: bool, save: bool,
-                 runaway: tuple[torch.Tensor, torch.Tensor] | None = None, update_step: int = 0,
-                 weights_finite: Callable[[], bool] = lambda: True, save_failed: bool = False) -> None:
-        self.update_step = update_step  # the run's step count of the update ``runaway`` judges
-        self.weights_finite = weights_finite  # asked only to word the error (a host sync on that path alone)
-        zero = torch.zeros((), device=loss.device)
-        runaway = runaway if runaway is not None else (zero, zero)
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
-                             torch.full((), float(stop), device=loss.device),
-                             torch.full((), float(save), device=loss.device), *(t.float() for t in runaway),
-                             torch.full((), float(save_failed), device=loss.device)])
-        flags = all_reduce_sum(flags)
-        self.counts = flags.to("cpu", non_blocking=True)  # from CUDA: pinned memory, valid once `ready` has passed
-        self.ready = None
-        if flags.is_cuda:
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def wait(self, epoch: int, step: int, last_ckpt: str | None) -> tuple[bool, bool]:
-        """Raises if any rank's loss is not finite or the last update ran away; returns (stop requested, save
-        requested) on any rank."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        bad, stop, save, runaway, growth, failed = self.counts.tolist()
-        self.save_failed = failed > 0
-        if self.save_failed:  # the caller raises the write's error first: it is what the user must fix
-            return stop > 0, save > 0
-        where = f"resume from {last_ckpt} " if last_ckpt else ""
-        if runaway:
-            raise UserError(runaway_message(growth / get_world_size(), not self.weights_finite(),
-                                            f"step {self.update_step} of the run", where))
-        if bad:
-            raise UserError(f"loss is not finite at epoch {epoch + 1}, step {step + 1} on {int(bad)} rank(s); "
-                            f"nothing was stepped or saved: lower --lr or use --precision fp32, then {where}"
-                            "rerun")
-        return stop > 0, save > 0
-
-
-def runaway_message(growth: float, nonfinite: bool, where_step: str, resume: str) -> str:
-    what = ("made the weights not finite" if nonfinite
-            else f"grew the weights' norm {growth:.3g}-fold (more than {MAX_STEP_GROWTH:g}-fold is a runaway)"
-            if math.isfinite(growth) else "grew the weights' norm past the float32 range (a runaway)")
-    return (f"the update of {where_step} {what}; nothing was saved: lower --lr or use --precision fp32, then "
-            f"{resume}rerun")
-
-
-class Trainer:
-    """Optimizer steps of any method: forward under autocast, checks, backward, step, method hook.
-
-    ``model`` is what runs the forward (DDP/compiled); ``method`` the unwrapped module that owns
-    ``after_step`` and the state saved in checkpoints. ``step`` counts completed optimizer steps.
-    ``requests(next_step) -> (stop, save)`` are this rank's wishes; after a step, ``stop_now``/``save_now``
-    say what the ranks agreed on.
-    """
-
-    def __init__(self, model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
-                 memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
-                 requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
-                 rank: int = 0, accu_iter: int = 1,
-                 save_failure: Callable[[], BaseException | None] = lambda: None) -> None:
-        self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
-        self.rot_task_p, self.seed, self.rank, self.accu_iter = rot_task_p, seed, rank, accu_iter
-        self.device, self.memory_format = device, memory_format
-        self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
-        self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
-        self.requests = requests or (lambda next_step: (False, False))
-        self.save_failure, self._failure = save_failure, None  # a finished background write's failure
-        self.stop_now = self.save_now = False
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.norm = self._weights_norm()
-        # (flag, growth) of the last update, device scalars
-        self.runaway: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.low_rank_windows, self.warned_collapse = 0, False
-
-    def _weights_norm(self) -> torch.Tensor:
-        """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""
-        return torch.stack(torch._foreach_norm(self.params)).norm() if self.params else torch.ones(())
-
-    def watch_collapse(self, values: dict, say: bool) -> None:
-        """One warning when the effective rank of the embeddings stays under COLLAPSE_RANK for
-        COLLAPSE_WINDOWS logging windows in a row."""
-        if "erank" not in values:
-            return
-        self.low_rank_windows = self.low_rank_windows + 1 if values["erank"] < COLLAPSE_RANK else 0
-        if self.low_rank_windows == COLLAPSE_WINDOWS and not self.warned_collapse:
-            self.warned_collapse = True
-            if say:
-                tqdm.write(f"warning: the embeddings look collapsed: effective rank {values['erank']:.2f} (under "
-                           f"{COLLAPSE_RANK:g}) for {COLLAPSE_WINDOWS} logging windows by step {self.step}; check the "
-                           "BN switches, the learning rate and the EMA momentum", file=sys.stderr)
-
-    def _grad_norm(self) -> torch.Tensor:
-        """The trainable weights' gradient norm (unscaled first under fp16), a device scalar."""
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)  # scaler.step then uses these unscaled gradients
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=self.device)
-
-    def _judge_update(self) -> None:
-        """After a step: ``runaway`` says on the device whether it grew the weights' norm more than
-        ``MAX_STEP_GROWTH``-fold or made them NaN/inf (a NaN or inf weight makes the norm NaN or inf, which fails
-        the comparison): one pass over the weights a step."""
-        norm = self._weights_norm()
-        growth = norm / self.norm
-        self.runaway = (~(growth <= MAX_STEP_GROWTH), growth)
-        self.norm = norm
-
-    def weights_finite(self) -> bool:
-        """Whether every trainable weight is finite: words a runaway's error (the norm can overflow while the
-        weights stay finite); a host sync, on that path only."""
-        return all(bool(torch.isfinite(p).all()) for p in self.params)
-
-    @property
-    def lr(self) -> float:
-        """The learning rate of the next step (of the last one once the run is complete)."""
-        return float(self.schedule[min(self.step, len(self.schedule) - 1)])
-
-    def train_step(self, views: list[torch.Tensor], index: torch.Tensor, epoch: int, i: int,
-                   mark: Callable[[str], None] | None = None, diagnose: bool = False) -> dict:
-        """One optimizer step on a batch; returns its logs as device tensors (no host sync).
-        ``mark(phase)`` is called as each phase ends (forward, backward, optimizer): the profiler's hook.
-        ``diagnose`` (the logging steps) adds the diagnostics of losses/diagnostics.py and the gradient norm."""
-        mark = mark or (lambda phase: None)
-        views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
-        index = index.to(self.device, non_blocking=True)
-        if self.rot_task_p or self.method.rot_head is not None:  # the step's rotations (data/rotation.py)
-            g = step_generator(self.seed, epoch, i, self.rank, self.device)
-            if self.rot_task_p:  # all views of an image turned by its one k: a new instance-class of the task
-                turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
-                views = [rotate(v, turns) for v in views]
-            self.method.step_generator = g
-            if self.method.rot_head is not None:  # a tensor: no recompile under --compile
-                self.method.progress.fill_(self.step / max(self.total_steps, 1))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        self.optimizer.zero_grad(set_to_none=True)
-        k = self.accu_iter  # micro-batches of this step: averaged losses, one gradient all-reduce (the last)
-        parts = [v.tensor_split(k) for v in views] if k > 1 else [[v] for v in views]
-        indices = index.tensor_split(k) if k > 1 else [index]
-        losses, chunk_logs, chunk_outputs = [], [], []
-        for m in range(k):
-            self.method.diagnose = diagnose
-            with self._no_sync() if m < k - 1 else nullcontext():
-                try:
-                    with self.autocast:
-                        loss, logs, outputs = self.model([p[m] for p in parts], indices[m])
-                finally:
-                    self.method.diagnose = False
-                losses.append(loss.detach())
-                chunk_logs.append(logs)
-                chunk_outputs.append(outputs)
-                if m == k - 1:  # the step's check overlaps the last backward, as without accumulation
-                    loss_value = losses[0] if k == 1 else torch.stack(losses).mean()
-                    self._failure = self._failure or self.save_failure()
-                    check = _StepCheck(loss_value, *self.requests(self.step + 1), runaway=self.runaway,
-                                       update_step=self.step, weights_finite=self.weights_finite,
-                                       save_failed=self._failure is not None)
-                    mark("forward")
-                self.scaler.scale(loss if k == 1 else loss / k).backward()
-        logs = chunk_logs[0] if k == 1 else {key: torch.stack([c[key].float() for c in chunk_logs]).mean()
-                                             for key in chunk_logs[0]}
-        mark("backward")
-        self.stop_now, self.save_now = check.wait(epoch, i, self.last_ckpt)
-        if check.save_failed:  # every rank stops with rank 0's error, before this step changes anything
-            shared_outcome(self._failure if self.rank == 0 else None)
-        if diagnose:
-            logs["grad_norm"] = self._grad_norm()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.step += 1
-        self._judge_update()
-        outputs = chunk_outputs[0] if k == 1 else {key: torch.cat([c[key] for c in chunk_outputs])
-                                                   for key in chunk_outputs[0]}
-        self.method.after_step(self.step, self.total_steps, outputs)
-        mark("optimizer")
-        return {"loss": loss_value.float(), **{key: v.float() for key, v in logs.items()}}
-
-    def _no_sync(self):
-        """DDP's no_sync (no gradient all-reduce) for the micro-batches before a step's last; nothing in one process."""
-        ddp = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
-        return ddp.no_sync() if isinstance(ddp, nn.parallel.DistributedDataParallel) else nullcontext()
-
-
-# ----------------------------------------------------------------------------- one epoch
-class RunFiles:
-    """The run directory and what rank 0 writes into it (TensorBoard, metrics.jsonl, curves, checkpoints)."""
-
-    def __init__(self, cfg: Namespace, dist: DistInfo, claim: RunClaim, schedule: dict, epoch_setters: list) -> None:
-        self.cfg, self.dist, self.claim, self.schedule, self.setters = cfg, dist, claim, schedule, epoch_setters
-        self.dir = claim.dir
-        self.writer = self.metrics = None
-        self.writes = ckpt_io.BackgroundWriter()  # rank 0's checkpoint writes
-
-    def open_logs(self, purge_step: int | None, resume_epoch: int | None) -> None:
-        self.metrics = MetricsLog(self.dir, resume_epoch=resume_epoch)  # first: a broken record creates nothing
-        self.writer = EventLog(self.dir, purge_step=purge_step)  # its failed writes are one line naming the file
-        cfg = self.cfg
-        width = f" at width {cfg.width_multiplier:g}" if cfg.width_multiplier != 1 else ""
-        print(f"run directory: {self.dir} ({METHODS[cfg.clr].display}, {cfg.arch}{width}, global batch "
-              f"{cfg.batch_size})", flush=True)
-
-    def scalars(self, values: dict, step: int, prefix: str = "train") -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
-
-    def save(self, trainer: "Trainer", epoch: int, batch: int = 0, meter: Meter | None = None) -> str:
-        """A checkpoint after ``epoch`` epochs and ``batch`` more steps; a collective: every rank calls it.
-        Refused on every rank when any weight or buffer is NaN or inf: a poisoned checkpoint is never written."""
-        unset = getattr(trainer.method, "MAY_BE_UNSET", ())  # NaN by design until set (InsDis's NCE normaliser)
-        tensors = [t for k, t in trainer.method.state_dict().items() if t.is_floating_point() and k not in unset]
-        runaway = trainer.runaway if trainer.runaway is not None else (torch.zeros(()),) * 2
-        bad, runaway, growth = all_reduce_sum(torch.stack([
-            torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum().float(),
-            *(t.float().to(tensors[0].device) for t in runaway)])).tolist()
-        where = f"resume from {trainer.last_ckpt} " if trainer.last_ckpt else ""
-        if runaway:
-            raise UserError(runaway_message(growth / self.dist.world_size, not trainer.weights_finite(),
-                                            f"step {trainer.step} of the run", where))
-        if bad:
-            raise UserError(f"weights are not finite after epoch {epoch + (1 if batch else 0)}, step {trainer.step}; "
-                            f"nothing was saved: lower --lr or use --precision fp32, then {where}rerun")
-        ranks = all_gather_object((ckpt_io.rng_state(), self.setters[0].state()))
-        path = None
-        if self.dist.is_main:
-            path = os.path.join(self.dir, ckpt_io.checkpoint_name(epoch, batch))
-            state = ckpt_io.training_state(epoch=epoch, step=trainer.step, method=trainer.method,
-                                           optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=self.schedule,
-                                           ranks=ranks, args=vars(self.cfg), batch=batch,
-                                           meter=meter.state() if meter is not None else None)
-            background = not trainer.stop_now  # a stopping run waits for its last checkpoint
-            path = on_main_only(lambda: self._write(state, path, (epoch, batch), background))
-        trainer.last_ckpt = shared_outcome(path)
-        if isinstance(trainer.requests, StopRequests):
-            trainer.requests.saved()
-        return trainer.last_ckpt
-
-    def _write(self, state: dict, path: str, position: tuple[int, int], background: bool) -> str:
-        """Hands a host copy of ``state`` to the writer, once the write before it is done (or has failed: then
-        raises that); pruning follows the write, so a checkpoint is deleted only once a newer one is on disk."""
-        self.writes.wait()
-        cfg, host = self.cfg, ckpt_io.to_host(state)
-
-        def write() -> None:
-            ckpt_io.atomic_save(host, path)
-            self.claim.saved_any = True  # from now on a failing run keeps what it wrote
-            ckpt_io.prune_mid_epoch(self.dir, cfg.keep_mid_epoch_checkpoints, position)
-            if position[1] == 0:
-                ckpt_io.prune_epoch_ends(self.dir, cfg.keep_checkpoints, milestone_every(cfg), position[0])
-            tqdm.write(f"saved {path}")
-
-        self.writes.submit(write, background)
-        return path
-
-    def finish_writes(self, quiet: bool = False) -> None:
-        """Waits for rank 0's write in flight; its failure reaches every rank (``quiet``: only printed, when
-        the run is already failing for another reason)."""
-        if quiet:
-            if self.dist.is_main:
-                try:
-                    self.writes.close()
-                except BaseException as err:  # noqa: BLE001 - the run's own error is the one to raise
-                    print(f"warning: the last checkpoint write failed too: {err}", file=sys.stderr)
-            return
-        shared_outcome(on_main_only(self.writes.close) if self.dist.is_main else None)
-
-    def close(self, message: str) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            print(message, flush=True)
 
 
 def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles, start: int = 0,
@@ -881,3 +446,4 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
         raise Preempted(f"stopped by {trainer.requests.received or 'a signal on another rank'} at the end of "
                             f"epoch {completed}, after saving {path}; continue with --log_dir {run.dir} "
                             "--train_from latest")
+

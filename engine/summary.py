@@ -20,7 +20,7 @@ import yaml
 
 from common.errors import UserError, first_line
 from engine.checkpoint import all_checkpoints
-from engine.pretrain import PREEMPTED_MARK, run_holder
+from engine.rundir import PREEMPTED_MARK, run_holder
 from engine.runlog import MetricsLog
 
 COLUMNS = ["run", "method", "dataset", "arch", "batch", "epochs", "loss", "evals", "state"]

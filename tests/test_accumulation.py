@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.pretrain import Trainer
+from engine.trainer import Trainer
 from main import main
 from models.heads import mlp
 from models.methods import BYOL, InsDis

@@ -98,7 +98,7 @@ def test_a_method_with_a_queue_sets_its_defaults_updates_from_its_outputs_and_re
         monkeypatch, tmp_path, capsys):
     import yaml
 
-    from engine.pretrain import Trainer
+    from engine.trainer import Trainer
     from main import resolve
 
     monkeypatch.setitem(METHODS, "queue_toy", QUEUE_TOY)

@@ -98,7 +98,8 @@ def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"
     from common.distributed import DistInfo
     from data.datasets import load_split
     from engine.optim import build_optimizer, lr_schedule
-    from engine.pretrain import Trainer, build_loader
+    from engine.pretrain import build_loader
+    from engine.trainer import Trainer
 
     cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda", f"--blur={blur}", *extra])
     split = load_split("digits", "unused", train=True, pretrain=True, image_size=16)

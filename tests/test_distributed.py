@@ -78,7 +78,7 @@ def test_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch
 
 def _finite_worker(rank, store, out_dir):
     _init(rank, store)
-    from engine.pretrain import _StepCheck
+    from engine.trainer import _StepCheck
 
     # a stop request (a signal) on rank 0 and a save request (a timer) on rank 1 reach both ranks
     agreed = _StepCheck(torch.tensor(1.0), stop=rank == 0, save=rank == 1).wait(0, 0, None)
@@ -216,7 +216,7 @@ def test_torchrun_batch_that_does_not_divide_is_a_clear_error(tmp_path):
 
 def _shared_outcome_worker(rank, store, out_dir):
     _init(rank, store)
-    from engine.pretrain import on_main_only, shared_outcome
+    from common.distributed import on_main_only, shared_outcome
 
     def disk_full():
         raise OSError(28, "No space left on device")

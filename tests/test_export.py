@@ -115,7 +115,7 @@ def _hold_lock(run: str, held, release) -> None:
     import os
     import socket
 
-    from engine.pretrain import lock_run_dir
+    from engine.rundir import lock_run_dir
 
     lock = lock_run_dir(run)
     lock.seek(0)

@@ -12,7 +12,7 @@ import torch
 
 from common.errors import EXIT_PREEMPTED
 from engine.checkpoint import all_checkpoints, prune_mid_epoch, resolve_checkpoint
-from engine.pretrain import Trainer
+from engine.trainer import Trainer
 from main import main
 from tests.conftest import ROOT, TINY
 

@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_before_the_step(tiny, tmp_path, capsys, monkeypat
     run = tmp_path / "run"
     assert main(tiny + ["--epochs=1", f"--log_dir={run}"]) == 0
     before = open(run / "checkpoint_0001.pth.tar", "rb").read()
-    from engine.pretrain import Trainer
+    from engine.trainer import Trainer
 
     stepped = []
     monkeypatch.setattr(Trainer, "_judge_update", lambda self: stepped.append(self.step))

@@ -472,7 +472,7 @@ def test_retention_keeps_exactly_what_it_says_across_a_resume(tmp_path):
 
 def test_a_failed_background_write_stops_the_run_on_the_next_step_with_one_line(tmp_path, monkeypatch, capsys):
     import engine.checkpoint as ckpt
-    import engine.pretrain as pre
+    import engine.trainer as pre
 
     real_save, steps = ckpt.torch.save, []
 

@@ -71,7 +71,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_a_training_step_turns_all_views_of_an_image_by_the_same_k():
-    from engine.pretrain import Trainer
+    from engine.trainer import Trainer
 
     method = _Recorder()
     trainer = Trainer(method, method, torch.optim.SGD(method.parameters(), lr=0.1),
