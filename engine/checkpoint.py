@@ -1,6 +1,6 @@
 """The checkpoint manager of a run: what a checkpoint holds (:func:`training_state`), which one a resume takes
-(:func:`resolve_checkpoint`, :func:`load_latest` with its fallback), whether it belongs to the run
-(:func:`check_identity`), retention (:func:`prune_epoch_ends`, :func:`prune_mid_epoch`), background writes
+(:func:`resolve_checkpoint`, :func:`load_latest` with its fallback), that every rank took the same one
+(:func:`agree_across_ranks`), whether it belongs to the run (:func:`check_identity`), retention (:func:`prune_epoch_ends`, :func:`prune_mid_epoch`), background writes
 (:class:`BackgroundWriter`) and restore (:func:`restore`, :func:`restore_rng`). The file format itself (names,
 the verified read, atomic writes with their checksum, backbone extraction, the original repositories' layouts)
 is :mod:`models.checkpoint_file`, the one module that calls ``torch.load``.
@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from common.distributed import DistInfo, launched_rank
+from common.distributed import DistInfo, all_gather_object, launched_rank
 from common.errors import UserError
 from common.yamlfile import read_mapping
 from engine.settings import IDENTITY_KEYS
@@ -54,6 +54,16 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     checksum (``verify``; the ranks of a resume other than rank 0 skip it, rank 0 checks for all), then
     ``weights_only`` with the tensors mapped from the file (copy-on-write), then the layout checks."""
     return read_checkpoint(path, verify)
+
+
+def agree_across_ranks(path: str, state: dict) -> None:
+    """Every rank chose the checkpoint to resume on its own: they must have chosen the same one (rank 0 may have
+    found the newest corrupt, as only it reads the checksums, and moved it aside)."""
+    chosen = all_gather_object((path, int(state["epoch"]), int(state.get("batch", 0))))
+    if len(set(chosen)) > 1:
+        raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
+                        "every node sees the same run directory, then resume again (a corrupt newest checkpoint "
+                        "has been moved aside by rank 0)")
 
 
 def run_identity(run_dir: str) -> dict | None:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common.device import pick_device
 from common.provenance import provenance
-from common.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed, on_main_only,
+from common.distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, on_main_only,
                                 shared_outcome)
 from common.settings import derive
 from common.errors import Preempted, UserError
@@ -73,11 +73,7 @@ def plan_resume(cfg: Namespace, dist: DistInfo, resume: dict | None,
     """The settings and the last epoch this call trains; on a resume, after the ranks agree on the checkpoint
     (each chose it on its own) and a resumed --iters run has its epochs from the checkpoint's steps per epoch."""
     if resume is not None:
-        chosen = all_gather_object((resume_path, int(resume["epoch"]), int(resume.get("batch", 0))))
-        if len(set(chosen)) > 1:  # e.g. rank 0 found the newest corrupt (only it reads the checksums) and moved it
-            raise UserError(f"the ranks would resume from different checkpoints ({sorted(set(chosen))}); check that "
-                            "every node sees the same run directory, then resume again (a corrupt newest checkpoint "
-                            "has been moved aside by rank 0)")
+        ckpt_io.agree_across_ranks(resume_path, resume)
     saved_steps = (resume or {}).get("scheduler", {}).get("steps_per_epoch")
     if cfg.iters and saved_steps:  # a resumed --iters run: its epochs as the (possibly new) --iters makes them
         cfg = derive(cfg, epochs=math.ceil(cfg.iters / saved_steps))
