@@ -58,7 +58,8 @@ def add_concern(p: argparse.ArgumentParser, concern: type) -> None:
             continue
         kind = PARSE.get(meta["parse"], meta["parse"]) or TYPES[field.type.split(" ")[0]]
         extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
-        g.add_argument(f"--{field.name}", type=kind, default=meta["default"], choices=choices_of(field),
+        default = list(meta["default"]) if isinstance(meta["default"], list) else meta["default"]  # a fresh list
+        g.add_argument(f"--{field.name}", type=kind, default=default, choices=choices_of(field),
                        help=help_of(field), **extra)
 
 

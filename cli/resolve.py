@@ -76,7 +76,8 @@ def check_agreement(cfg: argparse.Namespace) -> None:
     if cfg.from_pretrained_head and not cfg.from_pretrained:
         raise UserError("--from_pretrained_head takes the head of --from_pretrained's run, which is not given; pass "
                         "--from_pretrained PATH")
-    if cfg.from_pretrained and not os.path.exists(cfg.from_pretrained):
+    if cfg.from_pretrained and cfg.train_from is None and not os.path.exists(cfg.from_pretrained):  # a resume
+        # continues from its own checkpoint and never reads the source again
         raise UserError(f"--from_pretrained {cfg.from_pretrained} does not exist; pass a run directory, a "
                         "checkpoint_*.pth.tar or an export .pth")
     if cfg.faster_version and (cfg.input_pipeline == "hybrid" or cfg.decode_on_gpu):
@@ -134,8 +135,10 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     run_id_dir(cfg)
     resume, resume_path = merge_resumed_run(cfg, explicit)
     if resume is not None:
-        sources = {**{k: "the resumed run" for k in resume.get("args", {}) if k not in explicit}, **{
-            k: v for k, v in sources.items() if k in explicit}}
+        saved, earlier = resume.get("args", {}), resume.get("args", {}).get("sources")
+        kept = ({k: v for k, v in earlier.items() if k not in explicit} if isinstance(earlier, dict)  # as chosen then
+                else {k: "the resumed run" for k in saved if k not in explicit})  # a run from before sources
+        sources = {**kept, **{k: v for k, v in sources.items() if k in explicit}}
     if {"iters", "epochs"} <= explicit and cfg.train_mode != "eval":
         raise UserError("--iters and --epochs both set the length of the run; pass one of them")
     if "epochs" in explicit and "iters" not in explicit:  # the command line's length wins over a yaml's or run's

@@ -21,6 +21,7 @@ import gzip
 import multiprocessing
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,7 +92,7 @@ def read_idx(path: str, dims: int) -> torch.Tensor:
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged gzip stream
         raise UserError(f"cannot read {path} ({err}); replace it with the original file") from err
     sizes = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
     if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]) \

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common.errors import BadImage, UserError
 from data.augment import EpochSampler, MultiViewDataset, ViewSpec, default_jitter_strength, view_transform
 from data.batched_augment import BatchedViews, DeviceLoader
-from data.datasets import Split, read_image
+from data.datasets import Split, image_files, read_image
 from data.hybrid import HybridItems, HybridLoader, collate
 
 MAX_RESIDENT_BYTES = 16 * 2**30  # --faster_version keeps the dataset in device memory up to this size
@@ -32,7 +32,7 @@ def resident_images(split: Split, dataset_name: str, skip_bad_images: bool = Fal
     if dataset_name != "folder":  # ImageNet-sized folders do not fit; a folder of small images may
         raise UserError(f"--faster_version keeps the dataset in memory, which {dataset_name} does not fit; "
                         "drop --faster_version for this dataset")
-    samples = split.dataset.samples
+    samples = image_files(split.dataset)  # also through --skip_bad_images and a subset (--train_subset)
     n = len(samples)
     images, size, skipped = [], None, []
     for path, _ in tqdm(samples, desc="loading images", leave=False, file=sys.stdout):

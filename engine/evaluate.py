@@ -84,14 +84,14 @@ def evaluate(cfg: Namespace) -> list[dict]:
     if cfg.eval_train_subset is not None:
         train = fixed_subset(train, cfg.eval_train_subset, cfg.subset_seed, "eval_train_subset")
     random_init = chosen[0][1] is None
-    cfg = fit_batch_for(cfg, len(train.dataset), dist.is_main)
+    cfg = fit_batch_for(cfg, len(train.dataset), dist.world_size, dist.is_main)
     if cfg.fc_iters:  # classifier steps (MetaContrastive's eval --iters), in whole epochs
         n = len(train.dataset) if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * len(train.dataset)))
         bs = min(cfg.fc_batch_size, n)
         steps = max(1, n // bs) if trains_through(cfg) else math.ceil(n / bs)  # the fit's loader drops a remainder
         cfg = derive(cfg, fc_epochs=max(1, math.ceil(cfg.fc_iters / steps)))
-    resume = interrupted_fit(cfg, chosen) if cfg.train_from is not None else None
     planned = cfg.eval_dir or (None if random_init else os.path.join(cfg.checkpoint_dir, "eval"))
+    resume = interrupted_fit(cfg, chosen, planned) if cfg.train_from is not None else None
     created = planned is None or not os.path.isdir(planned)
     out_dir = _output_dir(cfg, dist, random_init)
     board = os.path.join(out_dir, "tensorboard")
@@ -112,31 +112,33 @@ def evaluate(cfg: Namespace) -> list[dict]:
 MIN_FIT_STEPS = 20  # optimiser steps an epoch below which a default --fc_batch_size is lowered
 
 
-def fit_batch_for(cfg: Namespace, images: int, show: bool = True) -> Namespace:
+def fit_batch_for(cfg: Namespace, images: int, world_size: int = 1, show: bool = True) -> Namespace:
     """``cfg`` with a classifier batch that makes at least MIN_FIT_STEPS steps an epoch on ``images`` labelled
     images (of which ``--semi_ratio``), for a fit through the backbone (fine-tuning, ``--fc_augment``) whose
     --fc_batch_size was left at its default (SimCLR's 4096 is one step an epoch on a small data set, and such
-    epochs are few and costly): the largest power of two that does, at least 16, and fc_lr scaled by the square
-    root of the batch ratio (SimCLR's rule for small batches, --learning_rate_scaling sqrt). A probe on cached
-    features keeps its batch: its full-batch steps are cheap and its epochs many. Said in one line; the record
-    holds both."""
-    if not trains_through(cfg) or "fc_batch_size" in (getattr(cfg, "sources", None) or {}):
+    epochs are few and costly): the largest power of two that does, at least 16 and 2 a process, and fc_lr (unless
+    given) scaled by the square root of the batch ratio (SimCLR's rule for small batches, --learning_rate_scaling
+    sqrt). A probe on cached features keeps its batch: its full-batch steps are cheap and its epochs many. Said in
+    one line; the record holds both."""
+    given = getattr(cfg, "sources", None) or {}
+    if not trains_through(cfg) or "fc_batch_size" in given:
         return cfg
     n = images if cfg.semi_ratio is None else max(1, round(cfg.semi_ratio * images))
     if n // cfg.fc_batch_size >= MIN_FIT_STEPS:
         return cfg
-    batch = max(16, 2 ** max(0, (n // MIN_FIT_STEPS).bit_length() - 1))
+    batch = max(16, 2 * world_size, 2 ** max(0, (n // MIN_FIT_STEPS).bit_length() - 1))
     if batch >= cfg.fc_batch_size:
         return cfg
-    lr = cfg.fc_lr * math.sqrt(batch / cfg.fc_batch_size)
+    lr = cfg.fc_lr if "fc_lr" in given else cfg.fc_lr * math.sqrt(batch / cfg.fc_batch_size)
     if show:
         print(f"note: {n} labelled images make {n // cfg.fc_batch_size} step(s) an epoch at --fc_batch_size "
-              f"{cfg.fc_batch_size}; fitting with batch {batch} and fc_lr {lr:.4g} (sqrt-scaled) instead, "
+              f"{cfg.fc_batch_size}; fitting with batch {batch} and fc_lr {lr:.4g}"
+              f"{'' if 'fc_lr' in given else ' (sqrt-scaled)'} instead, "
               f"{n // batch} steps an epoch; pass --fc_batch_size to choose", flush=True)
     return derive(cfg, fc_batch_size=batch, fc_lr=lr)
 
 
-def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dict:
+def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]], out_dir: str | None) -> dict:
     """The saved position that ``--train_from`` in eval mode continues (checked before anything is written)."""
     if cfg.train_from != "latest":
         raise UserError(f"--train_from {cfg.train_from}: in eval mode only 'latest' is understood (it continues "
@@ -149,7 +151,7 @@ def interrupted_fit(cfg: Namespace, chosen: list[tuple[int, str | None]]) -> dic
     if len(chosen) > 1:
         raise UserError("--train_from latest continues one checkpoint's evaluation: pass --transfer_from_epoch "
                         "instead of --eval_all")
-    path = partial_path(os.path.join(cfg.checkpoint_dir, "eval"), cfg, chosen[0][0])
+    path = partial_path(out_dir, cfg, chosen[0][0])
     if not os.path.exists(path):
         raise UserError(f"--train_from latest: there is no interrupted evaluation to continue ({path} does not "
                         "exist); drop --train_from to start it")

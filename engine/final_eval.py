@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 
-from common.distributed import launched_rank
+from common.distributed import broadcast_object, launched_rank
 from common.errors import Preempted
 from common.settings import derive
 from engine.checkpoint import list_checkpoints
@@ -45,7 +45,7 @@ def final_evaluations(cfg: argparse.Namespace, run_dir: str, only_missing: bool 
     lines, below = [], []
     for protocol in cfg.final_eval:
         ev = derive(cfg, train_mode="eval", checkpoint_dir=run_dir, eval_all=False, transfer_mode=protocol,
-                    transfer_from_epoch=epoch, train_from=None)
+                    transfer_from_epoch=epoch, train_from=None, eval_dir=None)
         path_of = functools.partial(record_path, os.path.join(run_dir, "eval"), protocol, cfg.semi_ratio, epoch)
         if only_missing and os.path.isfile(path_of()):
             continue
@@ -92,6 +92,8 @@ def baseline_key(ev: argparse.Namespace) -> str:
     """The name of a random-init baseline in the cache: a digest of every setting that changes its result."""
     values = {k: getattr(ev, k) for k in BASELINE_SETTINGS}
     values["data_root"] = measured_data(ev)["data_root"]
+    given = getattr(ev, "sources", None) or {}  # a default classifier batch may be lowered, a given one is not
+    values["given"] = sorted(k for k in ("fc_batch_size", "fc_lr") if k in given)
     values["version"] = BASELINE_VERSION
     digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{ev.dataset_name}-{ev.arch}-{ev.transfer_mode}-{digest}"
@@ -102,11 +104,14 @@ def random_init_record(ev: argparse.Namespace, out_dir: str) -> dict:
     from ``<results_dir>/baselines/`` when one with the same settings was computed before, else computed there
     and kept for the next run."""
     cache = os.path.join(ev.results_dir, "baselines", baseline_key(ev) + ".json")
-    try:
-        with open(cache, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        record = None
+    record = None
+    if launched_rank() == 0:  # one reader decides for every rank, so that all of them evaluate or none
+        try:
+            with open(cache, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = None
+    record = broadcast_object(record)
     if isinstance(record, dict) and isinstance(record.get("top1"), (int, float)):
         if launched_rank() == 0:
             os.makedirs(out_dir, exist_ok=True)

@@ -221,7 +221,10 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
 def monitor_verdict(run_dir: str) -> str:
     """A warning line when the kNN monitor (--eval_every_n_epochs) ends below its first measurement: the run
     made its features worse, and what usually fixes that."""
-    values = [r["knn_top1"] for r in MetricsLog(run_dir, resume_epoch=None).parse()[0] if "knn_top1" in r]
+    try:
+        values = [r["knn_top1"] for r in MetricsLog(run_dir, resume_epoch=None).parse()[0] if "knn_top1" in r]
+    except UserError:  # a damaged metrics.jsonl: the summary says so; nothing to judge here
+        return ""
     if len(values) < 2 or values[-1] >= values[0]:
         return ""
     return (f"\nwarning: the kNN monitor fell from {values[0]:.2f}% to {values[-1]:.2f}% over the run: pretraining made "

@@ -135,13 +135,19 @@ def lock_run_dir(run_dir: str):
 
 
 def run_holder(run_dir: str) -> str | None:
-    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does."""
+    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does. For
+    another process's run only: POSIX drops all of a process's locks on a file when it closes any descriptor of
+    it, so this never probes a lock that this process may hold (the file names it: "this process")."""
     path = os.path.join(run_dir, ".lock")
     try:
         f = open(path)
     except OSError:
         return None
     with f:
+        holder = f.read().strip()
+        if holder == f"pid {os.getpid()} on {socket.gethostname()}":
+            return "this process"
+        f.seek(0)
         try:
             fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):

@@ -18,7 +18,7 @@ import yaml
 from common.errors import UserError
 # Settings of one invocation, not of the run (marked per_invocation where declared): never taken from a resumed
 # run's saved settings, and left out of config.yaml so that ``--config RUN/config.yaml`` starts a run like this one.
-from engine.settings import NOT_SAVED_KEYS, PER_INVOCATION_KEYS  # noqa: F401 - the sweep's
+from engine.settings import NOT_SAVED_KEYS
 
 RESUME_HINT = "make room, then resume with --train_from latest"
 RERUN_HINT = "make room, then run the same command again"
@@ -87,8 +87,19 @@ def write_config(run_dir: str, cfg: dict) -> None:
 
 
 def write_json(path: str, record: dict) -> None:
-    """A json file written whole or not at all."""
-    _replace(path, lambda f: json.dump(record, f, indent=2, sort_keys=True, default=str), RERUN_HINT)
+    """A json file written whole or not at all, through a temporary file of its own (two processes may write
+    the same file at once: the last rename wins, both whole)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise unwritable(path, err, RERUN_HINT) from err
 
 
 def _replace(path: str, write, fix: str) -> None:

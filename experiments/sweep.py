@@ -48,7 +48,7 @@ sys.path.insert(0, ROOT)
 
 from common.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 from common.yamlfile import kind as kind_of, read_mapping  # noqa: E402
-from engine.runlog import PER_INVOCATION_KEYS  # noqa: E402
+from engine.settings import MACHINE_KEYS, PER_INVOCATION_KEYS  # noqa: E402
 
 SEED_AXIS = "seed"
 
@@ -145,7 +145,7 @@ def parse_only(items: list[str], sweep: Sweep) -> dict[str, list]:
             picked = [yaml.safe_load(v) for v in values.split(",")]
         except yaml.YAMLError as err:
             raise UserError(f"--grid {item}: a value is not valid yaml ({str(err).splitlines()[0]})") from err
-        bad = [v for v in picked if v not in sweep.grid[key]]
+        bad = [v for v in picked if not any(v == w and type(v) is type(w) for w in sweep.grid[key])]
         if bad:
             raise UserError(f"--grid {item}: {bad[0]!r} is not a value of the axis {key} "
                             f"({', '.join(map(str, sweep.grid[key]))})")
@@ -386,8 +386,9 @@ def command(cell: Cell, state: str) -> list[list[str]]:
         with open(cell.config_path, "w") as f:
             yaml.safe_dump(cell.settings(), f, sort_keys=False)
         return [[f"--config={cell.config_path}", f"--log_dir={cell.run_dir}"]]
-    if state == "resume":
-        return [[f"--log_dir={cell.run_dir}", "--train_from=latest"]]
+    if state == "resume":  # the run's settings come back from it; the machine's (never saved) from the cell
+        machine = [f"--{k}={cell.settings()[k]}" for k in MACHINE_KEYS if k in cell.settings()]
+        return [[f"--log_dir={cell.run_dir}", "--train_from=latest"] + machine]
     epochs = _epochs(cell.run_dir)
     evals = [p for p in cell.sweep.evals if _read_record(_record(cell, p, epochs)) is None]
     return [[f"--config={cell.config_path}", "--train_mode=eval", f"--checkpoint_dir={cell.run_dir}",
@@ -451,7 +452,7 @@ class Runner:
                     cell.status = cell_state(cell) if proc.returncode == 0 else (
                         "stopped" if proc.returncode == EXIT_PREEMPTED else "failed")
                     self.succeeded += cell.status == "done"
-                    if proc.returncode == 2 and not self.succeeded and not self.refused:
+                    if proc.returncode == 2 and not self.succeeded and not self.refused and _never_started(cell):
                         self.refused = (cell, _error_line(cell.log))  # most likely every cell's: stop here
                         pending.clear()
                     bar.update(1)
@@ -462,11 +463,22 @@ class Runner:
                 signal.signal(sig, handler)
 
 
+def _never_started(cell: Cell) -> bool:
+    """Whether a cell was refused before its run began (its log never names a run directory, which a run prints
+    once its settings and data are accepted): refused for its settings or its data, not stopped by something of
+    its own run (a diverging loss, memory)."""
+    try:
+        with open(cell.log, encoding="utf-8", errors="replace") as f:
+            return not any(line.startswith("run directory: ") for line in f)
+    except OSError:
+        return True
+
+
 def _error_line(log: str) -> str:
     """The last ``error:`` line of a cell's log (main.py's one-line reason), without the prefix."""
     try:
         with open(log, encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip().startswith(("error:", "[rank"))]
+            lines = [line.strip() for line in f if line.strip().startswith(("error:", "[rank")) and "error:" in line]
     except OSError:
         return "see its log"
     return lines[-1].split("error:", 1)[-1].strip() if lines else "see its log"
@@ -535,20 +547,21 @@ DIAGNOSTICS = ("loss", "mi_bound", "log_k", "log_s_p10", "log_s_p50", "log_s_p90
 
 
 def last_metrics(run_dir: str) -> dict:
-    """The last complete record of a run's metrics.jsonl (an empty dict when there is none)."""
+    """Each key's last value in a run's metrics.jsonl, from its complete records (empty when there is none)."""
     try:
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError:
         return {}
-    for line in reversed(lines):
+    last: dict = {}
+    for line in lines:  # each key's last value (a diagnostic logged on some epochs only keeps its latest)
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict):
-            return record
-    return {}
+            last.update(record)
+    return last
 
 
 def _plot(sweep: Sweep, protocol: str, groups: dict, fixed: list[str]) -> None:

@@ -365,3 +365,22 @@ def test_a_run_that_ends_below_random_init_or_with_a_falling_monitor_says_so(tmp
         "\nwarning: the kNN monitor fell from 40.00% to 35.50% over the run: pretraining made the features worse")
     (tmp_path / "m" / "metrics.jsonl").write_text('{"epoch": 1, "knn_top1": 40.0}\n{"epoch": 2, "knn_top1": 41}\n')
     assert monitor_verdict(str(tmp_path / "m")) == ""
+
+
+def test_a_resume_keeps_which_settings_were_chosen_and_the_baseline_key_tells_them_apart(tmp_path):
+    """A resumed run still knows that --fc_batch_size was left at its default (so its final fine-tuning lowers
+    it as the uninterrupted run's would), and a baseline with a given batch is not one with a defaulted one."""
+    from argparse import Namespace
+
+    from cli.resolve import resolve
+    from engine.final_eval import baseline_key
+
+    for given, run in (([], tmp_path / "a"), (["--fc_batch_size=4096"], tmp_path / "b")):
+        assert main(TINY + ["--clr=simclr", "--epochs=2", "--stop_after_epoch=1", f"--log_dir={run}"] + given) == 0
+        cfg, _, _ = resolve([f"--log_dir={run}", "--train_from=latest"])
+        assert ("fc_batch_size" in cfg.sources) == bool(given), cfg.sources
+    cfg, _, _ = resolve(TINY + ["--train_mode=eval", "--checkpoint_dir=none", "--transfer_mode=finetune"])
+    chosen, _, _ = resolve(TINY + ["--train_mode=eval", "--checkpoint_dir=none", "--transfer_mode=finetune",
+                                   "--fc_batch_size=4096"])
+    assert cfg.fc_batch_size == chosen.fc_batch_size and baseline_key(cfg) != baseline_key(chosen)
+    assert baseline_key(cfg) == baseline_key(Namespace(**vars(cfg)))

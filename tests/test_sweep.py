@@ -115,6 +115,10 @@ def test_a_sweep_stops_at_a_first_cell_refused_for_a_reason_all_cells_share(tmp_
         f"cell to end was refused and the others most likely would be too (its log: {first}); fix that and run the "
         "same command again")
     assert not (out / "cells" / "clr-flatclr__batch_size-16.log").exists()  # never started
+    diverging = tmp_path / "diverging"  # a cell that fails in its own run does not stop the others
+    assert sweep_main([str(spec), f"--out={diverging}", "--set", "lr=1.0e+30"]) == 1
+    assert "2 cell(s) did not finish" in capsys.readouterr().err
+    assert (diverging / "cells" / "clr-flatclr__batch_size-16.log").exists()
 
 
 @pytest.mark.slow
