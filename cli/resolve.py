@@ -21,6 +21,7 @@ from engine.checkpoint import (check_identity, identity_keys, list_checkpoints, 
 from engine.evaluate import eval_defaults
 from engine.protocols import PROTOCOLS
 from engine.optim import default_lr
+from data.datasets import UNLABELLED
 from engine.settings import NOT_SAVED_KEYS, RANGES, machine_workers
 from models import ARCH_ALIASES, METHODS
 
@@ -71,6 +72,13 @@ def check_agreement(cfg: argparse.Namespace) -> None:
     """Settings that only mean something together."""
     if cfg.rot_pred_decay and not cfg.rot_pred_weight:
         raise UserError("--rot_pred_decay decays --rot_pred_weight, which is off; pass --rot_pred_weight")
+    needs = [flag for flag, on in (("--train_mode eval", cfg.train_mode == "eval"), ("--final_eval", cfg.final_eval),
+                                   ("--eval_every_n_epochs", cfg.eval_every_n_epochs),
+                                   ("--eval_every_n_steps", cfg.eval_every_n_steps)) if on]
+    if cfg.dataset_name in UNLABELLED and needs:
+        raise UserError(f"--dataset_name {cfg.dataset_name} has no labels, which {needs[0]} needs; drop it, and "
+                        "evaluate the run on a labelled folder: --train_mode eval --checkpoint_dir RUN --dataset_name "
+                        "folder --data DIR (DIR/train/<class>/, DIR/test/<class>/)")
     if cfg.eval_train_subset is not None and cfg.semi_ratio is not None:
         raise UserError("--eval_train_subset and --semi_ratio both choose the labelled training images; give one")
     if cfg.from_pretrained_head and not cfg.from_pretrained:

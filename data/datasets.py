@@ -10,6 +10,7 @@ plus the facts the pipeline needs (image size, normalisation, classes).
   (:func:`read_image`).
 * digits: scikit-learn's bundled 8x8 digits (no file needed), upscaled to 32x32 RGB, with a fixed
   stratified 80/20 train/test split.
+* images: every image under ``--data`` at any depth, without labels: pretraining only (:class:`ImageFiles`).
 * fashion_mnist: Fashion-MNIST's four IDX files (60k/10k greyscale 28x28), read where they are, gzipped or not,
   in the flat layout Zalando and Debian's ``dataset-fashion-mnist`` publish or in torchvision's
   ``<root>/FashionMNIST/raw/``; nothing is written under ``--data`` (``--download`` aside).
@@ -450,6 +451,49 @@ def _image_folder(subdir: Callable[[str, bool], str], hint: str) -> Callable[[st
     return load
 
 
+class ImageFiles(Dataset):
+    """Every image under a folder, at any depth, without labels (each item's label is 0): ``--dataset_name
+    images``, for pretraining on what a user has. The walk does not follow symbolic links to folders (no loop);
+    files are in sorted path order."""
+
+    classes = ["unlabelled"]
+
+    def __init__(self, root: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> None:
+        self.samples = [(os.path.join(folder, name), 0)
+                        for folder, _, files in sorted(os.walk(root))
+                        for name in sorted(files) if has_file_allowed_extension(name, extensions)]
+        self.targets = [0] * len(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return read_image(self.samples[i][0]), 0
+
+
+UNLABELLED = ("images",)  # datasets without labels: pretraining only
+
+
+def _unlabelled(root: str, train: bool, download: bool, image_size: int | None = None, **_) -> Split:
+    if download:
+        raise UserError(f"--download is not available for --dataset_name images; place the images under {root}")
+    if not train:
+        raise UserError("--dataset_name images has no labels and no test split, which evaluation needs; evaluate "
+                        "with a labelled folder: --dataset_name folder --data DIR (DIR/train/<class>/, "
+                        "DIR/test/<class>/)")
+    if not os.path.isdir(root):
+        raise UserError(f"no folder at {root}; --dataset_name images reads every image under --data, at any depth")
+    ds = ImageFiles(root)
+    if not ds.samples:
+        raise UserError(f"no image under {root} (extensions {', '.join(IMG_EXTENSIONS)}); --dataset_name images "
+                        "reads every image under --data, at any depth")
+    size = image_size
+    if size is None:  # square images keep their size, others crop to 224 (as a labelled folder)
+        w, h = _first_readable_size(ds.samples)
+        size = w if w == h else 224
+    return Split(ds, 1, size, IMAGENET_MEAN, IMAGENET_STD, False)
+
+
 DATASETS: dict[str, Callable[..., Split]] = {
     "cifar10": _torchvision_set("cifar10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465),
                                 (0.2470, 0.2435, 0.2616), 32),
@@ -466,6 +510,7 @@ DATASETS: dict[str, Callable[..., Split]] = {
     ),
     "digits": _digits,
     "fashion_mnist": _fashion_mnist,
+    "images": _unlabelled,
 }
 
 

@@ -29,7 +29,7 @@ def resident_images(split: Split, dataset_name: str, skip_bad_images: bool = Fal
     (unreadable images stop it with their name, or are left out with ``skip_bad_images``)."""
     if split.in_memory:
         return split.dataset.images
-    if dataset_name != "folder":  # ImageNet-sized folders do not fit; a folder of small images may
+    if dataset_name not in ("folder", "images"):  # ImageNet-sized folders do not fit; a folder of small ones may
         raise UserError(f"--faster_version keeps the dataset in memory, which {dataset_name} does not fit; "
                         "drop --faster_version for this dataset")
     samples = image_files(split.dataset)  # also through --skip_bad_images and a subset (--train_subset)

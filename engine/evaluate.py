@@ -260,8 +260,11 @@ def _finish(cfg: Namespace, results: list[dict], out_dir: str, writer, test: Spl
                                     f"{'_projection' * (layer == 'projection')}_epoch{epoch:04d}.png")
         plot_tsne(test_x, test_y, names, png, f"t-SNE of test {layer} features ({cfg.transfer_mode}), "
                   f"checkpoint epoch {epoch}", cfg.seed)
-        writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]],
-                             tag=f"test_features_epoch{epoch:04d}")
+        tag = f"test_features_epoch{epoch:04d}"
+        taken = [d for d in os.listdir(writer.log_dir)
+                 if d.isdigit() and os.path.isdir(os.path.join(writer.log_dir, d, tag))]
+        writer.add_embedding(test_x[:2000].cpu(), metadata=[names[int(c)] for c in test_y[:2000]], tag=tag,
+                             global_step=len(taken))  # a repeated evaluation adds its own entry, no warning
         print(f"t-SNE: {png}")
     if cfg.eval_all:
         summary = os.path.join(out_dir, f"{mode_tag(cfg)}_all_epochs")

@@ -112,6 +112,7 @@ class RunClaim:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.close()  # closing the file releases the lock
+            HELD.discard(os.path.realpath(self.dir))
             self.lock = None
 
 
@@ -131,23 +132,25 @@ def lock_run_dir(run_dir: str):
     except OSError as err:
         print(f"warning: cannot lock {path} ({err.strerror}); nothing stops a second run in {run_dir}",
               file=sys.stderr)
+    HELD.add(os.path.realpath(run_dir))
     return f
 
 
+HELD: set[str] = set()  # the run directories this process has locked (real paths)
+
+
 def run_holder(run_dir: str) -> str | None:
-    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does. For
-    another process's run only: POSIX drops all of a process's locks on a file when it closes any descriptor of
-    it, so this never probes a lock that this process may hold (the file names it: "this process")."""
+    """Who holds ``RUN/.lock`` now (a run still training: "pid N on HOST"), or None when no process does. POSIX
+    drops all of a process's locks on a file when it closes any descriptor of it, so the lock file of a run this
+    process holds (:data:`HELD`) is not even opened: that run is "this process"."""
+    if os.path.realpath(run_dir) in HELD:
+        return "this process"
     path = os.path.join(run_dir, ".lock")
     try:
         f = open(path)
     except OSError:
         return None
     with f:
-        holder = f.read().strip()
-        if holder == f"pid {os.getpid()} on {socket.gethostname()}":
-            return "this process"
-        f.seek(0)
         try:
             fcntl.lockf(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):

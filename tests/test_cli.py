@@ -208,3 +208,19 @@ def test_each_alias_sets_its_one_flag_and_errors_name_the_flag(argv, dest, value
     if "=" in argv[-1] and dest not in ("log_dir", "arch", "dataset_name"):
         with pytest.raises(UserError, match=rf"^argument --{dest}: "):
             resolve([f"{spelling}=oops"])
+
+
+def test_workers_default_to_the_machine_and_are_never_saved(tmp_path, monkeypatch):
+    import yaml
+
+    from engine.runlog import write_config
+    from engine.settings import machine_workers
+
+    cfg, _, _ = resolve(["--dataset_name=digits"])
+    cores = len(os.sched_getaffinity(0))
+    assert cfg.workers == machine_workers() == min(8, cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes than cores on the node: none each
+    assert resolve(["--dataset_name=digits"])[0].workers == 0
+    write_config(str(tmp_path), vars(cfg))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "workers" not in saved and "workers" not in saved["sources"] and saved["dataset_name"] == "digits"

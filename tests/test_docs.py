@@ -167,3 +167,13 @@ def test_a_renamed_flag_fails_the_check(doc_run, doc_dir, tmp_path):
     check_main_command(argv)
     with pytest.raises(UserError, match="unrecognized arguments: --dataset digits|--datset_name"):
         check_main_command(["--datset_name", "digits"] + argv[2:])
+
+
+def test_the_library_example_runs():
+    with open(os.path.join(ROOT, "docs", "library.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+    assert blocks
+    scope: dict = {}
+    exec(compile(blocks[0], "docs/library.md", "exec"), scope)  # noqa: S102 - the page's own example
+    assert scope["loss"].requires_grad is False or scope["loss"].grad_fn is not None
+    assert all(p.grad is not None for p in scope["encoder"].parameters())

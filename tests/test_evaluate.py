@@ -384,3 +384,13 @@ def test_a_resume_keeps_which_settings_were_chosen_and_the_baseline_key_tells_th
                                    "--fc_batch_size=4096"])
     assert cfg.fc_batch_size == chosen.fc_batch_size and baseline_key(cfg) != baseline_key(chosen)
     assert baseline_key(cfg) == baseline_key(Namespace(**vars(cfg)))
+
+
+def test_a_repeated_evaluation_adds_its_embedding_without_a_warning(pretrained, capsys):
+    args = ["--train_mode=eval", "--workers=0", "--device=cpu", "--transfer_mode=knn", f"--checkpoint_dir={pretrained}"]
+    for _ in range(2):
+        assert main(args) == 0
+    out = capsys.readouterr()
+    assert "Embedding dir exists" not in out.out + out.err
+    board = pretrained / "eval" / "tensorboard"
+    assert len([d for d in board.iterdir() if d.name.isdigit() and (d / "test_features_epoch0002").is_dir()]) >= 2

@@ -1,5 +1,6 @@
 """Backbones, heads (the BN ablation switches), datasets and the multi-view wrapper."""
 import math
+import os
 
 import pytest
 import torch
@@ -208,3 +209,37 @@ def test_insdis_sets_its_normaliser_once_from_the_first_batch_on_the_device():
     assert first.item() == pytest.approx(expected.item(), rel=1e-5)
     method([torch.randn(4, 3, 16, 16) for _ in range(2)], torch.arange(4, 8))
     assert torch.equal(method.log_z, first)
+
+
+def test_an_unlabelled_folder_pretrains_and_evaluation_says_what_it_needs(tmp_path, capsys):
+    """--dataset_name images: every image under --data at any depth, no classes, no split; pretraining only."""
+    import numpy as np
+    from PIL import Image
+
+    from common.errors import UserError
+    from main import main
+    from tests.conftest import TINY
+
+    rng = np.random.default_rng(0)
+    for i, sub in enumerate(["", "a", "a/b/c", "d"] * 9):  # 36 images, four depths, one not an image
+        os.makedirs(tmp_path / "pics" / sub, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "pics" / sub / f"{i}.png")
+    (tmp_path / "pics" / "notes.txt").write_text("not an image")
+    split = load_split("images", str(tmp_path / "pics"), train=True)
+    assert len(split.dataset) == 36 and split.image_size == 24 and set(split.dataset.targets) == {0}
+    assert split.dataset.samples == sorted(split.dataset.samples)
+    image, label = split.dataset[5]
+    assert image.size == (24, 24) and label == 0
+    with pytest.raises(UserError, match="has no labels and no test split"):
+        load_split("images", str(tmp_path / "pics"), train=False)
+    args = [a for a in TINY if not a.startswith(("--dataset_name", "--image_size"))]
+    for extra in ([], ["--faster_version"]):
+        assert main(args + ["--dataset_name=images", f"--data={tmp_path / 'pics'}", "--clr=simclr", "--epochs=1",
+                            f"--results_dir={tmp_path / 'results'}"] + extra) == 0
+    assert len(list((tmp_path / "results" / "images" / "16_SimCLR").iterdir())) == 2
+    capsys.readouterr()
+    assert main(args + ["--dataset_name=images", f"--data={tmp_path / 'pics'}", "--final_eval=knn"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --dataset_name images has no labels, which --final_eval needs; drop it, and evaluate the run on a "
+        "labelled folder: --train_mode eval --checkpoint_dir RUN --dataset_name folder --data DIR "
+        "(DIR/train/<class>/, DIR/test/<class>/)")

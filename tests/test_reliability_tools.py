@@ -51,7 +51,7 @@ def _epochs(run):
 def _summary_rows(path, capsys):
     assert main(["--train_mode=summary", f"--checkpoint_dir={path}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0] == "| run | method | dataset | batch | epochs | loss | evals | state |"
+    assert out[0] == "| run | method | dataset | arch | batch | epochs | loss | evals | state |"
     return {line.split(" | ")[0][2:]: line for line in out[2:]}
 
 
@@ -62,7 +62,7 @@ def test_summary_reports_a_half_written_metrics_line_and_lists_the_other_runs(fi
         f.write('{"epoch": 3, "lo')  # a process killed while it wrote epoch 3's line
     before = _snapshot(results)
     rows = _summary_rows(results, capsys)
-    assert rows[str(torn)].endswith("| 2/2 | " + rows[str(good)].split(" | ")[5] + " | - | metrics.jsonl line 3 is not "
+    assert rows[str(torn)].endswith("| 2/2 | " + rows[str(good)].split(" | ")[6] + " | - | metrics.jsonl line 3 is not "
                                     "valid json (half-written?); complete |")
     assert rows[str(good)].endswith("| complete |")
     assert _snapshot(results) == before  # a summary reads only
