@@ -116,7 +116,8 @@ def fit_batch_for(cfg: Namespace, images: int, world_size: int = 1, show: bool =
     """``cfg`` with a classifier batch that makes at least MIN_FIT_STEPS steps an epoch on ``images`` labelled
     images (of which ``--semi_ratio``), for a fit through the backbone (fine-tuning, ``--fc_augment``) whose
     --fc_batch_size was left at its default (SimCLR's 4096 is one step an epoch on a small data set, and such
-    epochs are few and costly): the largest power of two that does, at least 16 and 2 a process, and fc_lr (unless
+    epochs are few and costly): the largest power of two that does, at least 16 (but no more than the images) and 2
+    a process, and fc_lr (unless
     given) scaled by the square root of the batch ratio (SimCLR's rule for small batches, --learning_rate_scaling
     sqrt). A probe on cached features keeps its batch: its full-batch steps are cheap and its epochs many. Said in
     one line; the record holds both."""
@@ -127,6 +128,8 @@ def fit_batch_for(cfg: Namespace, images: int, world_size: int = 1, show: bool =
     if n // cfg.fc_batch_size >= MIN_FIT_STEPS:
         return cfg
     batch = max(16, 2 * world_size, 2 ** max(0, (n // MIN_FIT_STEPS).bit_length() - 1))
+    batch = max(2 * world_size, min(batch, 2 ** (n.bit_length() - 1)))  # a fit through the backbone drops the
+    # remainder of an epoch: never a batch larger than the labelled images
     if batch >= cfg.fc_batch_size:
         return cfg
     lr = cfg.fc_lr if "fc_lr" in given else cfg.fc_lr * math.sqrt(batch / cfg.fc_batch_size)

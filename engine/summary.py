@@ -62,6 +62,8 @@ def read_evals(run: str) -> list[str]:
     evals = []
     for record in sorted(glob.glob(os.path.join(glob.escape(run), "eval", "*.json"))):
         name = os.path.splitext(os.path.basename(record))[0]
+        if name.endswith("_all_epochs"):  # --eval_all's table of the per-epoch records listed here anyway
+            continue
         try:
             with open(record, encoding="utf-8") as f:
                 r = json.load(f)

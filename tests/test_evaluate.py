@@ -346,6 +346,9 @@ def test_a_default_classifier_batch_is_lowered_to_make_twenty_steps_an_epoch(pre
     assert json.load(open(pretrained / "eval" / "finetune_semi0.5_epoch0002.json"))["fc_batch_size"] == 256
     assert main(base[:4] + ["--transfer_mode=linear_eval"] + base[5:]) == 0  # a probe on cached features: kept
     assert "note: " not in capsys.readouterr().out
+    few = [a if a != "--semi_ratio=0.5" else "--semi_ratio=0.01" for a in base]  # 14 labelled images
+    assert main(few) == 0  # never a batch larger than the images: the fit drops an epoch's remainder
+    assert "fitting with batch 8 and fc_lr" in capsys.readouterr().out
 
 
 def test_a_run_that_ends_below_random_init_or_with_a_falling_monitor_says_so(tmp_path, capsys, monkeypatch):
@@ -394,3 +397,13 @@ def test_a_repeated_evaluation_adds_its_embedding_without_a_warning(pretrained, 
     assert "Embedding dir exists" not in out.out + out.err
     board = pretrained / "eval" / "tensorboard"
     assert len([d for d in board.iterdir() if d.name.isdigit() and (d / "test_features_epoch0002").is_dir()]) >= 2
+
+
+def test_the_summary_lists_each_eval_all_record_once_and_not_its_table(pretrained, capsys):
+    assert main(["--train_mode=eval", "--workers=0", "--device=cpu", "--transfer_mode=knn", "--eval_all",
+                 "--no-tsne", f"--checkpoint_dir={pretrained}"]) == 0
+    assert (pretrained / "eval" / "knn_all_epochs.json").exists()
+    capsys.readouterr()
+    assert main(["--train_mode=summary", f"--checkpoint_dir={pretrained}"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[2]
+    assert "knn_epoch0001 " in row and "knn_epoch0002 " in row and "all_epochs" not in row and "unreadable" not in row
