@@ -111,8 +111,8 @@ class RunClaim:
 
     def release(self) -> None:
         if self.lock is not None:
+            HELD.discard(os.path.realpath(os.path.dirname(self.lock.name)))  # RUN/.lock
             self.lock.close()  # closing the file releases the lock
-            HELD.discard(os.path.realpath(self.dir))
             self.lock = None
 
 
