@@ -210,7 +210,8 @@ def test_finetuning_resnet50_with_the_default_batch_fits_a_small_machine(tmp_pat
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["--train_mode=eval", "--checkpoint_dir=none", "--transfer_mode=finetune", "--dataset_name=digits",
-            "--arch=resnet50", "--fc_epochs=1", "--workers=0", "--device=cpu", "--no-tsne", f"--results_dir={tmp_path}"]
+            "--arch=resnet50", "--fc_epochs=1", "--workers=0", "--device=cpu", "--no-tsne", f"--results_dir={tmp_path}",
+            "--fc_batch_size=4096"]  # SimCLR's batch, as the default is; given, so it is not lowered for this small set
     code = ("import resource, sys; from main import main; rc = main(sys.argv[1:]); "
             "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code] + args, cwd=root, capture_output=True, text=True, timeout=900)
