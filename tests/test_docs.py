@@ -177,3 +177,51 @@ def test_the_library_example_runs():
     exec(compile(blocks[0], "docs/library.md", "exec"), scope)  # noqa: S102 - the page's own example
     assert scope["loss"].requires_grad is False or scope["loss"].grad_fn is not None
     assert all(p.grad is not None for p in scope["encoder"].parameters())
+
+
+def readme_tasks() -> dict[str, list[str]]:
+    """The first command of each task section of README.md (its heading -> the words after the program)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        sections = re.split(r"^## ", f.read(), flags=re.M)[1:]
+    tasks = {}
+    for section in sections:
+        heading, _, body = section.partition("\n")
+        for _, block in shell_blocks(body)[:1]:
+            for words in commands(block):
+                if words[:1] in (["python"], ["python3"]):
+                    tasks[heading.strip()] = words[1:]
+                    break
+    return tasks
+
+
+@pytest.mark.slow
+def test_each_readme_task_runs_end_to_end_with_tiny_limits(tmp_path, capsys):
+    """The first command of each README task as written, with tiny limits appended (a later flag wins) and the
+    placeholders of :func:`substitute`: pretrain, evaluate, resume, export, and the sweep (with Fashion-MNIST
+    from ../shared, one cell). The cluster task needs a cluster."""
+    from experiments.sweep import main as sweep_main
+    from main import main
+
+    tasks = readme_tasks()
+    assert set(tasks) >= {"Pretrain and get an accuracy", "Evaluate a run", "Resume, stop and preemption",
+                          "Export and load in plain torchvision or torch.hub", "Compare methods with a sweep"}
+    tiny = ["--epochs=1", "--limit_train_batches=2", "--fc_epochs=1", "--workers=0", "--device=cpu", "--no-tsne"]
+    pretrain = tasks["Pretrain and get an accuracy"]
+    assert main(pretrain[1:] + tiny + [f"--results_dir={tmp_path}"]) == 0
+    run = str(next((tmp_path / "digits" / "128_FlatCLR").iterdir()))
+    assert "final evaluation of" in capsys.readouterr().out
+    for task, extra in (("Evaluate a run", tiny[2:]), ("Resume, stop and preemption", ["--epochs=2"]),
+                        ("Export and load in plain torchvision or torch.hub", [])):
+        argv = substitute(tasks[task][1:], run, SHARED_DATA)
+        assert main(argv + extra) == 0, task
+    assert (tmp_path / "digits" / "128_FlatCLR" / os.path.basename(run) / "checkpoint_0002.pth.tar").exists()
+    assert list((tmp_path / "digits" / "128_FlatCLR" / os.path.basename(run) / "export").glob("*.pth"))
+    fmnist = os.path.join(ROOT, "..", "shared", "data", "fashion-mnist")
+    if os.path.isdir(fmnist):
+        sweep = tasks["Compare methods with a sweep"]
+        sets = [f"data={fmnist}", "epochs=1", "limit_train_batches=2", "train_subset=256", "eval_train_subset=500",
+                "fc_epochs=1"]
+        grid = ["seed=0", "batch_size=16", "clr=simclr"]
+        assert sweep_main(sweep[2:] + [f"--out={tmp_path / 'sweep'}"] + [a for s in sets for a in ("--set", s)]
+                          + [a for g in grid for a in ("--grid", g)]) == 0
+        assert (tmp_path / "sweep" / "table.md").exists()
