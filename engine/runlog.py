@@ -87,25 +87,16 @@ def write_config(run_dir: str, cfg: dict) -> None:
 
 
 def write_json(path: str, record: dict) -> None:
-    """A json file written whole or not at all, through a temporary file of its own (two processes may write
-    the same file at once: the last rename wins, both whole)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise unwritable(path, err, RERUN_HINT) from err
+    """A json file written whole or not at all."""
+    _replace(path, lambda f: json.dump(record, f, indent=2, sort_keys=True, default=str), RERUN_HINT,
+             unique=True)
 
 
-def _replace(path: str, write, fix: str) -> None:
+def _replace(path: str, write, fix: str, unique: bool = False) -> None:
     """``write(f)`` into a temporary file beside ``path``, then the file in one rename; a failure leaves ``path``
-    as it was and is one line naming it."""
-    tmp = path + ".tmp"
+    as it was and is one line naming it. ``unique``: a temporary name of this writer's own, for a file two
+    processes may write at once (the shared baseline cache): each renames a whole file."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp" if unique else path + ".tmp"
     try:
         with open(tmp, "w") as f:
             write(f)

@@ -547,20 +547,17 @@ DIAGNOSTICS = ("loss", "mi_bound", "log_k", "log_s_p10", "log_s_p50", "log_s_p90
 
 
 def last_metrics(run_dir: str) -> dict:
-    """Each key's last value in a run's metrics.jsonl, from its complete records (empty when there is none)."""
+    """Each key's last value in a run's metrics.jsonl, from its complete records (empty when there is none, or
+    when the file is damaged: the summary names that)."""
+    from engine.runlog import MetricsLog
+
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
+        records, _ = MetricsLog(run_dir, resume_epoch=None).parse()  # reads only
+    except UserError:
         return {}
     last: dict = {}
-    for line in lines:  # each key's last value (a diagnostic logged on some epochs only keeps its latest)
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            last.update(record)
+    for record in records:  # a diagnostic logged on some epochs only keeps its latest value
+        last.update(record)
     return last
 
 
