@@ -74,7 +74,8 @@ def check_agreement(cfg: argparse.Namespace) -> None:
         raise UserError("--rot_pred_decay decays --rot_pred_weight, which is off; pass --rot_pred_weight")
     needs = [flag for flag, on in (("--train_mode eval", cfg.train_mode == "eval"), ("--final_eval", cfg.final_eval),
                                    ("--eval_every_n_epochs", cfg.eval_every_n_epochs),
-                                   ("--eval_every_n_steps", cfg.eval_every_n_steps)) if on]
+                                   ("--eval_every_n_steps", cfg.eval_every_n_steps),
+                                   ("--online_probe", cfg.online_probe)) if on]
     if cfg.dataset_name in UNLABELLED and needs:
         raise UserError(f"--dataset_name {cfg.dataset_name} has no labels, which {needs[0]} needs; drop it, and "
                         "evaluate the run on a labelled folder: --train_mode eval --checkpoint_dir RUN --dataset_name "

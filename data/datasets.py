@@ -537,6 +537,19 @@ def load_split(name: str, root: str, train: bool, download: bool = False, pretra
     return split
 
 
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Every image's label, in dataset order, without reading an image where the dataset holds its labels
+    (in memory, an image folder's samples, a subset of either); -1 marks an unlabelled image (STL-10's
+    unlabeled part)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for name in ("labels", "targets"):
+        held = getattr(dataset, name, None)
+        if held is not None:
+            return torch.as_tensor(held, dtype=torch.long).reshape(-1)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)  # type: ignore
+
+
 def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(the rest, a held-out ``fraction``) of a split, drawn once from ``seed``: sthalles/SimCLR's --valid_size.
     In-memory datasets keep their tensors (so --faster_version works on both), image folders their samples."""

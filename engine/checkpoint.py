@@ -248,7 +248,7 @@ def resolve_checkpoint(run_dir: str, name: str) -> str:
 
 def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, schedule: dict, ranks: list, args: dict, batch: int = 0,
-                   meter: dict | None = None) -> dict:
+                   meter: dict | None = None, probe: dict | None = None) -> dict:
     """Everything a resume needs, as weights_only-loadable tensors and Python values.
 
     ``model`` is the unwrapped method's state (no ``module.`` prefixes; EMA target and memory bank are
@@ -256,13 +256,14 @@ def training_state(*, epoch: int, step: int, method: nn.Module, optimizer: torch
     (what a resume and an evaluation read back). ``ranks`` holds one (RNG states, loader states) pair per rank.
     A mid-epoch checkpoint (``batch`` > 0 steps into epoch ``epoch + 1``) also holds the epoch's running
     sums of the logged values (``meter``), so its metrics record ends as the uninterrupted one would.
+    ``probe``: the online probe's weights and optimizer state (``--online_probe``), else None.
     """
     return {"epoch": epoch, "batch": batch, "global_step": step, "clr": args["clr"], "arch": args["arch"],
             "width_multiplier": args.get("width_multiplier", 1.0),
             "feat_dim": getattr(getattr(method, "backbone", None), "feat_dim", None),
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
             "scaler": scaler.state_dict(), "rng": [rng for rng, _ in ranks], "loader": [lo for _, lo in ranks],
-            "meter": meter, "args": args}
+            "meter": meter, "args": args, "probe": probe}
 
 
 def restore(state: dict, path: str, method: nn.Module, optimizer: torch.optim.Optimizer,

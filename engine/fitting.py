@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common.distributed import DistInfo, all_reduce_sum, get_world_size, on_main_only, shared_outcome
 from common.errors import Preempted
-from data.datasets import Split
+from data.datasets import Split, dataset_labels
 from engine import checkpoint as ckpt_io
 from engine.knn import Transformed, locate
 from engine.optim import build_optimizer, lr_schedule
@@ -309,7 +309,7 @@ def semi_subset(split: Split, ratio: float, seed: int, data_root: str, dataset_n
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["indices"]
-    labels = _labels(split.dataset)
+    labels = dataset_labels(split.dataset).numpy()
     listing = os.path.join(data_root, "imagenet", f"{round(ratio * 100)}percent.txt")
     if dataset_name == "imagenet" and os.path.exists(listing):  # SimCLR's standard 1% / 10% lists
         with open(listing) as f:
@@ -329,11 +329,4 @@ def semi_subset(split: Split, ratio: float, seed: int, data_root: str, dataset_n
         json.dump({"ratio": ratio, "seed": seed, "source": source, "indices": chosen}, f)
     return chosen
 
-
-def _labels(dataset: Dataset) -> np.ndarray:
-    if hasattr(dataset, "labels"):
-        return np.asarray(dataset.labels)
-    if hasattr(dataset, "targets"):
-        return np.asarray(dataset.targets)
-    return np.asarray([dataset[i][1] for i in range(len(dataset))])  # type: ignore[arg-type]
 

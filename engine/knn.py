@@ -252,8 +252,9 @@ class KnnMonitor:
                                skip_bad_images=skip_bad_images)
         self.device, self.workers, self.k, self.t = device, workers, k, temperature
 
-    def __call__(self, backbone: nn.Module) -> float:
+    def measure(self, backbone: nn.Module) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+        """(kNN top-1 in %, the test split's (features, labels)): the online probe scores the same features."""
         train = extract_shard(backbone, self.train, self.device, 512, self.workers, show=False)  # sharded, as eval
         test_x, test_y = extract_features(backbone, self.test, self.device, 512, self.workers, show=False)
         scores = knn_scores_sharded(train.feats, train.labels, test_x, self.train.num_classes, self.k, self.t)
-        return 100.0 * topk_correct(scores, test_y, ks=(1,))[0] / len(test_y)
+        return 100.0 * topk_correct(scores, test_y, ks=(1,))[0] / len(test_y), (test_x, test_y)

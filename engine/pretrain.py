@@ -31,8 +31,9 @@ from data.augment import default_blur
 from data.datasets import Split, fixed_subset, hold_out, load_split
 from data.loaders import pretrain_loader
 from engine import checkpoint as ckpt_io
-from engine.knn import KnnMonitor
+from engine.knn import KnnMonitor, extract_features
 from engine.memory import check_fits
+from engine.probe import OnlineProbe
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, plot_curves, write_config
 from engine.rundir import PREEMPTED_MARK, RunClaim, RunFiles, resume_command
@@ -110,6 +111,7 @@ class Setup:
     steps_per_epoch: int
     last_epoch: int
     start: tuple[int, int, int]  # (epochs completed, steps into the next one, steps)
+    probe: OnlineProbe | None = None  # --online_probe
 
 
 def pretraining_split(cfg: Namespace) -> tuple[Split, Split | None]:
@@ -157,8 +159,14 @@ def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: di
     start = (0, 0, 0) if resume is None else ckpt_io.restore(resume, resume_path, method, optimizer, scaler,
                                                               steps_per_epoch, dist.world_size, vars(cfg))
     last_epoch = last_epoch_of(cfg)  # again: --iters may have set --epochs
+    probe = None
+    if cfg.online_probe:
+        method.keep_features = True
+        probe = OnlineProbe(split, method.backbone.feat_dim, cfg.probe_lr, device, cfg.seed)
+        if resume is not None and resume.get("probe") is not None:  # a run that had no probe starts one
+            probe.load_state_dict(ckpt_io.to_host(resume["probe"]))
     return Setup(cfg, dist, device, split, loader, epoch_setters, validator, method, wrap_model(method, cfg, dist,
-                 device), memory_format, optimizer, scaler, schedule, note, steps_per_epoch, last_epoch, start)
+                 device), memory_format, optimizer, scaler, schedule, note, steps_per_epoch, last_epoch, start, probe)
 
 
 def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
@@ -182,12 +190,16 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
             monitor = KnnMonitor(cfg.dataset_name, cfg.data, s.split.image_size, s.device, cfg.workers, cfg.knn_k,
                                  cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images),
                                  memory_subset=cfg.eval_train_subset, subset_seed=cfg.subset_seed)
+        if s.probe is not None:  # scored on the monitor's test split, or its own
+            s.probe.test = monitor.test if monitor is not None else load_split(
+                cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=s.split.image_size,
+                skip_bad_images=bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
             trainer = Trainer(s.model, s.method, s.optimizer, s.scaler, s.schedule.rates(), device=s.device,
                               precision=cfg.precision, memory_format=s.memory_format,
                               total_steps=s.schedule.total_steps, step=step, last_ckpt=resume_path,
                               requests=requests, rot_task_p=cfg.rot_task_p, seed=cfg.seed, rank=dist.rank,
-                              accu_iter=cfg.accu_iter, save_failure=run.writes.take_failure)
+                              accu_iter=cfg.accu_iter, save_failure=run.writes.take_failure, probe=s.probe)
             meter = Meter.from_state(carry["meter"] if start_batch else None, s.device)
             try:
                 for epoch in range(start_epoch, s.last_epoch):
@@ -357,11 +369,9 @@ def train_epoch(trainer: Trainer, loader, epoch: int, steps: int, run: RunFiles,
             window = Meter()
             t_window = now
         if monitor is not None and cfg.eval_every_n_steps and trainer.step % cfg.eval_every_n_steps == 0:
-            top1 = monitor(trainer.method.backbone)  # every rank: the features are sharded
-            trainer.model.train()
-            run.scalars({"knn_top1": top1}, trainer.step, prefix="monitor")
+            measured = measure(trainer, monitor, run)  # every rank: the features are sharded
             if run.dist.is_main:
-                tqdm.write(f"step {trainer.step}: kNN top-1 {top1:.2f}% on the test split")
+                tqdm.write(f"step {trainer.step}: {measured} on the test split")
             t_window = time.perf_counter()  # the evaluation is not training time
         if (trainer.stop_now or trainer.save_now) and i < steps - 1:
             path = run.save(trainer, epoch, i + 1, epoch_meter)
@@ -412,16 +422,34 @@ class HeldOutCheck:
         return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
 
 
+def measure(trainer: Trainer, monitor: KnnMonitor | None, run: RunFiles, record: dict | None = None) -> str:
+    """The kNN monitor (when given) and the online probe (when on) on the test split, from one extraction of its
+    features: logged under ``monitor/``, added to ``record``; returns what to print."""
+    backbone, probe, values = trainer.method.backbone, trainer.probe, {}
+    test = None
+    if monitor is not None:
+        values["knn_top1"], test = monitor.measure(backbone)
+    if probe is not None:
+        test = test or extract_features(backbone, probe.test, trainer.device, 512, run.cfg.workers, show=False)
+        values["probe_top1"] = probe.score(*test)
+    trainer.model.train()
+    run.scalars(values, trainer.step, prefix="monitor")
+    if record is not None:
+        record.update(values)
+    names = {"knn_top1": "kNN top-1", "probe_top1": "online probe top-1"}
+    return ", ".join(f"{names[k]} {v:.2f}%" for k, v in values.items())
+
+
 def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor | None, last_epoch: int,
               validator: "HeldOutCheck | None" = None) -> None:
     """kNN monitor, metrics line, and (every --save_every_n_epochs, at the end, or when stopping) the
     checkpoint and curves; raises ``Preempted`` after that save when a signal asked to stop."""
     cfg, completed, stop, asked = run.cfg, record["epoch"], record.pop("stop"), record.pop("save")
-    if monitor is not None and cfg.eval_every_n_epochs and completed % cfg.eval_every_n_epochs == 0 and not stop:
-        record["knn_top1"] = monitor(trainer.method.backbone)
-        run.scalars({"knn_top1": record["knn_top1"]}, trainer.step, prefix="monitor")
+    knn_due = monitor is not None and cfg.eval_every_n_epochs and completed % cfg.eval_every_n_epochs == 0
+    if (knn_due or trainer.probe is not None) and not stop:
+        measured = measure(trainer, monitor if knn_due else None, run, record)
         if run.dist.is_main:
-            tqdm.write(f"epoch {completed}: kNN top-1 {record['knn_top1']:.2f}% on the test split")
+            tqdm.write(f"epoch {completed}: {measured} on the test split")
     if validator is not None and completed % cfg.valid_every_n_epochs == 0 and not stop:
         values = validator(trainer.method)
         trainer.model.train()

@@ -205,7 +205,8 @@ class RunFiles:
             state = ckpt_io.training_state(epoch=epoch, step=trainer.step, method=trainer.method,
                                            optimizer=trainer.optimizer, scaler=trainer.scaler, schedule=self.schedule,
                                            ranks=ranks, args=vars(self.cfg), batch=batch,
-                                           meter=meter.state() if meter is not None else None)
+                                           meter=meter.state() if meter is not None else None,
+                                           probe=trainer.probe.state_dict() if trainer.probe is not None else None)
             background = not trainer.stop_now  # a stopping run waits for its last checkpoint
             path = on_main_only(lambda: self._write(state, path, (epoch, batch), background))
         trainer.last_ckpt = shared_outcome(path)

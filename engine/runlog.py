@@ -281,15 +281,19 @@ def plot_curves(records: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
-    monitored = [r for r in records if "knn_top1" in r]
+    monitors = [(key, label) for key, label in (("knn_top1", "kNN"), ("probe_top1", "online probe"))
+                if any(key in r for r in records)]
     diagnosed = [r for r in records if "erank" in r]
-    panels = 2 + bool(monitored) + 2 * bool(diagnosed)
+    panels = 2 + bool(monitors) + 2 * bool(diagnosed)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
     ax1, ax2 = axes[0], axes[1]
-    if monitored:
-        axes[2].plot([r["epoch"] for r in monitored], [r["knn_top1"] for r in monitored], marker="o")
+    for key, label in monitors:
+        measured = [r for r in records if key in r]
+        axes[2].plot([r["epoch"] for r in measured], [r[key] for r in measured], marker="o", label=label)
         axes[2].set_xlabel("epoch")
-        axes[2].set_ylabel("kNN top-1 on test (%)")
+        axes[2].set_ylabel("top-1 on test (%)")
+    if len(monitors) > 1:
+        axes[2].legend()
     ax1.plot(epochs, [r["loss"] for r in records], marker="o", label="loss")
     if all("infonce" in r for r in records):
         ax1.plot(epochs, [r["infonce"] for r in records], marker=".", label="InfoNCE")

@@ -309,6 +309,17 @@ class Evaluation:
         0,
         "during pretraining: kNN accuracy on the test split every K epochs (0: off)",
         at_least=0)
+    online_probe: bool = setting(
+        False,
+        "during pretraining: train a linear classifier on the detached backbone features of each step's first "
+        "view, with its own SGD (the backbone is not changed by it); logs its training accuracy with the step's "
+        "values and its top-1 on the test split at each epoch end",
+        flag=BOOL)
+    probe_lr: float = setting(
+        0.1,
+        "peak lr of --online_probe (SGD, momentum 0.9, no weight decay; it follows the pretraining schedule's "
+        "shape)",
+        bounds=Bounds(0, None, "be positive", open_below=True))
     valid_size: float = setting(
         0.0,
         "hold out this fraction of the pretraining images and log the contrastive top-1/top-5 (is the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from common.distributed import all_reduce_sum, get_world_size, shared_outcome
 from common.errors import UserError
 from data.rotation import rotate, step_generator, task_rotations
 from losses.diagnostics import COLLAPSE_RANK, COLLAPSE_WINDOWS
+
+if TYPE_CHECKING:
+    from engine.probe import OnlineProbe
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,7 +104,8 @@ class Trainer:
                  memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
                  requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
                  rank: int = 0, accu_iter: int = 1,
-                 save_failure: Callable[[], BaseException | None] = lambda: None) -> None:
+                 save_failure: Callable[[], BaseException | None] = lambda: None,
+                 probe: "OnlineProbe | None" = None) -> None:
         self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
         self.rot_task_p, self.seed, self.rank, self.accu_iter = rot_task_p, seed, rank, accu_iter
         self.device, self.memory_format = device, memory_format
@@ -115,6 +119,8 @@ class Trainer:
         # (flag, growth) of the last update, device scalars
         self.runaway: tuple[torch.Tensor, torch.Tensor] | None = None
         self.low_rank_windows, self.warned_collapse = 0, False
+        self.probe = probe  # --online_probe: trained after each step on the detached features the step kept
+        self.peak_lr = float(np.max(schedule)) if len(schedule) else 0.0
 
     def _weights_norm(self) -> torch.Tensor:
         """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""
@@ -167,14 +173,8 @@ class Trainer:
         mark = mark or (lambda phase: None)
         views = [v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in views]
         index = index.to(self.device, non_blocking=True)
-        if self.rot_task_p or self.method.rot_head is not None:  # the step's rotations (data/rotation.py)
-            g = step_generator(self.seed, epoch, i, self.rank, self.device)
-            if self.rot_task_p:  # all views of an image turned by its one k: a new instance-class of the task
-                turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
-                views = [rotate(v, turns) for v in views]
-            self.method.step_generator = g
-            if self.method.rot_head is not None:  # a tensor: no recompile under --compile
-                self.method.progress.fill_(self.step / max(self.total_steps, 1))
+        if self.rot_task_p or self.method.rot_head is not None:
+            views = self._rotations(views, epoch, i)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,8 +216,23 @@ class Trainer:
         outputs = chunk_outputs[0] if k == 1 else {key: torch.cat([c[key] for c in chunk_outputs])
                                                    for key in chunk_outputs[0]}
         self.method.after_step(self.step, self.total_steps, outputs)
+        if self.probe is not None:  # its own optimizer, at the pretraining schedule's fraction of its peak
+            fraction = float(self.schedule[self.step - 1]) / self.peak_lr if self.peak_lr > 0 else 1.0
+            logs.update(self.probe.step(outputs["backbone_features"], index, fraction))
         mark("optimizer")
         return {"loss": loss_value.float(), **{key: v.float() for key, v in logs.items()}}
+
+    def _rotations(self, views: list[torch.Tensor], epoch: int, i: int) -> list[torch.Tensor]:
+        """The step's rotations (data/rotation.py): the views of --rot_task_p, and the generator and progress of
+        the rotation prediction."""
+        g = step_generator(self.seed, epoch, i, self.rank, self.device)
+        if self.rot_task_p:  # all views of an image turned by its one k: a new instance-class of the task
+            turns = task_rotations(views[0].shape[0], self.rot_task_p, g, self.device)
+            views = [rotate(v, turns) for v in views]
+        self.method.step_generator = g
+        if self.method.rot_head is not None:  # a tensor: no recompile under --compile
+            self.method.progress.fill_(self.step / max(self.total_steps, 1))
+        return views
 
     def _no_sync(self):
         """DDP's no_sync (no gradient all-reduce) for the micro-batches before a step's last; nothing in one process."""

@@ -51,6 +51,9 @@ class SSLMethod(nn.Module):
         self.step_generator: torch.Generator | None = None
         self.register_buffer("progress", torch.zeros(()), persistent=False)
         self.rot_head: nn.Module | None = None
+        # --online_probe: forward's outputs carry the first view's backbone features (detached), which embed keeps
+        self.keep_features = False
+        self._kept: torch.Tensor | None = None
         self.rot_pred = (0.0, False, 1.0)  # weight, cosine decay, temperature
 
     def add_rotation_prediction(self, dim: int, weight: float, decay: bool, temperature: float) -> None:
@@ -69,8 +72,14 @@ class SSLMethod(nn.Module):
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, Logs, Outputs]:
         """``(loss, logs, outputs)`` of :meth:`objective`, plus the rotation prediction when it is on."""
+        self._kept = None
         loss, logs, *rest = self.objective(views, index)
         outputs = rest[0] if rest else {}
+        if self.keep_features:
+            if self._kept is None:
+                raise RuntimeError(f"{type(self).__name__}.objective does not compute its projections through "
+                                   "embed(), so --online_probe has no backbone features to train on")
+            outputs = {**outputs, "backbone_features": self._kept}
         if self.rot_head is None:
             return loss, logs, outputs
         weight, decay, temperature = self.rot_pred
@@ -92,8 +101,12 @@ class SSLMethod(nn.Module):
         return embedding_stats(z, self.n_views) if self.diagnose else {}
 
     def embed(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """Projections of all views, view-major: (V*N, D)."""
-        return self.projector(self.backbone(torch.cat(views)))
+        """Projections of all views, view-major: (V*N, D). With ``keep_features`` (the online probe), the first
+        view's backbone features are kept, detached, for :meth:`forward`'s outputs."""
+        h = self.backbone(torch.cat(views))
+        if self.keep_features and self._kept is None:
+            self._kept = h[: views[0].shape[0]].detach()
+        return self.projector(h)
 
     def after_step(self, step: int, total_steps: int, outputs: Outputs) -> None:
         """Called once after each optimizer step; ``step`` counts completed steps (1-based), ``outputs`` are the
