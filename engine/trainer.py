@@ -120,7 +120,7 @@ class Trainer:
         self.runaway: tuple[torch.Tensor, torch.Tensor] | None = None
         self.low_rank_windows, self.warned_collapse = 0, False
         self.probe = probe  # --online_probe: trained after each step on the detached features the step kept
-        self.peak_lr = float(np.max(schedule)) if len(schedule) else 0.0
+        self.peak_lr = float(schedule.max()) if len(schedule) else 0.0
 
     def _weights_norm(self) -> torch.Tensor:
         """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""
