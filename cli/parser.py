@@ -1,6 +1,6 @@
 """The parser, generated from declarations: the core flags grouped by concern (mode, data, model, objective,
-optimisation, evaluation, run) from :mod:`engine.settings`, one group per method from its declared flags
-(:class:`models.methods.Flag`), and the other repositories' spellings from :mod:`cli.compat` (shown by
+optimisation, evaluation, run) from :mod:`engine.settings`, one group per method from its declared settings
+(``MethodSpec.settings``), and the other repositories' spellings from :mod:`cli.compat` (shown by
 ``--help-all``, not ``--help``)."""
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from data.datasets import DATASETS
 from engine.protocols import PROTOCOLS
 from engine.settings import BOOL, CONCERNS
 from models import ARCH_ALIASES, BACKBONES, METHODS
-from models.methods import Flag
 
 
 class HelpAll(argparse.Action):
@@ -50,17 +49,26 @@ def build_parser(show_compat: bool = False) -> argparse.ArgumentParser:
 
 def add_concern(p: argparse.ArgumentParser, concern: type) -> None:
     """One argument group from a concern's declared settings (:mod:`engine.settings`)."""
-    g = p.add_argument_group(concern.GROUP)
-    for field in dataclasses.fields(concern):
+    add_fields(p.add_argument_group(concern.GROUP), dataclasses.fields(concern))
+
+
+def add_fields(g, fields) -> None:
+    """A flag for each declared setting (:func:`common.settings.setting`) in argument group ``g``."""
+    for field in fields:
         meta = field.metadata
         if meta["flag"] == BOOL:
             add_bool(g, field.name, meta["default"], help_of(field))
             continue
-        kind = PARSE.get(meta["parse"], meta["parse"]) or TYPES[field.type.split(" ")[0]]
+        kind = PARSE.get(meta["parse"], meta["parse"]) or TYPES[type_name(field.type).split(" ")[0]]
         extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
         default = list(meta["default"]) if isinstance(meta["default"], list) else meta["default"]  # a fresh list
         g.add_argument(f"--{field.name}", type=kind, default=default, choices=choices_of(field),
                        help=help_of(field), **extra)
+
+
+def type_name(annotation) -> str:
+    """A field's type as written ("int | None"), whether its module postpones annotations or not."""
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
 
 
 TYPES = {"int": int, "float": float, "str": str}
@@ -84,24 +92,14 @@ def help_of(field: dataclasses.Field) -> str | None:
 
 
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
-    """One argument group per method, from its declared flags (a flag two methods declare is added once)."""
-    seen: dict[str, Flag] = {}
+    """One argument group per method, from its declared settings (settings two methods share are added once)."""
+    seen: dict[str, dataclasses.Field] = {}
     for name, spec in METHODS.items():
-        fresh = [f for f in spec.flags if f.name not in seen]
-        for flag in spec.flags:
-            if seen.setdefault(flag.name, flag) != flag:
-                raise ValueError(f"methods declare --{flag.name} twice with different defaults or help")
-            if flag in fresh and f"--{flag.name}" in parser._option_string_actions:
-                raise ValueError(f"method {name} declares --{flag.name}, which is already a flag of the tool")
-        if not fresh:
-            continue
-        g = parser.add_argument_group(f"{spec.display} (--clr {name})")
-        for flag in fresh:
-            if isinstance(flag.default, bool):
-                add_bool(g, flag.name, flag.default, flag.help)
-            else:
-                kind = flag.type or (type(flag.default) if flag.default is not None else str)
-                g.add_argument(f"--{flag.name}", type=kind, default=flag.default, choices=flag.choices,
-                               help=flag.help)
-
-
+        fresh = [f for f in spec.fields() if f.name not in seen]
+        for field in spec.fields():
+            if seen.setdefault(field.name, field).metadata != field.metadata:
+                raise ValueError(f"methods declare --{field.name} twice with different defaults or help")
+            if field in fresh and f"--{field.name}" in parser._option_string_actions:
+                raise ValueError(f"method {name} declares --{field.name}, which is already a flag of the tool")
+        if fresh:
+            add_fields(parser.add_argument_group(f"{spec.display} (--clr {name})"), fresh)

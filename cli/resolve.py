@@ -45,7 +45,8 @@ def validate(cfg: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         value = getattr(cfg, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
             raise UserError(f"{action.dest}={value!r} is not one of {', '.join(map(str, action.choices))}")
-    for name, (low, high, what, open_below, open_above) in RANGES.items():  # declared in engine.settings
+    own = {f.name: f.metadata["bounds"] for f in METHODS[cfg.clr].fields() if f.metadata["bounds"]}
+    for name, (low, high, what, open_below, open_above) in {**RANGES, **own}.items():  # as declared
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -213,12 +214,13 @@ def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict
 
 def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> None:
     """A method's exclusive flag given on the command line of another method would do nothing: one line."""
-    own = {f.name for f in METHODS[cfg.clr].flags}
+    own = {f.name for f in METHODS[cfg.clr].fields()}
     for spec in METHODS.values():
-        for flag in spec.flags:
-            if flag.exclusive and flag.name in explicit and flag.name not in own and cfg.train_mode == "pretrain":
-                users = [n for n, s in METHODS.items() if any(f.name == flag.name for f in s.flags)]
-                raise UserError(f"--{flag.name} is a setting of --clr {' or '.join(users)}, not of {cfg.clr}; drop "
+        for field in spec.fields():
+            name = field.name
+            if field.metadata["exclusive"] and name in explicit and name not in own and cfg.train_mode == "pretrain":
+                users = [n for n, s in METHODS.items() if any(f.name == name for f in s.fields())]
+                raise UserError(f"--{name} is a setting of --clr {' or '.join(users)}, not of {cfg.clr}; drop "
                                 f"it or pass --clr {users[0]}")
 
 

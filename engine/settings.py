@@ -13,44 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar
 
 from data.datasets import DEFAULT_DATA
 
-BOOL = "bool"  # flag=BOOL: --x, --x=True/False/1/0 and --no-x
-
-
-class Bounds(NamedTuple):
-    """A number's range: ``low`` <= value (< with ``open_below``), value <= ``high`` (< with ``open_above``)."""
-
-    low: float
-    high: float | None
-    what: str  # "must <what>" in the error line
-    open_below: bool = False
-    open_above: bool = False
-
+from common.settings import BOOL, Bounds, setting, typed
 
 SEED_RANGE = Bounds(0, 2**32 - 1, "be in [0, 2**32)")
-
-
-def setting(default: Any, help: str | None = None, *, flag: str | None = None, parse: Any = None,
-            choices: list | str | None = None, metavar: str | None = None, at_least: int | None = None,
-            bounds: Bounds | None = None, identity: bool = False, per_invocation: bool = False,
-            machine: bool = False, help_of: str | None = None):
-    """A declared setting. ``parse``: how the command line reads it (default: the field's type; "protocols": a
-    comma-separated list of evaluation protocols); ``choices`` or
-    ``help_of``: a list, or the name of a registry (``cli.parser.REGISTRIES``) read when the parser is built;
-    ``at_least``: 0 ("not be negative") or 1 ("be at least 1"), or ``bounds`` for another range. ``machine``: a
-    setting of the machine an invocation runs on, not of the run: never saved in config.yaml nor restored on a
-    resume (a config file or a sweep cell may still set it)."""
-    if at_least is not None:
-        bounds = Bounds(at_least, None, "be at least 1" if at_least == 1 else "not be negative")
-    meta = {"default": default, "help": help, "flag": flag, "parse": parse, "choices": choices, "metavar": metavar,
-            "bounds": bounds, "identity": identity, "per_invocation": per_invocation, "machine": machine,
-            "help_of": help_of}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -401,9 +370,7 @@ def declared() -> list[tuple[type, dataclasses.Field]]:
     return [(c, f) for c in CONCERNS for f in dataclasses.fields(c)]
 
 
-def concern(cls: type, cfg) -> Any:
-    """The typed ``cls`` view (e.g. ``Data``) of resolved settings ``cfg``."""
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+concern = typed  # the typed view of one concern of resolved settings, e.g. concern(Data, cfg)
 
 
 RANGES: dict[str, Bounds] = {f.name: f.metadata["bounds"] for _, f in declared() if f.metadata["bounds"]}

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from engine.checkpoint import list_checkpoints
 from main import build_parser, main
-from models.methods import METHODS, Flag, MethodSpec, SSLMethod
+from common.settings import setting
+from models.methods import METHODS, MethodSpec, SSLMethod
 from tests.conftest import ROOT, TINY
 
 PACKAGES = ("cli", "common", "data", "engine", "losses", "models")
@@ -31,12 +33,16 @@ class CosineToy(SSLMethod):
         return loss, {"pos_sim": -loss.detach() / self.scale / (self.n_views * (self.n_views - 1))}
 
 
+@dataclass(frozen=True)
+class CosineToySettings:
+    cosine_toy_scale: float = setting(1.0, "multiplies the toy loss", identity=True)
+
+
 def _build_toy(cfg, backbone, projector, dim, num_data):
-    return CosineToy(backbone, projector, cfg.n_views, cfg.cosine_toy_scale)
+    return CosineToy(backbone, projector, cfg.n_views, TOY.own(cfg).cosine_toy_scale)
 
 
-TOY = MethodSpec(display="CosineToy", build=_build_toy, summary="test-only cosine loss",
-                 flags=(Flag("cosine_toy_scale", 1.0, "multiplies the toy loss"),), identity=("cosine_toy_scale",))
+TOY = MethodSpec(display="CosineToy", build=_build_toy, summary="test-only cosine loss", settings=CosineToySettings)
 
 
 def test_a_method_registered_from_outside_trains_saves_resumes_and_shows_in_help(monkeypatch, tmp_path):
@@ -85,13 +91,17 @@ class QueueToy(SSLMethod):
         self.ptr.copy_((self.ptr + len(keys)) % len(self.queue))
 
 
+@dataclass(frozen=True)
+class QueueToySettings:
+    queue_toy_size: int = setting(40, "keys in the queue", at_least=1, identity=True)
+
+
 def _build_queue_toy(cfg, backbone, projector, dim, num_data):
-    return QueueToy(backbone, projector, cfg.n_views, cfg.temperature, cfg.queue_toy_size, dim)
+    return QueueToy(backbone, projector, cfg.n_views, cfg.temperature, QUEUE_TOY.own(cfg).queue_toy_size, dim)
 
 
 QUEUE_TOY = MethodSpec(display="QueueToy", build=_build_queue_toy, summary="test-only queue of negatives",
-                       flags=(Flag("queue_toy_size", 40, "keys in the queue"),), identity=("queue_toy_size",),
-                       defaults={"temperature": 0.2, "proj_out_dim": 24})
+                       settings=QueueToySettings, defaults={"temperature": 0.2, "proj_out_dim": 24})
 
 
 def test_a_method_with_a_queue_sets_its_defaults_updates_from_its_outputs_and_resumes_mid_epoch_bitwise(

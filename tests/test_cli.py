@@ -114,9 +114,16 @@ def test_only_a_recorded_schedule_mapping_is_skipped_in_yaml(tmp_path):
 
 
 def test_a_method_flag_that_reuses_a_core_flag_is_refused(monkeypatch):
-    from models.methods import METHODS, Flag
+    from dataclasses import dataclass
 
-    clash = METHODS["simclr"].__class__(display="Clash", build=None, flags=(Flag("temperature", 0.5, "again"),))
+    from common.settings import setting
+    from models.methods import METHODS
+
+    @dataclass(frozen=True)
+    class Clash:
+        temperature: float = setting(0.5, "again")
+
+    clash = METHODS["simclr"].__class__(display="Clash", build=None, settings=Clash)
     monkeypatch.setitem(METHODS, "clash", clash)
     with pytest.raises(ValueError, match="method clash declares --temperature, which is already a flag of the tool"):
         build_parser()

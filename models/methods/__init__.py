@@ -4,7 +4,7 @@ reads this one dict. Adding a method: a file in this folder with its module and 
 entry here.
 """
 from models.methods import byol, contrastive, insdis
-from models.methods.base import Flag, Logs, MethodSpec, SSLMethod, no_checks
+from models.methods.base import Logs, MethodSpec, SSLMethod, no_checks
 from models.methods.byol import BYOL
 from models.methods.contrastive import ContrastiveMethod
 from models.methods.insdis import InsDis
@@ -16,5 +16,5 @@ METHODS: dict[str, MethodSpec] = {
     "insdis": insdis.SPEC,
 }
 
-__all__ = ["BYOL", "METHODS", "ContrastiveMethod", "Flag", "InsDis", "Logs", "MethodSpec", "SSLMethod",
+__all__ = ["BYOL", "METHODS", "ContrastiveMethod", "InsDis", "Logs", "MethodSpec", "SSLMethod",
            "no_checks"]

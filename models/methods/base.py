@@ -1,5 +1,5 @@
 """What a method is: an ``nn.Module`` that owns its networks and its loss (the MoCo-v3 pattern), and a
-:class:`MethodSpec` that tells the rest of the tool everything else about it (name, flags, views, checks).
+:class:`MethodSpec` that tells the rest of the tool everything else about it (name, settings, views, checks).
 
 ``forward(views, index) -> (loss, logs, outputs)`` and ``after_step(step, total_steps, outputs)`` are all the
 training loop calls, so DDP wraps one module and nothing outside ``models/methods/`` branches on ``--clr``. A method writes
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from argparse import Namespace
 from collections import OrderedDict
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.settings import typed
 from data.augment import ViewSpec, symmetric_views
 from data.rotation import random_rotations, rotate
 from losses.diagnostics import embedding_stats
@@ -135,21 +137,6 @@ def _renamed(state_dict, renames: dict[str, str]) -> OrderedDict:
     return out
 
 
-@dataclass(frozen=True)
-class Flag:
-    """A method's own command-line flag: ``--name``, its default and help. Booleans (default True/False)
-    accept --name, --no-name and --name=True/False; ``type`` defaults to the type of ``default``.
-    ``exclusive``: given on the command line of a method that does not declare it, it is refused (a flag that
-    would do nothing there); otherwise it is ignored, so one list of flags can serve several methods."""
-
-    name: str
-    default: Any
-    help: str
-    type: Callable | None = None
-    choices: tuple | None = None
-    exclusive: bool = False
-
-
 def no_checks(cfg: Namespace) -> None:
     """A method without settings of its own to check."""
 
@@ -167,8 +154,10 @@ class MethodSpec:
     * ``display``: the name in run directories, ``results/<dataset>/<bs>_<display>/<date>``.
     * ``build(cfg, backbone, projector, dim, num_data)``: the method module; ``dim`` is the projector's
       output width, ``num_data`` the number of training images (InsDis sizes its memory bank with it).
-    * ``flags``: the method's own flags, shown in ``--help`` under its name.
-    * ``identity``: its settings that define a run (a resume that changes one is refused).
+    * ``settings``: its own settings, a frozen dataclass of :func:`common.settings.setting` fields (default,
+      help, choices, range, ``identity=True`` for one that defines a run, ``exclusive=True`` for one refused on
+      another method's command line): its group in ``--help``, its flags, range checks and resume identity are
+      generated from it, and :meth:`own` gives the typed values of a run.
     * ``min_views``: the fewest augmented views per image it can train on.
     * ``views(n_views, blur)``: the view recipe (blur/solarize probabilities of each view).
     * ``settle(cfg)``: fills settings that follow from others (e.g. --n_views from --n_supp + --n_query),
@@ -184,8 +173,7 @@ class MethodSpec:
     display: str
     build: Callable[..., SSLMethod]
     summary: str = ""
-    flags: tuple[Flag, ...] = ()
-    identity: tuple[str, ...] = ()
+    settings: type | None = None
     min_views: int = 2
     views: Callable[[int, bool], list[ViewSpec]] = symmetric_views
     settle: Callable[[Namespace], None] = two_views_by_default
@@ -198,3 +186,16 @@ class MethodSpec:
         if unknown:
             raise ValueError(f"a method may give its own default to {', '.join(METHOD_DEFAULTABLE)}, not to "
                              f"{', '.join(sorted(unknown))}")
+
+    def fields(self) -> tuple[dataclasses.Field, ...]:
+        """Its own settings' declarations (none for a method without settings)."""
+        return dataclasses.fields(self.settings) if self.settings is not None else ()
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """Its settings that define a run: a resume that changes one is refused."""
+        return tuple(f.name for f in self.fields() if f.metadata["identity"])
+
+    def own(self, cfg: Namespace) -> Any:
+        """The typed values of its own settings in resolved settings ``cfg``."""
+        return typed(self.settings, cfg) if self.settings is not None else None

@@ -3,15 +3,16 @@ the projections a momentum target makes of the other views. Its views are asymme
 from __future__ import annotations
 
 from argparse import Namespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
+from common.settings import BOOL, Bounds, setting, typed
 from data.augment import ViewSpec
 from losses import byol_loss, contrastive_logits, infonce_loss
 from models.heads import mlp
-from models.methods.base import Flag, Logs, MethodSpec, SSLMethod
+from models.methods.base import Logs, MethodSpec, SSLMethod
 from models.momentum import MomentumTarget
 
 
@@ -55,24 +56,26 @@ def byol_views(n_views: int, blur: bool) -> list[ViewSpec]:
 
 
 def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
-    predictor = mlp(dim, cfg.pred_hidden_dim, dim, num_layers=2, hidden_bn=cfg.pred_bn)
-    return BYOL(backbone, projector, predictor, cfg.n_views, cfg.byol_base_momentum, cfg.temperature,
-                cfg.byol_momentum_schedule)
+    own = typed(BYOLSettings, cfg)
+    predictor = mlp(dim, own.pred_hidden_dim, dim, num_layers=2, hidden_bn=own.pred_bn)
+    return BYOL(backbone, projector, predictor, cfg.n_views, own.byol_base_momentum, cfg.temperature,
+                own.byol_momentum_schedule)
 
 
-def validate(cfg: Namespace) -> None:
-    if not 0 <= cfg.byol_base_momentum <= 1:
-        raise UserError(f"--byol_base_momentum must be in [0, 1], got {cfg.byol_base_momentum}")
-    if cfg.pred_hidden_dim < 1:
-        raise UserError(f"--pred_hidden_dim must be at least 1, got {cfg.pred_hidden_dim}")
+@dataclass(frozen=True)
+class BYOLSettings:
+    """BYOL's own settings: the target's momentum and the predictor."""
+
+    byol_base_momentum: float = setting(0.996, "EMA momentum of the target (start of the cosine ramp to 1)",
+                                        bounds=Bounds(0, 1, "be in [0, 1]"))
+    byol_momentum_schedule: str = setting("cosine", "cosine ramp from the base momentum to 1 (BYOL), or constant "
+                                          "(UnsupervisedLearningCodes' BYOL: 0.996 throughout)",
+                                          choices=["cosine", "constant"])
+    pred_hidden_dim: int = setting(4096, "BYOL predictor hidden width", at_least=1, identity=True)
+    pred_bn: bool = setting(True, "BN in the BYOL predictor's hidden layer (BN2)", flag=BOOL, identity=True)
 
 
 SPEC = MethodSpec(
-    display="BYOL", build=build, summary="predictor + momentum target, no negatives",
-    flags=(Flag("byol_base_momentum", 0.996, "EMA momentum of the target (start of the cosine ramp to 1)"),
-           Flag("byol_momentum_schedule", "cosine", "cosine ramp from the base momentum to 1 (BYOL), or constant "
-                "(UnsupervisedLearningCodes' BYOL: 0.996 throughout)", choices=("cosine", "constant")),
-           Flag("pred_hidden_dim", 4096, "BYOL predictor hidden width"),
-           Flag("pred_bn", True, "BN in the BYOL predictor's hidden layer (BN2)")),
-    identity=("pred_hidden_dim", "pred_bn"), views=byol_views, validate=validate, tiny={"pred_hidden_dim": 64},
+    display="BYOL", build=build, summary="predictor + momentum target, no negatives", settings=BYOLSettings,
+    views=byol_views, tiny={"pred_hidden_dim": 64},
 )

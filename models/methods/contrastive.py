@@ -8,6 +8,7 @@ FlatNCE its flat version."""
 from __future__ import annotations
 
 from argparse import Namespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -16,10 +17,11 @@ import sys
 
 from common.distributed import gather_with_grad, get_rank
 from common.errors import UserError
+from common.settings import setting, typed
 from losses import LOSSES, contrastive_logits, infonce_loss
 from losses.diagnostics import contrastive_stats
 from losses.meta import HEADS, head_logits, query_accuracy
-from models.methods.base import Flag, Logs, MethodSpec, SSLMethod
+from models.methods.base import Logs, MethodSpec, SSLMethod
 
 
 class ContrastiveMethod(SSLMethod):
@@ -54,8 +56,9 @@ class ContrastiveMethod(SSLMethod):
 
 def _builder(loss: str):
     def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
+        own = typed(ContrastiveSettings, cfg)
         return ContrastiveMethod(backbone, projector, cfg.n_views, cfg.temperature, loss,
-                                 head=cfg.head, n_supp=cfg.n_supp, reg=cfg.reg, similarity=cfg.similarity)
+                                 head=own.head, n_supp=own.n_supp, reg=own.reg, similarity=own.similarity)
 
     return build
 
@@ -94,20 +97,25 @@ def validate(cfg: Namespace) -> None:
               file=sys.stderr)
 
 
-FLAGS = (Flag("head", "contrastive", "contrastive: SimCLR/FlatCLR's pairwise logits; PN or R2D2: a meta-learning "
-              "head on the task of the global batch (one class per image; MetaContrastive)", choices=HEADS,
-              exclusive=True),
-         Flag("n_supp", 1, "support views per image (the first ones) of --head PN/R2D2", exclusive=True),
-         Flag("n_query", None, "query views per image (default: --n_views - --n_supp); --n_supp + --n_query is "
-              "--n_views", type=int, exclusive=True),
-         Flag("reg", 50.0, "ridge (lambda) of the R2D2 head", exclusive=True),
-         Flag("similarity", "cosine", "logits of --head contrastive: cosine similarity / t (SimCLR), or the raw dot "
-              "product / t (sthalles/SimCLR's use_cosine_similarity: False)", choices=("cosine", "dot"),
-              exclusive=True))
-IDENTITY = ("head", "n_supp", "n_query", "reg", "similarity")
+@dataclass(frozen=True)
+class ContrastiveSettings:
+    """SimCLR's and FlatCLR's own settings: the pairwise logits, or a meta-learning head (MetaContrastive)."""
+
+    head: str = setting("contrastive", "contrastive: SimCLR/FlatCLR's pairwise logits; PN or R2D2: a meta-learning "
+                        "head on the task of the global batch (one class per image; MetaContrastive)",
+                        choices=list(HEADS), identity=True, exclusive=True)
+    n_supp: int = setting(1, "support views per image (the first ones) of --head PN/R2D2", identity=True,
+                          exclusive=True)
+    n_query: int | None = setting(None, "query views per image (default: --n_views - --n_supp); --n_supp + --n_query "
+                                  "is --n_views", identity=True, exclusive=True)
+    reg: float = setting(50.0, "ridge (lambda) of the R2D2 head", identity=True, exclusive=True)
+    similarity: str = setting("cosine", "logits of --head contrastive: cosine similarity / t (SimCLR), or the raw "
+                              "dot product / t (sthalles/SimCLR's use_cosine_similarity: False)",
+                              choices=["cosine", "dot"], identity=True, exclusive=True)
+
 
 SIMCLR = MethodSpec(display="SimCLR", build=_builder("infonce"), summary="InfoNCE over in-batch negatives",
-                    flags=FLAGS, identity=IDENTITY, settle=settle, validate=validate)
+                    settings=ContrastiveSettings, settle=settle, validate=validate)
 FLATCLR = MethodSpec(display="FlatCLR", build=_builder("flatnce"),
                      summary="FlatNCE: InfoNCE's logits, a reduction that does not fade at small batches",
-                     flags=FLAGS, identity=IDENTITY, settle=settle, validate=validate)
+                     settings=ContrastiveSettings, settle=settle, validate=validate)

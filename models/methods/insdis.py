@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from argparse import Namespace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 
 from common.distributed import all_reduce_sum, gather_no_grad, get_world_size
 from common.errors import UserError
+from common.settings import Bounds, setting, typed
 from losses import insdis_nce_loss, insdis_softmax_loss
-from models.methods.base import Flag, Logs, MethodSpec, SSLMethod
+from models.methods.base import Logs, MethodSpec, SSLMethod
 
 
 class InsDis(SSLMethod):
@@ -83,25 +85,28 @@ class InsDis(SSLMethod):
 
 
 def build(cfg: Namespace, backbone: nn.Module, projector: nn.Module, dim: int, num_data: int) -> SSLMethod:
-    return InsDis(backbone, projector, cfg.n_views, num_data, dim, cfg.temperature, cfg.insdis_num_negatives,
-                  cfg.insdis_bank_momentum, cfg.insdis_loss)
+    own = typed(InsDisSettings, cfg)
+    return InsDis(backbone, projector, cfg.n_views, num_data, dim, cfg.temperature, own.insdis_num_negatives,
+                  own.insdis_bank_momentum, own.insdis_loss)
 
 
 def validate(cfg: Namespace) -> None:
     if cfg.rot_task_p:
         raise UserError("--rot_task_p makes a rotated image a new class, but InsDis's memory bank keeps one entry per "
                         "image; use it with --clr simclr, flatclr or byol")
-    if cfg.insdis_num_negatives < 1:
-        raise UserError("--insdis_num_negatives must be at least 1")
-    if not 0 <= cfg.insdis_bank_momentum <= 1:
-        raise UserError(f"--insdis_bank_momentum must be in [0, 1], got {cfg.insdis_bank_momentum}")
+
+
+@dataclass(frozen=True)
+class InsDisSettings:
+    """InsDis's own settings: the memory bank and its loss."""
+
+    insdis_num_negatives: int = setting(4096, "NCE noise samples from the bank", at_least=1)
+    insdis_bank_momentum: float = setting(0.5, "memory-bank update momentum", bounds=Bounds(0, 1, "be in [0, 1]"))
+    insdis_loss: str = setting("nce", "NCE with sampled noise or the full softmax over the bank",
+                               choices=["nce", "softmax"])
 
 
 SPEC = MethodSpec(
     display="InsDis", build=build, summary="memory bank + NCE (or full softmax)", min_views=1, validate=validate,
-    flags=(Flag("insdis_num_negatives", 4096, "NCE noise samples from the bank"),
-           Flag("insdis_bank_momentum", 0.5, "memory-bank update momentum"),
-           Flag("insdis_loss", "nce", "NCE with sampled noise or the full softmax over the bank",
-                choices=("nce", "softmax"))),
-    tiny={"insdis_num_negatives": 64},
+    settings=InsDisSettings, tiny={"insdis_num_negatives": 64},
 )
