@@ -47,7 +47,7 @@ from data.augment import ViewSpec  # noqa: E402
 from data.datasets import Split, TensorImages  # noqa: E402
 from engine.optim import build_optimizer, lr_schedule  # noqa: E402
 from engine.pretrain import build_loader, build_model  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.trainer import StepParts, Trainer  # noqa: E402
 from main import main as cli_main  # noqa: E402
 from main import resolve  # noqa: E402
 
@@ -175,10 +175,9 @@ class Bench:
         method, memory_format = build_model(cfg, split, DistInfo(), check.device)
         optimizer = build_optimizer(cfg.optimizer, method, 0.1, cfg.weight_decay, cfg.momentum)
         model = torch.compile(method) if compiled else method
-        self.trainer = Trainer(model, method, optimizer, torch.amp.GradScaler(check.device.type, enabled=False),
-                               lr_schedule(0.1, 10**6, 1, "constant"), device=check.device,
-                               precision=check.precision, memory_format=memory_format, total_steps=10**6, step=0,
-                               last_ckpt=None, rot_task_p=cfg.rot_task_p, seed=cfg.seed, accu_iter=cfg.accu_iter)
+        self.trainer = Trainer(StepParts(model, method, optimizer, lr_schedule(0.1, 10**6, 1, "constant"), check.device,
+                                         precision=check.precision, memory_format=memory_format,
+                                         rot_task_p=cfg.rot_task_p, seed=cfg.seed, accu_iter=cfg.accu_iter))
         self.loader, self.check, self.batch = loader, check, batch
         self.batches = self._cycle()
 

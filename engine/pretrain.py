@@ -37,7 +37,7 @@ from engine.probe import OnlineProbe
 from engine.optim import build_optimizer, plan_schedule, scaled_lr
 from engine.runlog import Meter, MetricsLog, plot_curves, write_config
 from engine.rundir import PREEMPTED_MARK, RunClaim, RunFiles, resume_command
-from engine.trainer import Trainer
+from engine.trainer import StepParts, Trainer
 from engine.stop import StopRequests
 from models import METHODS, build_method
 from models.backbones import cifar_stem_for
@@ -112,6 +112,13 @@ class Setup:
     last_epoch: int
     start: tuple[int, int, int]  # (epochs completed, steps into the next one, steps)
     probe: OnlineProbe | None = None  # --online_probe
+
+    def step_parts(self) -> StepParts:
+        """What the trainer steps, and the settings a step reads."""
+        cfg = self.cfg
+        return StepParts(self.model, self.method, self.optimizer, self.schedule.rates(), self.device, self.scaler,
+                         cfg.precision, self.memory_format, cfg.rot_task_p, cfg.seed, self.dist.rank, cfg.accu_iter,
+                         self.probe)
 
 
 def pretraining_split(cfg: Namespace) -> tuple[Split, Split | None]:
@@ -195,11 +202,8 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
                 cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=s.split.image_size,
                 skip_bad_images=bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
-            trainer = Trainer(s.model, s.method, s.optimizer, s.scaler, s.schedule.rates(), device=s.device,
-                              precision=cfg.precision, memory_format=s.memory_format,
-                              total_steps=s.schedule.total_steps, step=step, last_ckpt=resume_path,
-                              requests=requests, rot_task_p=cfg.rot_task_p, seed=cfg.seed, rank=dist.rank,
-                              accu_iter=cfg.accu_iter, save_failure=run.writes.take_failure, probe=s.probe)
+            trainer = Trainer(s.step_parts(), step=step, last_ckpt=resume_path, requests=requests,
+                              save_failure=run.writes.take_failure)
             meter = Meter.from_state(carry["meter"] if start_batch else None, s.device)
             try:
                 for epoch in range(start_epoch, s.last_epoch):

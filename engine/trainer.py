@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -90,37 +91,55 @@ def runaway_message(growth: float, nonfinite: bool, where_step: str, resume: str
             f"{resume}rerun")
 
 
+@dataclass
+class StepParts:
+    """What a :class:`Trainer` steps, and how: the networks (``model`` runs the forward, DDP-wrapped or compiled;
+    ``method`` is the unwrapped module that owns ``after_step`` and the state saved in checkpoints), the optimizer,
+    the lr of every step of the run (``schedule``), and the settings a step reads."""
+
+    model: nn.Module
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: np.ndarray | torch.Tensor
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None  # None: no loss scaling (anything but fp16)
+    precision: str = "fp32"
+    memory_format: torch.memory_format = torch.contiguous_format
+    rot_task_p: float = 0.0
+    seed: int = 0
+    rank: int = 0
+    accu_iter: int = 1
+    probe: OnlineProbe | None = None  # --online_probe: trained after each step on the features the step kept
+
+
 class Trainer:
     """Optimizer steps of any method: forward under autocast, checks, backward, step, method hook.
 
-    ``model`` is what runs the forward (DDP/compiled); ``method`` the unwrapped module that owns
-    ``after_step`` and the state saved in checkpoints. ``step`` counts completed optimizer steps.
+    ``parts``: what it steps (:class:`StepParts`). ``step`` counts completed optimizer steps.
     ``requests(next_step) -> (stop, save)`` are this rank's wishes; after a step, ``stop_now``/``save_now``
     say what the ranks agreed on.
     """
 
-    def __init__(self, model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, schedule: np.ndarray, *, device: torch.device, precision: str,
-                 memory_format: torch.memory_format, total_steps: int, step: int, last_ckpt: str | None,
-                 requests: Callable[[int], tuple[bool, bool]] | None = None, rot_task_p: float = 0.0, seed: int = 0,
-                 rank: int = 0, accu_iter: int = 1,
-                 save_failure: Callable[[], BaseException | None] = lambda: None,
-                 probe: "OnlineProbe | None" = None) -> None:
-        self.model, self.method, self.optimizer, self.scaler, self.schedule = model, method, optimizer, scaler, schedule
-        self.rot_task_p, self.seed, self.rank, self.accu_iter = rot_task_p, seed, rank, accu_iter
-        self.device, self.memory_format = device, memory_format
-        self.autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if precision in DTYPES else nullcontext()
-        self.total_steps, self.step, self.last_ckpt = total_steps, step, last_ckpt
+    def __init__(self, parts: StepParts, *, step: int = 0, last_ckpt: str | None = None,
+                 requests: Callable[[int], tuple[bool, bool]] | None = None,
+                 save_failure: Callable[[], BaseException | None] = lambda: None) -> None:
+        p = parts
+        self.model, self.method, self.optimizer, self.schedule = p.model, p.method, p.optimizer, p.schedule
+        self.scaler = p.scaler if p.scaler is not None else torch.amp.GradScaler(p.device.type, enabled=False)
+        self.rot_task_p, self.seed, self.rank, self.accu_iter = p.rot_task_p, p.seed, p.rank, p.accu_iter
+        self.device, self.memory_format, self.probe = p.device, p.memory_format, p.probe
+        self.autocast = (torch.autocast(p.device.type, dtype=DTYPES[p.precision]) if p.precision in DTYPES
+                         else nullcontext())
+        self.total_steps, self.step, self.last_ckpt = len(p.schedule), step, last_ckpt
         self.requests = requests or (lambda next_step: (False, False))
         self.save_failure, self._failure = save_failure, None  # a finished background write's failure
         self.stop_now = self.save_now = False
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.params = [w for g in self.optimizer.param_groups for w in g["params"]]
         self.norm = self._weights_norm()
         # (flag, growth) of the last update, device scalars
         self.runaway: tuple[torch.Tensor, torch.Tensor] | None = None
         self.low_rank_windows, self.warned_collapse = 0, False
-        self.probe = probe  # --online_probe: trained after each step on the detached features the step kept
-        self.peak_lr = float(schedule.max()) if len(schedule) else 0.0
+        self.peak_lr = float(p.schedule.max()) if len(p.schedule) else 0.0
 
     def _weights_norm(self) -> torch.Tensor:
         """The trainable weights' total norm, as a device scalar (a fused kernel or two, no host sync)."""

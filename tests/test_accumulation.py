@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.trainer import Trainer
+from engine.trainer import StepParts, Trainer
 from main import main
 from models.heads import mlp
 from models.methods import BYOL, InsDis
@@ -30,10 +30,8 @@ def _insdis():
 
 
 def _train(method, accu_iter, steps=2):
-    trainer = Trainer(method, method, torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9),
-                      torch.amp.GradScaler("cpu", enabled=False), torch.full((steps,), 0.5), device=torch.device("cpu"),
-                      precision="fp32", memory_format=torch.contiguous_format, total_steps=steps, step=0,
-                      last_ckpt=None, accu_iter=accu_iter)
+    trainer = Trainer(StepParts(method, method, torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9),
+                                torch.full((steps,), 0.5), torch.device("cpu"), accu_iter=accu_iter))
     g = torch.Generator().manual_seed(1)
     logs = []
     for i in range(steps):
@@ -84,10 +82,8 @@ def test_simclr_negatives_stay_within_the_micro_batch():
     reference = copy.deepcopy(method)
     halves = [reference.objective([v[h * 6:(h + 1) * 6] for v in views], torch.arange(6))[0] for h in (0, 1)]
     whole = reference.objective(views, torch.arange(12))[0]
-    trainer = Trainer(method, method, torch.optim.SGD(method.parameters(), lr=0.1),
-                      torch.amp.GradScaler("cpu", enabled=False), torch.full((1,), 0.1), device=torch.device("cpu"),
-                      precision="fp32", memory_format=torch.contiguous_format, total_steps=1, step=0,
-                      last_ckpt=None, accu_iter=2)
+    trainer = Trainer(StepParts(method, method, torch.optim.SGD(method.parameters(), lr=0.1), torch.full((1,), 0.1),
+                                torch.device("cpu"), accu_iter=2))
     logged = trainer.train_step(views, torch.arange(12), epoch=0, i=0)["loss"]
     assert logged.item() == pytest.approx(((halves[0] + halves[1]) / 2).item(), abs=1e-6)  # logged in fp32
     assert abs(logged.item() - whole.item()) > 1e-3

@@ -99,7 +99,7 @@ def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"
     from data.datasets import load_split
     from engine.optim import build_optimizer, lr_schedule
     from engine.pretrain import build_loader
-    from engine.trainer import Trainer
+    from engine.trainer import StepParts, Trainer
 
     cfg, _, _ = resolve(TINY + [f"--clr={clr}", "--faster_version", "--device=cuda", f"--blur={blur}", *extra])
     split = load_split("digits", "unused", train=True, pretrain=True, image_size=16)
@@ -107,10 +107,9 @@ def _fast_path_trainer(clr: str, compiled: bool = False, precision: str = "bf16"
     torch.manual_seed(0)
     method = build_method(cfg, num_data=len(split.dataset), cifar_stem=True).cuda()
     model = torch.compile(method) if compiled else method
-    trainer = Trainer(model, method, build_optimizer("lars", method, 0.1, 1e-6, 0.9),
-                      torch.amp.GradScaler("cuda", enabled=False), lr_schedule(0.1, 1000, 1, "cosine"),
-                      device=torch.device("cuda"), precision=precision, memory_format=torch.channels_last,
-                      total_steps=1000, step=0, last_ckpt=None, rot_task_p=cfg.rot_task_p)
+    trainer = Trainer(StepParts(model, method, build_optimizer("lars", method, 0.1, 1e-6, 0.9),
+                                lr_schedule(0.1, 1000, 1, "cosine"), torch.device("cuda"), precision=precision,
+                                memory_format=torch.channels_last, rot_task_p=cfg.rot_task_p))
     return trainer, loader, setters
 
 

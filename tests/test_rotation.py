@@ -71,13 +71,11 @@ class _Recorder(torch.nn.Module):
 
 
 def test_a_training_step_turns_all_views_of_an_image_by_the_same_k():
-    from engine.trainer import Trainer
+    from engine.trainer import StepParts, Trainer
 
     method = _Recorder()
-    trainer = Trainer(method, method, torch.optim.SGD(method.parameters(), lr=0.1),
-                      torch.amp.GradScaler("cpu", enabled=False), torch.full((10,), 0.1), device=torch.device("cpu"),
-                      precision="fp32", memory_format=torch.contiguous_format, total_steps=10, step=0, last_ckpt=None,
-                      rot_task_p=0.8, seed=5)
+    trainer = Trainer(StepParts(method, method, torch.optim.SGD(method.parameters(), lr=0.1), torch.full((10,), 0.1),
+                                torch.device("cpu"), rot_task_p=0.8, seed=5))
     image = torch.randn(32, 3, 8, 8)
     trainer.train_step([image, image.clone(), image.clone()], torch.arange(32), epoch=1, i=4)
     views = method.seen[-1]
