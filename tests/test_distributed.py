@@ -162,38 +162,64 @@ def _torchrun(args, cwd, nproc=WORLD):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """``torchrun_runs(clr, *extra)``: (the directory holding results/, the run directory) of a two-epoch tiny run
+    of that method by two processes, launched once per module and shared by the tests below."""
+    runs = {}
+
+    def run(clr, *extra):
+        if (clr, extra) not in runs:
+            cwd = tmp_path_factory.mktemp(f"torchrun_{clr}")
+            proc = _torchrun(TINY + [f"--clr={clr}", "--epochs=2", "--results_dir=results", *extra], cwd=cwd)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints
+            parent = cwd / "results" / "digits" / f"16_{METHODS[clr].display}"
+            (run_dir,) = os.listdir(parent)  # exactly one run directory, made by rank 0
+            runs[clr, extra] = cwd, parent / run_dir
+        return runs[clr, extra]
+
+    return run
+
+
 # SimCLR and BYOL alone under torchrun are in `make test-slow`: SimCLR runs with the fast path and accumulation
 # here, FlatCLR with resume and evaluation, InsDis with its bank.
 @pytest.mark.parametrize("clr, extra", [(clr, []) if clr not in ("simclr", "byol")
                                         else pytest.param(clr, [], marks=pytest.mark.slow) for clr in METHODS]
                          + [("simclr", ["--faster_version", "--accu_iter=2"])])
-def test_torchrun_two_processes_write_one_run_directory(clr, extra, tmp_path):
-    method = METHODS[clr].display
-    proc = _torchrun(TINY + [f"--clr={clr}", "--epochs=2", "--results_dir=results"] + extra, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    parent = tmp_path / "results" / "digits" / f"16_{method}"
-    (run,) = os.listdir(parent)  # exactly one run directory, made by rank 0
-    assert sorted(list_checkpoints(str(parent / run))) == [1, 2]
-    assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints
-    ckpt = torch.load(parent / run / "checkpoint_0002.pth.tar", weights_only=True)
+def test_torchrun_two_processes_write_one_run_directory(clr, extra, torchrun_runs):
+    _, run = torchrun_runs(clr, *extra)
+    assert sorted(list_checkpoints(str(run))) == [1, 2]
+    ckpt = torch.load(run / "checkpoint_0002.pth.tar", weights_only=True)
     assert len(ckpt["rng"]) == WORLD and ckpt["args"]["batch_size"] == 16
-    if clr == "insdis":  # every rank updated its bank with the gathered features: ranks agree
-        assert ckpt["model"]["bank"].norm(dim=1).allclose(torch.ones(1437))
-    if clr == "flatclr":  # resume under torchrun continues the same directory
-        proc = _torchrun([f"--log_dir={parent / run}", "--train_from=latest", "--epochs=3"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert sorted(list_checkpoints(str(parent / run))) == [1, 2, 3] and os.listdir(parent) == [run]
-        epochs = [json.loads(line)["epoch"] for line in open(parent / run / "metrics.jsonl")]
-        assert epochs == [1, 2, 3]
-        # evaluation under torchrun: the training features stay sharded, kNN merges the ranks' candidates, and
-        # gives the accuracy of one process
-        knn = ["--train_mode=eval", f"--checkpoint_dir={parent / run}", "--workers=0", "--device=cpu", "--no-tsne"]
-        proc = _torchrun(knn + ["--transfer_mode=knn"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        two = json.load(open(parent / run / "eval" / "knn_epoch0003.json"))
-        assert main(knn + ["--transfer_mode=knn"]) == 0
-        one = json.load(open(parent / run / "eval" / "knn_epoch0003.json"))
-        assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+
+
+def test_insdis_under_torchrun_updates_its_bank_with_every_ranks_features(torchrun_runs):
+    _, run = torchrun_runs("insdis")
+    ckpt = torch.load(run / "checkpoint_0002.pth.tar", weights_only=True)
+    assert ckpt["model"]["bank"].norm(dim=1).allclose(torch.ones(1437))
+
+
+def test_a_torchrun_run_resumes_in_its_directory_and_evaluates_as_one_process(torchrun_runs, tmp_path):
+    import shutil
+
+    cwd, shared = torchrun_runs("flatclr")
+    run = tmp_path / "results" / "digits" / shared.parent.name / shared.name  # a copy: the shared run stays as made
+    shutil.copytree(shared, run)
+    proc = _torchrun([f"--log_dir={run}", "--train_from=latest", "--epochs=3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(list_checkpoints(str(run))) == [1, 2, 3] and os.listdir(run.parent) == [run.name]
+    epochs = [json.loads(line)["epoch"] for line in open(run / "metrics.jsonl")]
+    assert epochs == [1, 2, 3]
+    # evaluation under torchrun: the training features stay sharded, kNN merges the ranks' candidates, and
+    # gives the accuracy of one process
+    knn = ["--train_mode=eval", f"--checkpoint_dir={run}", "--workers=0", "--device=cpu", "--no-tsne"]
+    proc = _torchrun(knn + ["--transfer_mode=knn"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(run / "eval" / "knn_epoch0003.json"))
+    assert main(knn + ["--transfer_mode=knn"]) == 0
+    one = json.load(open(run / "eval" / "knn_epoch0003.json"))
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
 
 
 @pytest.mark.slow  # a torchrun launch; DDP's gradient path is in the default suite (two ranks reach one process)

@@ -46,19 +46,21 @@ def _same_end(a, b):
 # hardest cases run in every suite; the others (about 30 s each) with `make test-slow`.
 # BYOL's case also turns on both rotation tricks (their draws are a function of the step, not saved state);
 # InsDis's accumulates two micro-batches a step.
-@pytest.mark.parametrize("clr, extra", [("insdis", ["--accu_iter=2"]), ("byol", ["--faster_version", "--rot_task_p=0.5",
-                                                                  "--rot_pred_weight=0.5", "--rot_pred_decay"]),
-                                        pytest.param("simclr", [], marks=pytest.mark.slow),
-                                        pytest.param("byol", [], marks=pytest.mark.slow),
-                                        pytest.param("simclr", ["--workers=2"], marks=pytest.mark.slow)])
-def test_a_signal_saves_mid_epoch_and_the_resumed_run_ends_bitwise_equal(clr, extra, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("clr, extra, sig", [
+    ("insdis", ["--accu_iter=2"], signal.SIGTERM),
+    ("byol", ["--faster_version", "--rot_task_p=0.5", "--rot_pred_weight=0.5", "--rot_pred_decay"], signal.SIGUSR1),
+    pytest.param("simclr", [], signal.SIGTERM, marks=pytest.mark.slow),
+    pytest.param("byol", [], signal.SIGUSR1, marks=pytest.mark.slow),
+    pytest.param("simclr", ["--workers=2"], signal.SIGTERM, marks=pytest.mark.slow)])
+def test_a_signal_saves_mid_epoch_and_the_resumed_run_ends_bitwise_equal(clr, extra, sig, tmp_path, monkeypatch,
+                                                                           capsys):
     args = FOUR + [f"--clr={clr}"] + extra
     assert main(args + [f"--log_dir={tmp_path / 'straight'}"]) == 0
-    _signal_during(monkeypatch, step=3, sig=signal.SIGTERM if clr != "byol" else signal.SIGUSR1)
+    _signal_during(monkeypatch, step=3, sig=sig)
     assert main(args + [f"--log_dir={tmp_path / 'cut'}"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     mid = tmp_path / "cut" / "checkpoint_0000_step000003.pth.tar"
-    assert err[-1] == (f"preempted: stopped by {'SIGTERM' if clr != 'byol' else 'SIGUSR1'} at epoch 1, step 3 of 4, "
+    assert err[-1] == (f"preempted: stopped by {signal.Signals(sig).name} at epoch 1, step 3 of 4, "
                        f"after saving {mid}; continue with --log_dir {tmp_path / 'cut'} --train_from latest")
     assert list(all_checkpoints(str(tmp_path / "cut"))) == [(0, 3)]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
