@@ -1,7 +1,7 @@
 """The checkpoint manager of a run: what a checkpoint holds (:func:`training_state`), which one a resume takes
 (:func:`resolve_checkpoint`, :func:`load_latest` with its fallback), that every rank took the same one
-(:func:`agree_across_ranks`), whether it belongs to the run (:func:`check_identity`), retention (:func:`prune_epoch_ends`, :func:`prune_mid_epoch`), background writes
-(:class:`BackgroundWriter`) and restore (:func:`restore`, :func:`restore_rng`). The file format itself (names,
+(:func:`agree_across_ranks`), whether it belongs to the run (:func:`check_identity`), its writes (:func:`write`: atomic, in the background by :class:`BackgroundWriter`, then retention:
+:func:`retain`) and restore (:func:`restore`, :func:`restore_rng`). The file format itself (names,
 the verified read, atomic writes with their checksum, backbone extraction, the original repositories' layouts)
 is :mod:`models.checkpoint_file`, the one module that calls ``torch.load``.
 
@@ -120,6 +120,38 @@ def prune_epoch_ends(run_dir: str, keep: int, milestone_every: int, current: int
     for epoch in doomed:
         remove_checkpoint(found[epoch])
     return [found[epoch] for epoch in doomed]
+
+
+def retain(run_dir: str, cfg, position: tuple[int, int]) -> None:
+    """Retention after the save at ``position`` (epochs, steps into the next): the mid-epoch rule, and at an
+    epoch end the newest --keep_checkpoints plus the milestones."""
+    prune_mid_epoch(run_dir, cfg.keep_mid_epoch_checkpoints, position)
+    if position[1] == 0:
+        prune_epoch_ends(run_dir, cfg.keep_checkpoints, milestone_every(cfg), position[0])
+
+
+def milestone_every(cfg) -> int:
+    """Epochs between the checkpoints kept for good (0: none): --milestone_every_n_epochs, by default ten saves."""
+    m = cfg.milestone_every_n_epochs
+    return 10 * cfg.save_every_n_epochs if m is None else m
+
+
+def write(writer: BackgroundWriter, state: dict, path: str, run_dir: str, cfg, position: tuple[int, int],
+          background: bool, after: Callable[[], None] = lambda: None) -> str:
+    """Rank 0's save of a run's checkpoint: once the write before it is done (or has failed: then raises that), a
+    host copy of ``state`` is written atomically with its checksum by ``writer`` (in its thread when
+    ``background``), then ``after()`` and retention run; so a checkpoint is deleted only once a newer one is on
+    disk."""
+    writer.wait()
+    host = to_host(state)
+
+    def job() -> None:
+        atomic_save(host, path)
+        after()
+        retain(run_dir, cfg, position)
+
+    writer.submit(job, background)
+    return path
 
 
 def to_host(obj):

@@ -215,21 +215,13 @@ class RunFiles:
         return trainer.last_ckpt
 
     def _write(self, state: dict, path: str, position: tuple[int, int], background: bool) -> str:
-        """Hands a host copy of ``state`` to the writer, once the write before it is done (or has failed: then
-        raises that); pruning follows the write, so a checkpoint is deleted only once a newer one is on disk."""
-        self.writes.wait()
-        cfg, host = self.cfg, ckpt_io.to_host(state)
+        """Rank 0's save through the checkpoint manager (:func:`engine.checkpoint.write`)."""
 
-        def write() -> None:
-            ckpt_io.atomic_save(host, path)
+        def saved() -> None:
             self.claim.saved_any = True  # from now on a failing run keeps what it wrote
-            ckpt_io.prune_mid_epoch(self.dir, cfg.keep_mid_epoch_checkpoints, position)
-            if position[1] == 0:
-                ckpt_io.prune_epoch_ends(self.dir, cfg.keep_checkpoints, milestone_every(cfg), position[0])
             tqdm.write(f"saved {path}")
 
-        self.writes.submit(write, background)
-        return path
+        return ckpt_io.write(self.writes, state, path, self.dir, self.cfg, position, background, after=saved)
 
     def finish_writes(self, quiet: bool = False) -> None:
         """Waits for rank 0's write in flight; its failure reaches every rank (``quiet``: only printed, when
@@ -248,8 +240,3 @@ class RunFiles:
             self.writer.close()
             print(message, flush=True)
 
-
-def milestone_every(cfg: Namespace) -> int:
-    """Epochs between the checkpoints kept for good (0: none): --milestone_every_n_epochs, by default ten saves."""
-    m = cfg.milestone_every_n_epochs
-    return 10 * cfg.save_every_n_epochs if m is None else m
