@@ -131,6 +131,8 @@ class Trainer:
         self.autocast = (torch.autocast(p.device.type, dtype=DTYPES[p.precision]) if p.precision in DTYPES
                          else nullcontext())
         self.total_steps, self.step, self.last_ckpt = len(p.schedule), step, last_ckpt
+        # the completed steps on the device, counted in place: what after_step and the rotation task's progress read
+        self.step_count = torch.tensor(step, dtype=torch.long, device=p.device)
         self.requests = requests or (lambda next_step: (False, False))
         self.save_failure, self._failure = save_failure, None  # a finished background write's failure
         self.stop_now = self.save_now = False
@@ -231,10 +233,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        self.step_count.add_(1)
         self._judge_update()
         outputs = chunk_outputs[0] if k == 1 else {key: torch.cat([c[key] for c in chunk_outputs])
                                                    for key in chunk_outputs[0]}
-        self.method.after_step(self.step, self.total_steps, outputs)
+        self.method.after_step(self.step_count, self.total_steps, outputs)
         if self.probe is not None:  # its own optimizer, at the pretraining schedule's fraction of its peak
             fraction = float(self.schedule[self.step - 1]) / self.peak_lr if self.peak_lr > 0 else 1.0
             logs.update(self.probe.step(outputs["backbone_features"], index, fraction))
@@ -250,7 +253,7 @@ class Trainer:
             views = [rotate(v, turns) for v in views]
         self.method.step_generator = g
         if self.method.rot_head is not None:  # a tensor: no recompile under --compile
-            self.method.progress.fill_(self.step / max(self.total_steps, 1))
+            self.method.progress.copy_(self.step_count / max(self.total_steps, 1))
         return views
 
     def _no_sync(self):

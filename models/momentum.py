@@ -32,22 +32,35 @@ class MomentumTarget(nn.Module):
             x = net(x)
         return x
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """Momentum for the update after ``step`` completed steps: cosine from the base value at step 0 to 1
-        at the last step, or the base value throughout."""
+    def momentum_at(self, step: torch.Tensor | int, total_steps: int) -> torch.Tensor:
+        """Momentum (a float64 tensor on the buffer's device) for the update after ``step`` completed steps: cosine
+        from the base value at step 0 to 1 at the last step, or the base value throughout. ``step`` is the
+        training loop's device counter, so nothing is read back to the host and a captured step replays it."""
         if self.schedule == "constant":
-            return self.base_momentum
-        progress = min(step / max(total_steps, 1), 1.0)
-        return 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * progress) + 1.0) / 2.0
+            return torch.full_like(self.momentum, self.base_momentum)
+        step = torch.as_tensor(step, device=self.momentum.device).to(torch.float64)
+        progress = (step / max(total_steps, 1)).clamp(max=1.0)
+        return 1.0 - (1.0 - self.base_momentum) * (torch.cos(math.pi * progress) + 1.0) / 2.0
 
     @torch.no_grad()
-    def update(self, online: dict[str, nn.Module], step: int, total_steps: int) -> None:
+    def update(self, online: dict[str, nn.Module], step: torch.Tensor | int, total_steps: int) -> None:
         """EMA step towards ``online`` (the same names as at construction) with the momentum of ``step``
-        (1-based count of completed optimizer steps), computed on the host: reading the buffer back from a
-        GPU would synchronise every step. The buffer then holds the next step's value, for logs and checkpoints."""
+        (1-based count of completed optimizer steps), computed on the device. The buffer then holds the next step's
+        value, for logs and checkpoints."""
         if online.keys() != self._modules.keys():
             raise ValueError(f"momentum target follows {list(self._modules)}, got {list(online)}")
         m = self.momentum_at(step - 1, total_steps)
         for name, net in online.items():
-            torch._foreach_lerp_(list(self._modules[name].parameters()), list(net.parameters()), 1.0 - m)
-        self.momentum.fill_(self.momentum_at(step, total_steps))
+            targets, sources = list(self._modules[name].parameters()), list(net.parameters())
+            _lerp_(targets, sources, (1.0 - m).to(targets[0].dtype))
+        self.momentum.copy_(self.momentum_at(step, total_steps))
+
+
+def _lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """targets += weight * (sources - targets), ``weight`` a 0-d device tensor: one fused kernel where torch has
+    the tensor-weight overload of ``_foreach_lerp_``, one kernel per tensor on older builds."""
+    try:
+        torch._foreach_lerp_(targets, sources, weight)
+    except (RuntimeError, TypeError):
+        for t, s in zip(targets, sources):
+            t.lerp_(s, weight)

@@ -110,8 +110,9 @@ class SSLMethod(nn.Module):
             self._kept = h[: views[0].shape[0]].detach()
         return self.projector(h)
 
-    def after_step(self, step: int, total_steps: int, outputs: Outputs) -> None:
-        """Called once after each optimizer step; ``step`` counts completed steps (1-based), ``outputs`` are the
+    def after_step(self, step: torch.Tensor, total_steps: int, outputs: Outputs) -> None:
+        """Called once after each optimizer step; ``step`` counts completed steps (1-based; a long tensor on the
+        device, counted in place, so that a captured step replays it), ``outputs`` are the
         step's outputs of :meth:`objective` (over all its micro-batches). Update state in place (buffers), read
         nothing back to the host: the step stays one stream of device work."""
 

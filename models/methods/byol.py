@@ -45,7 +45,7 @@ class BYOL(SSLMethod):
                     "momentum": self.target.momentum.float(), **self.diagnostics(z)}
         return loss, logs
 
-    def after_step(self, step: int, total_steps: int, outputs: dict) -> None:
+    def after_step(self, step: torch.Tensor, total_steps: int, outputs: dict) -> None:
         self.target.update({"backbone": self.backbone, "projector": self.projector}, step, total_steps)
 
 

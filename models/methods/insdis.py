@@ -76,7 +76,7 @@ class InsDis(SSLMethod):
             self.log_z.copy_(torch.where(torch.isnan(self.log_z), estimate.to(self.log_z.dtype), self.log_z))
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int, outputs: dict) -> None:
+    def after_step(self, step: torch.Tensor, total_steps: int, outputs: dict) -> None:
         """bank[i] <- normalize(m * bank[i] + (1 - m) * v_i) with this step's features (of all its micro-batches,
         every rank's: their images differ, so one update of them all is the update of the whole batch)."""
         index, feats = outputs["index"], outputs["features"]
