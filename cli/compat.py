@@ -50,8 +50,6 @@ SEED_FLAGS = {
     "--network": ("UnsupervisedLearningCodes: resnetNN_cifar = --arch resnetNN --cifar_stem; resnetNN = --arch "
                   "resnetNN --no-cifar_stem", {"choices": sorted(ULC_NETWORKS)}),
     "--mlpbn": ("UnsupervisedLearningCodes: = --proj_bn (1) / --no-proj_bn (0)", {"type": int, "choices": [0, 1]}),
-    "--loss": ("UnsupervisedLearningCodes: insd = InsDis's non-parametric softmax over the memory bank (--clr insdis "
-               "--insdis_loss softmax)", {"choices": ["insd"]}),
     "--cudaenv": ("UnsupervisedLearningCodes: accepted and not used: choose devices with CUDA_VISIBLE_DEVICES and "
                   "torchrun", {}),
     "--gpus": ("UnsupervisedLearningCodes: accepted and not used: choose devices with CUDA_VISIBLE_DEVICES and "

@@ -136,8 +136,12 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     from_yaml = apply_yaml(parser, pre.config) if pre.config else set()
     cfg = parser.parse_args(argv)
     explicit = explicit_dests(argv)
+    chosen = choose_method_by_loss(cfg)
     sources = {key: "command line" for key in explicit} | {key: f"--config {pre.config}" for key in from_yaml
                                                              if key not in explicit}
+    if chosen:
+        sources.pop("loss", None)
+        sources["clr"] = chosen
     for key, value in METHODS[cfg.clr].defaults.items():
         if key not in sources:
             setattr(cfg, key, value)
@@ -210,6 +214,27 @@ def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict
     if "keep_checkpoints" not in saved and "keep_checkpoints" not in explicit:
         cfg.keep_checkpoints = 0  # a run from before retention existed keeps every checkpoint, as it did
     return resume, resume_path
+
+
+def choose_method_by_loss(cfg: argparse.Namespace) -> str | None:
+    """--loss on a new pretraining run: the registered method that trains with it (``MethodSpec.losses``), recorded
+    as that method alone (--clr simclr --loss flatnce is --clr flatclr, the same run); a loss the method does not
+    take is one line. A resume keeps its run's loss (a --loss given then is checked as the run's identity).
+    Returns what chose the method (for config.yaml's sources) when --loss did."""
+    if cfg.loss in (None, "insd") or cfg.train_from is not None or cfg.train_mode not in ("pretrain", "ssl"):
+        return None
+    spec = METHODS[cfg.clr]
+    if cfg.loss in spec.losses:
+        chosen = f"--clr {cfg.clr} --loss {cfg.loss}"
+        cfg.clr, cfg.loss = spec.losses[cfg.loss], None
+        return chosen
+    takers = [name for name, s in METHODS.items() if s.losses]
+    if not spec.losses:
+        raise UserError(f"--loss {cfg.loss} chooses the loss of {', '.join(takers)}; --clr {cfg.clr} trains with its "
+                        "own loss: drop --loss")
+    own = ", ".join(loss for loss, name in spec.losses.items() if name == cfg.clr)
+    other = next(name for name, s in METHODS.items() if s.losses.get(cfg.loss) == name)
+    raise UserError(f"--clr {cfg.clr} trains with {own}; --loss {cfg.loss} is --clr {other}: pass that instead")
 
 
 def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> None:

@@ -146,6 +146,11 @@ class Objective:
         0.1,
         "SimCLR/FlatCLR/InsDis temperature",
         bounds=Bounds(0, None, "be positive", open_below=True))
+    loss: str | None = setting(
+        None,
+        "the loss of an InfoNCE-shaped method: infonce or flatnce (default: the method's own; --clr simclr --loss "
+        "flatnce is --clr flatclr); insd: UnsupervisedLearningCodes' spelling of --clr insdis --insdis_loss softmax",
+        choices=["infonce", "flatnce", "insd"], identity=True)
     rot_pred_weight: float = setting(
         0.0,
         "auxiliary rotation prediction (MetaContrastive): a linear 4-way head on the projections predicts "

@@ -231,3 +231,29 @@ def test_workers_default_to_the_machine_and_are_never_saved(tmp_path, monkeypatc
     write_config(str(tmp_path), vars(cfg))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "workers" not in saved and "workers" not in saved["sources"] and saved["dataset_name"] == "digits"
+
+
+def test_loss_chooses_the_method_that_trains_with_it_and_refuses_what_none_does(tmp_path, capsys):
+    from main import main
+    from tests.conftest import TINY
+
+    chosen, _, _ = resolve(["--clr=simclr", "--loss=flatnce"])
+    plain, _, _ = resolve(["--clr=flatclr"])
+    assert chosen.clr == "flatclr" and chosen.loss is None
+    assert {k: v for k, v in vars(chosen).items() if k != "sources"} == {
+        k: v for k, v in vars(plain).items() if k != "sources"}  # the same run as --clr flatclr
+    assert chosen.sources["clr"] == "--clr simclr --loss flatnce" and "loss" not in chosen.sources
+    assert resolve(["--clr=simclr", "--loss=infonce"])[0].clr == "simclr"
+    for argv, message in ((["--clr=flatclr", "--loss=infonce"],
+                           "--clr flatclr trains with flatnce; --loss infonce is --clr simclr: pass that instead"),
+                          (["--clr=byol", "--loss=flatnce"],
+                           "--loss flatnce chooses the loss of simclr, flatclr; --clr byol trains with its own loss: "
+                           "drop --loss"),
+                          (["--clr=insdis", "--loss=infonce"],
+                           "--loss infonce chooses the loss of simclr, flatclr; --clr insdis trains with its own "
+                           "loss: drop --loss")):
+        assert main(TINY + argv + [f"--results_dir={tmp_path}"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert os.listdir(tmp_path) == []  # nothing written by a refused command
+    assert main(TINY + ["--clr=simclr", "--loss=flatnce", "--epochs=1", f"--results_dir={tmp_path}"]) == 0
+    assert os.listdir(tmp_path / "digits") == ["16_FlatCLR"]

@@ -90,6 +90,33 @@ def test_flatnce_gradient_is_infonce_gradient_times_one_plus_s_over_s():
         assert torch.allclose(flat, info * (1 + s) / s, atol=1e-12)
 
 
+def naive_dcl(z: torch.Tensor, n_views: int, t: float) -> torch.Tensor:
+    """The decoupled contrastive loss (Yeh et al. 2022), from its formula: InfoNCE with the positive removed from
+    the denominator, -s_ap/t + log sum_{neg} e^{s_an/t}, averaged over (anchor, positive) pairs."""
+    z = F.normalize(z, dim=1)
+    n = z.shape[0] // n_views
+    terms = []
+    for a in range(z.shape[0]):
+        negatives = torch.stack([z[a] @ z[j] / t for j in range(z.shape[0]) if j % n != a % n])
+        for p in (j for j in range(z.shape[0]) if j % n == a % n and j != a):
+            terms.append(-(z[a] @ z[p]) / t + torch.logsumexp(negatives, dim=0))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_flatnce_gradient_equals_the_decoupled_contrastive_loss_gradient(n_views):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(n_views * 6, 5, generator=g, requires_grad=True)
+    logits = contrastive_logits(z, n_views, 0.2)
+    loss = flatnce_loss(logits)
+    (grad,) = torch.autograd.grad(loss, z)
+    (dcl,) = torch.autograd.grad(naive_dcl(z, n_views, 0.2), z)
+    assert torch.allclose(grad, dcl, atol=1e-10)
+    (info,) = torch.autograd.grad(naive_infonce(z, n_views, 0.2), z)
+    assert not torch.allclose(grad, info, atol=1e-3)  # not InfoNCE's: the positive in the denominator differs
+    assert loss.item() == pytest.approx(infonce_loss(logits).item(), abs=1e-12)  # the logged value stays InfoNCE
+
+
 def test_gathered_keys_with_offset_equal_the_full_batch():
     # A rank holding rows 4..7 of an 8-image batch, with keys from all ranks, sees the same per-anchor
     # losses as the one-process computation for those rows.

@@ -166,6 +166,8 @@ class MethodSpec:
     * ``validate(cfg)``: raises ``UserError`` for settings it cannot train with.
     * ``tiny``: its own flags at a small size (``{"insdis_num_negatives": 64}``): what the tests and the quickest
       checks run it with.
+    * ``losses``: for a method with an InfoNCE-shaped objective, ``--loss`` name -> the registered method that
+      trains with that loss (SimCLR's ``{"infonce": "simclr", "flatnce": "flatclr"}``); empty: ``--loss`` is refused.
     * ``defaults``: its own defaults for shared settings (:data:`METHOD_DEFAULTABLE`: the optimizer, lr, weight
       decay, temperature, projector sizes), e.g. ``{"temperature": 0.2}``. Precedence: the command line, then
       ``--config``, then these, then the tool's defaults; ``config.yaml`` records where each value came from.
@@ -179,6 +181,7 @@ class MethodSpec:
     views: Callable[[int, bool], list[ViewSpec]] = symmetric_views
     settle: Callable[[Namespace], None] = two_views_by_default
     validate: Callable[[Namespace], None] = no_checks
+    losses: dict[str, str] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
 
