@@ -56,10 +56,14 @@ def add_fields(g, fields) -> None:
     """A flag for each declared setting (:func:`common.settings.setting`) in argument group ``g``."""
     for field in fields:
         meta = field.metadata
-        if meta["flag"] == BOOL:
+        written = type_name(field.type).split(" ")[0]
+        if meta["flag"] == BOOL or written == "bool":
             add_bool(g, field.name, meta["default"], help_of(field))
             continue
-        kind = PARSE.get(meta["parse"], meta["parse"]) or TYPES[type_name(field.type).split(" ")[0]]
+        if not meta["parse"] and written not in TYPES:
+            raise ValueError(f"--{field.name} is declared as {type_name(field.type)!r}; a setting is an int, float, str "
+                             "or bool (optionally '| None'), or names a parse= rule")
+        kind = PARSE.get(meta["parse"], meta["parse"]) or TYPES[written]
         extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
         default = list(meta["default"]) if isinstance(meta["default"], list) else meta["default"]  # a fresh list
         g.add_argument(f"--{field.name}", type=kind, default=default, choices=choices_of(field),
@@ -98,7 +102,7 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
         fresh = [f for f in spec.fields() if f.name not in seen]
         for field in spec.fields():
             if seen.setdefault(field.name, field).metadata != field.metadata:
-                raise ValueError(f"methods declare --{field.name} twice with different defaults or help")
+                raise ValueError(f"methods declare --{field.name} twice with different declarations")
             if field in fresh and f"--{field.name}" in parser._option_string_actions:
                 raise ValueError(f"method {name} declares --{field.name}, which is already a flag of the tool")
         if fresh:

@@ -183,8 +183,10 @@ def extract_shard(backbone: nn.Module, split: Split, device: torch.device, batch
     rank, world = get_rank(), get_world_size()
     n = len(split.dataset)
     mine = range(rank, n, world)
+    # its own generator: a loader draws its workers' base seed from the global one otherwise, and a monitor or
+    # the online probe would then change the random numbers a method draws later (InsDis's noise)
     loader = DataLoader(Subset(Transformed(split.dataset, test_transform(split)), mine), batch_size=batch_size,
-                        num_workers=workers, pin_memory=device.type == "cuda")
+                        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     was_training = backbone.training
     backbone.eval()
     feats, labels, done = None, torch.empty(0, dtype=torch.long, device=device), 0

@@ -169,7 +169,9 @@ def build_setup(cfg: Namespace, dist: DistInfo, device: torch.device, resume: di
     probe = None
     if cfg.online_probe:
         method.keep_features = True
-        probe = OnlineProbe(split, method.backbone.feat_dim, cfg.probe_lr, device, cfg.seed)
+        test = load_split(cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=split.image_size,
+                          skip_bad_images=bool(cfg.skip_bad_images))
+        probe = OnlineProbe(split, test, method.backbone.feat_dim, cfg.probe_lr, device, cfg.seed)
         if resume is not None and resume.get("probe") is not None:  # a run that had no probe starts one
             probe.load_state_dict(ckpt_io.to_host(resume["probe"]))
     return Setup(cfg, dist, device, split, loader, epoch_setters, validator, method, wrap_model(method, cfg, dist,
@@ -197,10 +199,6 @@ def train(s: Setup, carry: dict | None, resume_path: str | None) -> str:
             monitor = KnnMonitor(cfg.dataset_name, cfg.data, s.split.image_size, s.device, cfg.workers, cfg.knn_k,
                                  cfg.knn_temperature, cfg.download, bool(cfg.skip_bad_images),
                                  memory_subset=cfg.eval_train_subset, subset_seed=cfg.subset_seed)
-        if s.probe is not None:  # scored on the monitor's test split, or its own
-            s.probe.test = monitor.test if monitor is not None else load_split(
-                cfg.dataset_name, cfg.data, train=False, download=cfg.download, image_size=s.split.image_size,
-                skip_bad_images=bool(cfg.skip_bad_images))
         with StopRequests(cfg) as requests:
             trainer = Trainer(s.step_parts(), step=step, last_ckpt=resume_path, requests=requests,
                               save_failure=run.writes.take_failure)

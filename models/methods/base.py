@@ -186,6 +186,10 @@ class MethodSpec:
     tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in self.fields():
+            if f.metadata["per_invocation"] or f.metadata["machine"]:
+                raise ValueError(f"--{f.name}: a method's setting belongs to its runs; per_invocation and machine "
+                                 "are for core settings (engine/settings.py)")
         unknown = set(self.defaults) - set(METHOD_DEFAULTABLE)
         if unknown:
             raise ValueError(f"a method may give its own default to {', '.join(METHOD_DEFAULTABLE)}, not to "
