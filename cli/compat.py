@@ -129,8 +129,8 @@ def run_id_dir(cfg: argparse.Namespace) -> None:
         raise UserError(f"--run_id {cfg.run_id!r} is not a directory name; pass e.g. --run_id 000001")
     if cfg.log_dir is not None:
         raise UserError("--run_id and --log_dir both name the run directory; pass one of them")
-    cfg.log_dir = os.path.join(runs_of(cfg.results_dir, cfg.dataset_name, cfg.batch_size, METHODS[cfg.clr].display),
-                               cfg.run_id)
+    method = METHODS[cfg.clr].display_for(cfg)
+    cfg.log_dir = os.path.join(runs_of(cfg.results_dir, cfg.dataset_name, cfg.batch_size, method), cfg.run_id)
 
 
 def map_meta_spellings(cfg: argparse.Namespace, explicit: set[str]) -> None:

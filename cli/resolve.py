@@ -224,10 +224,15 @@ def choose_method_by_loss(cfg: argparse.Namespace) -> str | None:
     if cfg.loss in (None, "insd") or cfg.train_from is not None or cfg.train_mode not in ("pretrain", "ssl"):
         return None
     spec = METHODS[cfg.clr]
-    if cfg.loss in spec.losses:
+    target = spec.losses.get(cfg.loss)
+    if target is not None and target != cfg.clr:  # another registered method is this loss
         chosen = f"--clr {cfg.clr} --loss {cfg.loss}"
-        cfg.clr, cfg.loss = spec.losses[cfg.loss], None
+        cfg.clr, cfg.loss = target, None
         return chosen
+    if target is not None:  # the method takes it itself; its own loss is the default, recorded as such
+        if cfg.loss == spec.loss:
+            cfg.loss = None
+        return None
     takers = [name for name, s in METHODS.items() if s.losses]
     if not spec.losses:
         raise UserError(f"--loss {cfg.loss} chooses the loss of {', '.join(takers)}; --clr {cfg.clr} trains with its "

@@ -467,7 +467,7 @@ def end_epoch(trainer: Trainer, record: dict, run: RunFiles, monitor: KnnMonitor
         run.metrics.append(record)
         if due:
             plot_curves(run.metrics.read(), os.path.join(run.dir, "curves.png"),
-                        f"{METHODS[cfg.clr].display} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
+                        f"{METHODS[cfg.clr].display_for(cfg)} {cfg.arch} on {cfg.dataset_name}, batch {cfg.batch_size}")
 
     if run.dist.is_main:  # after the checkpoint's write, by the same thread: no record of an epoch it failed
         run.writes.submit(log)

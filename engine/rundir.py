@@ -57,10 +57,10 @@ class RunClaim:
         cfg = self.cfg
         try:
             planned = cfg.log_dir or runs_of(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
-                                             METHODS[cfg.clr].display)
+                                             METHODS[cfg.clr].display_for(cfg))
             self.existing = deepest_existing(planned)
             run_dir = cfg.log_dir or new_run_dir(cfg.results_dir, cfg.dataset_name, cfg.batch_size,
-                                                 METHODS[cfg.clr].display)
+                                                 METHODS[cfg.clr].display_for(cfg))
             self.created = not cfg.log_dir or not os.path.exists(run_dir)
             os.makedirs(run_dir, exist_ok=True)
             self.before = set(os.listdir(run_dir))
@@ -174,7 +174,7 @@ class RunFiles:
         self.writer = EventLog(self.dir, purge_step=purge_step)  # its failed writes are one line naming the file
         cfg = self.cfg
         width = f" at width {cfg.width_multiplier:g}" if cfg.width_multiplier != 1 else ""
-        print(f"run directory: {self.dir} ({METHODS[cfg.clr].display}, {cfg.arch}{width}, global batch "
+        print(f"run directory: {self.dir} ({METHODS[cfg.clr].display_for(cfg)}, {cfg.arch}{width}, global batch "
               f"{cfg.batch_size})", flush=True)
 
     def scalars(self, values: dict, step: int, prefix: str = "train") -> None:

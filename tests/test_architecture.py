@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.checkpoint import list_checkpoints
+from losses import LOSSES, ContrastiveLogits
 from main import build_parser, main
 from common.settings import setting
 from models.methods import METHODS, MethodSpec, SSLMethod
@@ -159,6 +160,47 @@ def test_a_method_with_a_queue_sets_its_defaults_updates_from_its_outputs_and_re
     for key, value in end["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert resumed["args"]["temperature"] == 0.2 and resumed["args"]["proj_out_dim"] == 24
+
+
+class QueueLossToy(QueueToy):
+    """The queue toy with a choice of loss: --loss infonce (its own) or flatnce on the same logits."""
+
+    def __init__(self, *args, loss):
+        super().__init__(*args)
+        self.loss_fn = LOSSES[loss]
+
+    def objective(self, views, index):
+        q, k = F.normalize(self.embed(views[:2]), dim=1).chunk(2)
+        k = k.detach()
+        logits = ContrastiveLogits(pos=(q * k).sum(1, keepdim=True) / self.temperature,
+                                   neg=q @ self.queue.T / self.temperature, temperature=self.temperature)
+        return self.loss_fn(logits), {"pos_sim": (q * k).sum(1).mean().detach()}, {"keys": k}
+
+
+def _build_queue_loss_toy(cfg, backbone, projector, dim, num_data):
+    return QueueLossToy(backbone, projector, cfg.n_views, cfg.temperature, 40, dim, loss=cfg.loss or "infonce")
+
+
+def test_a_method_that_takes_either_loss_reads_it_and_names_its_runs_by_it(monkeypatch, tmp_path, capsys):
+    from main import resolve
+
+    spec = MethodSpec(display="QueueLossToy", build=_build_queue_loss_toy, summary="test-only queue, either loss",
+                      losses={"infonce": "qloss_toy", "flatnce": "qloss_toy"}, loss="infonce")
+    monkeypatch.setitem(METHODS, "qloss_toy", spec)
+    flat, _, _ = resolve(TINY + ["--clr=qloss_toy", "--loss=flatnce"])
+    assert (flat.clr, flat.loss, spec.display_for(flat)) == ("qloss_toy", "flatnce", "QueueLossToy-FlatNCE")
+    own, _, _ = resolve(TINY + ["--clr=qloss_toy", "--loss=infonce"])  # its own loss: the default, as recorded
+    assert (own.loss, spec.display_for(own)) == (None, "QueueLossToy")
+    for loss in ("flatnce", "infonce"):
+        assert main(TINY + ["--clr=qloss_toy", f"--loss={loss}", "--epochs=1", f"--results_dir={tmp_path}"]) == 0
+    assert sorted(os.listdir(tmp_path / "digits")) == ["16_QueueLossToy", "16_QueueLossToy-FlatNCE"]
+    (run,) = os.listdir(tmp_path / "digits" / "16_QueueLossToy-FlatNCE")
+    ckpt = torch.load(tmp_path / "digits" / "16_QueueLossToy-FlatNCE" / run / "checkpoint_0001.pth.tar",
+                      weights_only=True)
+    assert ckpt["args"]["loss"] == "flatnce"
+    assert main([f"--log_dir={tmp_path / 'digits' / '16_QueueLossToy-FlatNCE' / run}", "--train_from=latest",
+                 "--loss=infonce", "--epochs=2"]) == 2  # the loss is the run's identity
+    assert "loss" in capsys.readouterr().err
 
 
 def _project_imports() -> dict[str, set[str]]:

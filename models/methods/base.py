@@ -27,6 +27,7 @@ Logs = dict[str, torch.Tensor]
 # The shared settings a method may give its own default (MethodSpec.defaults).
 METHOD_DEFAULTABLE = ("optimizer", "lr", "weight_decay", "temperature", "proj_hidden_dim", "proj_out_dim",
                       "num_proj_layers")
+LOSS_TITLES = {"infonce": "InfoNCE", "flatnce": "FlatNCE"}  # --loss values as run names spell them
 Outputs = dict[str, torch.Tensor]  # what a step hands to after_step (detached, batch first)
 
 
@@ -167,7 +168,9 @@ class MethodSpec:
     * ``tiny``: its own flags at a small size (``{"insdis_num_negatives": 64}``): what the tests and the quickest
       checks run it with.
     * ``losses``: for a method with an InfoNCE-shaped objective, ``--loss`` name -> the registered method that
-      trains with that loss (SimCLR's ``{"infonce": "simclr", "flatnce": "flatclr"}``); empty: ``--loss`` is refused.
+      trains with that loss (SimCLR's ``{"infonce": "simclr", "flatnce": "flatclr"}``; a method that takes either
+      itself maps both to its own name and reads ``--loss``); empty: ``--loss`` is refused. ``loss``: its own
+      (default) loss; a run with another is named ``<display>-<Loss>`` (``MoCoV2-FlatNCE``).
     * ``defaults``: its own defaults for shared settings (:data:`METHOD_DEFAULTABLE`: the optimizer, lr, weight
       decay, temperature, projector sizes), e.g. ``{"temperature": 0.2}``. Precedence: the command line, then
       ``--config``, then these, then the tool's defaults; ``config.yaml`` records where each value came from.
@@ -182,6 +185,7 @@ class MethodSpec:
     settle: Callable[[Namespace], None] = two_views_by_default
     validate: Callable[[Namespace], None] = no_checks
     losses: dict[str, str] = field(default_factory=dict)
+    loss: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
 
@@ -203,6 +207,14 @@ class MethodSpec:
     def identity(self) -> tuple[str, ...]:
         """Its settings that define a run: a resume that changes one is refused."""
         return tuple(f.name for f in self.fields() if f.metadata["identity"])
+
+    def display_for(self, cfg: Namespace) -> str:
+        """The name of a run in its directory and its first line: ``display``, with the loss when the run trains
+        with another than the method's own (``MoCoV2-FlatNCE``)."""
+        loss = cfg.loss
+        if loss in LOSS_TITLES and loss != self.loss and loss in self.losses:
+            return f"{self.display}-{LOSS_TITLES[loss]}"
+        return self.display
 
     def own(self, cfg: Namespace) -> Any:
         """The typed values of its own settings in resolved settings ``cfg``."""

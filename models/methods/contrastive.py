@@ -116,7 +116,8 @@ class ContrastiveSettings:
 
 SIMCLR = MethodSpec(display="SimCLR", build=_builder("infonce"), summary="InfoNCE over in-batch negatives",
                     settings=ContrastiveSettings, settle=settle, validate=validate,
-                    losses={"infonce": "simclr", "flatnce": "flatclr"})
+                    losses={"infonce": "simclr", "flatnce": "flatclr"}, loss="infonce")
 FLATCLR = MethodSpec(display="FlatCLR", build=_builder("flatnce"),
                      summary="FlatNCE: InfoNCE's logits, a reduction that does not fade at small batches",
-                     settings=ContrastiveSettings, settle=settle, validate=validate, losses={"flatnce": "flatclr"})
+                     settings=ContrastiveSettings, settle=settle, validate=validate, losses={"flatnce": "flatclr"},
+                     loss="flatnce")
