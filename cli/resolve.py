@@ -136,7 +136,7 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, dict | None, str | Non
     from_yaml = apply_yaml(parser, pre.config) if pre.config else set()
     cfg = parser.parse_args(argv)
     explicit = explicit_dests(argv)
-    chosen = choose_method_by_loss(cfg)
+    chosen = choose_method_by_loss(cfg, explicit, pre.config)
     sources = {key: "command line" for key in explicit} | {key: f"--config {pre.config}" for key in from_yaml
                                                              if key not in explicit}
     if chosen:
@@ -205,8 +205,10 @@ def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict
     saved = resume.get("args", {})
     check_identity(cfg.log_dir, resume_path, saved)
     for key in identity_keys(saved.get("clr", cfg.clr)):
-        if key in explicit and key in saved and getattr(cfg, key) != saved[key]:
-            raise UserError(f"{resume_path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}; "
+        was = saved.get(key)  # a run from before --loss has none: it trained with its method's own loss
+        if key in explicit and (key in saved or key == "loss") and getattr(cfg, key) != was:
+            shown = was if not (key == "loss" and was is None) else f"its method's own loss ({saved.get('clr')})"
+            raise UserError(f"{resume_path} was trained with --{key}={shown}, not {getattr(cfg, key)}; "
                             f"drop --{key} to resume, or start a new run")
     for key, value in saved.items():
         if hasattr(cfg, key) and key not in explicit and key not in NOT_SAVED_KEYS:
@@ -216,12 +218,14 @@ def merge_resumed_run(cfg: argparse.Namespace, explicit: set[str]) -> tuple[dict
     return resume, resume_path
 
 
-def choose_method_by_loss(cfg: argparse.Namespace) -> str | None:
-    """--loss on a new pretraining run: the registered method that trains with it (``MethodSpec.losses``), recorded
-    as that method alone (--clr simclr --loss flatnce is --clr flatclr, the same run); a loss the method does not
-    take is one line. A resume keeps its run's loss (a --loss given then is checked as the run's identity).
-    Returns what chose the method (for config.yaml's sources) when --loss did."""
-    if cfg.loss in (None, "insd") or cfg.train_from is not None or cfg.train_mode not in ("pretrain", "ssl"):
+def choose_method_by_loss(cfg: argparse.Namespace, explicit: set[str], config: str | None) -> str | None:
+    """--loss in pretraining: the registered method that trains with it (``MethodSpec.losses``), recorded as that
+    method alone (--clr simclr --loss flatnce is --clr flatclr, the same run), and a method's own loss recorded as
+    the default (None); a loss the method does not take is one line. On a resume without --clr the run's method is
+    not known yet: --loss is then checked as the run's identity. Returns what chose the method (for config.yaml's
+    sources) when --loss did."""
+    if cfg.loss in (None, "insd") or cfg.train_mode not in ("pretrain", "ssl") or (
+            cfg.train_from is not None and "clr" not in explicit):
         return None
     spec = METHODS[cfg.clr]
     target = spec.losses.get(cfg.loss)
@@ -234,12 +238,15 @@ def choose_method_by_loss(cfg: argparse.Namespace) -> str | None:
             cfg.loss = None
         return None
     takers = [name for name, s in METHODS.items() if s.losses]
+    given = "--loss" if "loss" in explicit or not config else f"loss: in {config}"
+    method = f"--clr {cfg.clr}" + ("" if "clr" in explicit else " (the default)")
     if not spec.losses:
-        raise UserError(f"--loss {cfg.loss} chooses the loss of {', '.join(takers)}; --clr {cfg.clr} trains with its "
-                        "own loss: drop --loss")
+        raise UserError(f"{given} {cfg.loss} chooses the loss of {', '.join(takers)}; {method} trains with its own "
+                        f"loss: drop {given.split(':')[0]}")
     own = ", ".join(loss for loss, name in spec.losses.items() if name == cfg.clr)
-    other = next(name for name, s in METHODS.items() if s.losses.get(cfg.loss) == name)
-    raise UserError(f"--clr {cfg.clr} trains with {own}; --loss {cfg.loss} is --clr {other}: pass that instead")
+    other = next((name for name, s in METHODS.items() if s.losses.get(cfg.loss) == name), None)
+    instead = f"--loss {cfg.loss} is --clr {other}: pass that instead" if other else f"no method trains with {cfg.loss}"
+    raise UserError(f"{method} trains with {own}; {instead}")
 
 
 def refuse_other_methods_flags(cfg: argparse.Namespace, explicit: set[str]) -> None:

@@ -149,7 +149,8 @@ class Objective:
     loss: str | None = setting(
         None,
         "the loss of an InfoNCE-shaped method: infonce or flatnce (default: the method's own; --clr simclr --loss "
-        "flatnce is --clr flatclr); insd: UnsupervisedLearningCodes' spelling of --clr insdis --insdis_loss softmax",
+        "flatnce is --clr flatclr); insd: UnsupervisedLearningCodes' spelling of --insdis_loss softmax (with --clr "
+        "insdis)",
         choices=["infonce", "flatnce", "insd"], identity=True)
     rot_pred_weight: float = setting(
         0.0,

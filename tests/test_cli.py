@@ -255,5 +255,14 @@ def test_loss_chooses_the_method_that_trains_with_it_and_refuses_what_none_does(
         assert main(TINY + argv + [f"--results_dir={tmp_path}"]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert os.listdir(tmp_path) == []  # nothing written by a refused command
-    assert main(TINY + ["--clr=simclr", "--loss=flatnce", "--epochs=1", f"--results_dir={tmp_path}"]) == 0
+    start = TINY + ["--clr=simclr", "--loss=flatnce", "--run_id=000001", f"--results_dir={tmp_path}"]
+    assert main(start + ["--epochs=1"]) == 0
     assert os.listdir(tmp_path / "digits") == ["16_FlatCLR"]
+    assert main(start + ["--epochs=2", "--train_from=latest"]) == 0  # the starting command resumes it
+    run = tmp_path / "digits" / "16_FlatCLR" / "000001"
+    assert os.listdir(run.parent) == ["000001"] and (run / "checkpoint_0002.pth.tar").exists()
+    capsys.readouterr()
+    assert main([f"--log_dir={run}", "--train_from=latest", "--loss=infonce", "--epochs=3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {run}/checkpoint_0002.pth.tar was trained with --loss=its method's own loss (flatclr), not infonce; "
+        "drop --loss to resume, or start a new run")

@@ -211,8 +211,8 @@ class MethodSpec:
     def display_for(self, cfg: Namespace) -> str:
         """The name of a run in its directory and its first line: ``display``, with the loss when the run trains
         with another than the method's own (``MoCoV2-FlatNCE``)."""
-        loss = cfg.loss
-        if loss in LOSS_TITLES and loss != self.loss and loss in self.losses:
+        loss, trainer = cfg.loss, self.losses.get(self.loss)
+        if loss in LOSS_TITLES and loss != self.loss and trainer is not None and self.losses.get(loss) == trainer:
             return f"{self.display}-{LOSS_TITLES[loss]}"
         return self.display
 
