@@ -53,7 +53,8 @@ class OnlineProbe:
         # the mean over every rank's labelled images, as one process would take it: the summed gradients and
         # counts of all ranks in one all-reduce (ranks may hold different numbers of labelled images)
         params = list(self.head.parameters())
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [known.sum().reshape(1).to(params[0].dtype)])
+        local = known.sum()
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [local.reshape(1).to(params[0].dtype)])
         flat = all_reduce_sum(flat)
         count = flat[-1].clamp(min=1)
         offset = 0
@@ -61,7 +62,7 @@ class OnlineProbe:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p) / count)
             offset += p.numel()
         self.optimizer.step()
-        local = known.sum().clamp(min=1)
+        local = local.clamp(min=1)
         loss = total.detach() / local
         correct = ((logits.detach().argmax(1) == y) & known).sum()
         return {"probe_loss": loss, "probe_acc": 100.0 * correct / local}

@@ -59,8 +59,18 @@ class MomentumTarget(nn.Module):
 def _lerp_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: torch.Tensor) -> None:
     """targets += weight * (sources - targets), ``weight`` a 0-d device tensor: one fused kernel where torch has
     the tensor-weight overload of ``_foreach_lerp_``, one kernel per tensor on older builds."""
-    try:
-        torch._foreach_lerp_(targets, sources, weight)
-    except (RuntimeError, TypeError):
-        for t, s in zip(targets, sources):
-            t.lerp_(s, weight)
+    global _FUSED_TENSOR_LERP
+    if _FUSED_TENSOR_LERP is not False:
+        try:
+            torch._foreach_lerp_(targets, sources, weight)
+            _FUSED_TENSOR_LERP = True
+            return
+        except (RuntimeError, TypeError):
+            if _FUSED_TENSOR_LERP:  # the overload exists: a real error
+                raise
+            _FUSED_TENSOR_LERP = False  # decided once, not an exception every step
+    for t, s in zip(targets, sources):
+        t.lerp_(s, weight)
+
+
+_FUSED_TENSOR_LERP: bool | None = None  # whether this torch has _foreach_lerp_ with a tensor weight
